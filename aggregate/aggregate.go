@@ -1,0 +1,321 @@
+package aggregate
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"reflect"
+	"regexp"
+	"sort"
+)
+
+// Decide turns a command into the events it causes, given the current state.
+// Returning an error rejects the command: no event is written and the caller
+// receives the error's message (HTTP 422). Decide must be deterministic and
+// free of I/O: it may run again for the same command after an aborted
+// transaction.
+type Decide[S, C, E any] func(state S, cmd C) ([]E, error)
+
+// Evolve folds one event into the state. It must be pure and total: it runs
+// on the write path and whenever state is rebuilt from events.
+type Evolve[S, E any] func(state S, ev E) S
+
+// Type is an aggregate type: its name (which names its topics), its decide and
+// evolve functions and the registries of its command and event types.
+//
+// Build it with New and register it on a Node. A Type is immutable once the
+// Node runs; registering commands or events after that panics.
+type Type[S, C, E any] struct {
+	name     string
+	decide   Decide[S, C, E]
+	evolve   Evolve[S, E]
+	initial  func() S
+	codec    Codec
+	commands registry
+	events   registry
+}
+
+// Option configures a Type.
+type Option func(*options)
+
+type options struct {
+	codec Codec
+}
+
+// WithCodec sets the codec used for event payloads and state snapshots.
+// The default is JSON. Commands on the commands topic are always JSON
+// envelopes so that any client can produce them.
+func WithCodec(c Codec) Option { return func(o *options) { o.codec = c } }
+
+var namePattern = regexp.MustCompile(`^[a-z][a-z0-9-]{0,62}$`)
+
+// New defines an aggregate type. The name must be lower case letters, digits
+// and dashes (it becomes part of topic names: "<name>-commands",
+// "<name>-events"). New panics on an invalid name or nil functions: these are
+// programming errors found at start-up.
+func New[S, C, E any](name string, decide Decide[S, C, E], evolve Evolve[S, E], opts ...Option) *Type[S, C, E] {
+	if !namePattern.MatchString(name) {
+		panic(fmt.Sprintf("aggregate: invalid type name %q: use lower-case letters, digits and dashes, starting with a letter", name))
+	}
+	if decide == nil || evolve == nil {
+		panic("aggregate: New needs a decide and an evolve function")
+	}
+	o := options{codec: JSON{}}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	return &Type[S, C, E]{
+		name:     name,
+		decide:   decide,
+		evolve:   evolve,
+		initial:  func() S { var s S; return s },
+		codec:    o.codec,
+		commands: newRegistry(),
+		events:   newRegistry(),
+	}
+}
+
+// Commands registers command types by example value (for instance
+// Deposit{}). The registered name is the Go type name, or the result of a
+// TypeName() string method when the type has one. It returns t for chaining
+// and panics on duplicate names.
+func (t *Type[S, C, E]) Commands(examples ...C) *Type[S, C, E] {
+	for _, c := range examples {
+		t.commands.add(c, 1)
+	}
+	return t
+}
+
+// Events registers event types by example value, like Commands. Each event
+// is written with schema version 1 unless it has a SchemaVersion() int method.
+func (t *Type[S, C, E]) Events(examples ...E) *Type[S, C, E] {
+	for _, e := range examples {
+		version := 1
+		if v, ok := any(e).(interface{ SchemaVersion() int }); ok {
+			version = v.SchemaVersion()
+		}
+		t.events.add(e, version)
+	}
+	return t
+}
+
+// Name returns the aggregate type's name.
+func (t *Type[S, C, E]) Name() string { return t.name }
+
+// CommandNames lists the registered command type names, sorted.
+func (t *Type[S, C, E]) CommandNames() []string { return t.commands.names() }
+
+// EventNames lists the registered event type names, sorted.
+func (t *Type[S, C, E]) EventNames() []string { return t.events.names() }
+
+// Fold applies events to a state in order: the state an entity has after
+// those events. Useful in tests and in read paths that replay events.
+func (t *Type[S, C, E]) Fold(state S, events ...E) S {
+	for _, e := range events {
+		state = t.evolve(state, e)
+	}
+	return state
+}
+
+// Untyped returns the type-erased view the engine uses.
+func (t *Type[S, C, E]) Untyped() Definition { return untyped[S, C, E]{t} }
+
+// Definition is the type-erased view of an aggregate type used by the engine
+// and the HTTP layer. User code does not implement it; it gets one from
+// Type.Untyped (a Node accepts any Type directly).
+type Definition interface {
+	Name() string
+	// NewState returns the zero state of an entity that has no events.
+	NewState() any
+	DecodeState(data []byte) (any, error)
+	EncodeState(state any) ([]byte, error)
+	// DecodeCommand decodes a registered command by name. Unknown names
+	// return an error wrapping ErrUnknownCommand; data that does not fit the
+	// Go type returns an error wrapping ErrMalformed.
+	DecodeCommand(name string, data []byte) (any, error)
+	// ValidateCommand runs the command's Validate() error method if it has one.
+	ValidateCommand(cmd any) error
+	// Decide runs the user's decide function; a panic becomes an error.
+	Decide(state any, cmd any) ([]any, error)
+	Evolve(state any, event any) any
+	// EncodeEvent returns the registered name, schema version and payload.
+	EncodeEvent(event any) (name string, schemaVersion int, data []byte, err error)
+	DecodeEvent(name string, schemaVersion int, data []byte) (any, error)
+	CommandNames() []string
+	EventNames() []string
+	ContentType() string
+}
+
+// Errors returned when decoding commands; the HTTP layer maps them to 4xx.
+var (
+	ErrUnknownCommand = errors.New("unknown command type")
+	ErrUnknownEvent   = errors.New("unknown event type")
+	ErrMalformed      = errors.New("malformed data")
+)
+
+type untyped[S, C, E any] struct{ t *Type[S, C, E] }
+
+func (u untyped[S, C, E]) Name() string          { return u.t.name }
+func (u untyped[S, C, E]) NewState() any         { return u.t.initial() }
+func (u untyped[S, C, E]) CommandNames() []string { return u.t.commands.names() }
+func (u untyped[S, C, E]) EventNames() []string  { return u.t.events.names() }
+func (u untyped[S, C, E]) ContentType() string   { return u.t.codec.ContentType() }
+
+func (u untyped[S, C, E]) DecodeState(data []byte) (any, error) {
+	s := u.t.initial()
+	if err := u.t.codec.Unmarshal(data, &s); err != nil {
+		return nil, fmt.Errorf("decode %s state: %w", u.t.name, err)
+	}
+	return s, nil
+}
+
+func (u untyped[S, C, E]) EncodeState(state any) ([]byte, error) {
+	return u.t.codec.Marshal(state.(S))
+}
+
+func (u untyped[S, C, E]) DecodeCommand(name string, data []byte) (any, error) {
+	v, err := u.t.commands.decode(name, data, JSON{})
+	if err != nil {
+		if errors.Is(err, errUnknownName) {
+			return nil, fmt.Errorf("%w %q for aggregate %q (known: %v)", ErrUnknownCommand, name, u.t.name, u.t.commands.names())
+		}
+		return nil, err
+	}
+	return v.(C), nil
+}
+
+func (u untyped[S, C, E]) ValidateCommand(cmd any) error {
+	if v, ok := cmd.(interface{ Validate() error }); ok {
+		return v.Validate()
+	}
+	return nil
+}
+
+func (u untyped[S, C, E]) Decide(state any, cmd any) (events []any, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("decide panicked: %v", r)
+		}
+	}()
+	evs, err := u.t.decide(state.(S), cmd.(C))
+	if err != nil {
+		return nil, err
+	}
+	out := make([]any, len(evs))
+	for i, e := range evs {
+		if _, ok := u.t.events.byType[reflect.TypeOf(e)]; !ok {
+			return nil, fmt.Errorf("decide returned unregistered event type %T; register it with Events", e)
+		}
+		out[i] = e
+	}
+	return out, nil
+}
+
+func (u untyped[S, C, E]) Evolve(state any, event any) any {
+	return u.t.evolve(state.(S), event.(E))
+}
+
+func (u untyped[S, C, E]) EncodeEvent(event any) (string, int, []byte, error) {
+	entry, ok := u.t.events.byType[reflect.TypeOf(event)]
+	if !ok {
+		return "", 0, nil, fmt.Errorf("%w: %T is not registered on %q", ErrUnknownEvent, event, u.t.name)
+	}
+	data, err := u.t.codec.Marshal(event)
+	return entry.name, entry.version, data, err
+}
+
+func (u untyped[S, C, E]) DecodeEvent(name string, _ int, data []byte) (any, error) {
+	v, err := u.t.events.decode(name, data, u.t.codec)
+	if err != nil {
+		if errors.Is(err, errUnknownName) {
+			return nil, fmt.Errorf("%w %q for aggregate %q", ErrUnknownEvent, name, u.t.name)
+		}
+		return nil, err
+	}
+	return v.(E), nil
+}
+
+// registry maps type names to Go types and back.
+type registry struct {
+	byName map[string]registryEntry
+	byType map[reflect.Type]registryEntry
+}
+
+type registryEntry struct {
+	name    string
+	typ     reflect.Type
+	version int
+}
+
+var errUnknownName = errors.New("unknown name")
+
+func newRegistry() registry {
+	return registry{byName: map[string]registryEntry{}, byType: map[reflect.Type]registryEntry{}}
+}
+
+func (r registry) add(example any, version int) {
+	if example == nil {
+		panic("aggregate: cannot register a nil example")
+	}
+	typ := reflect.TypeOf(example)
+	name := typ.Name()
+	if n, ok := example.(interface{ TypeName() string }); ok {
+		name = n.TypeName()
+	}
+	if name == "" {
+		panic(fmt.Sprintf("aggregate: %v has no name; use a named type or a TypeName method", typ))
+	}
+	if _, dup := r.byName[name]; dup {
+		panic(fmt.Sprintf("aggregate: type name %q registered twice", name))
+	}
+	e := registryEntry{name: name, typ: typ, version: version}
+	r.byName[name] = e
+	r.byType[typ] = e
+}
+
+func (r registry) names() []string {
+	out := make([]string, 0, len(r.byName))
+	for n := range r.byName {
+		out = append(out, n)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// decode returns a value of the registered Go type (not a pointer, unless
+// the registered example was a pointer).
+func (r registry) decode(name string, data []byte, codec Codec) (any, error) {
+	e, ok := r.byName[name]
+	if !ok {
+		return nil, errUnknownName
+	}
+	isPtr := e.typ.Kind() == reflect.Pointer
+	base := e.typ
+	if isPtr {
+		base = e.typ.Elem()
+	}
+	ptr := reflect.New(base)
+	if len(data) > 0 && string(data) != "null" {
+		if err := codec.Unmarshal(data, ptr.Interface()); err != nil {
+			return nil, fmt.Errorf("%w for %s: %s", ErrMalformed, name, describeDecodeError(err))
+		}
+	}
+	if isPtr {
+		return ptr.Interface(), nil
+	}
+	return ptr.Elem().Interface(), nil
+}
+
+// describeDecodeError turns encoding/json errors into messages a person can
+// act on ("field amount: want int64, got string").
+func describeDecodeError(err error) string {
+	var typeErr *json.UnmarshalTypeError
+	if errors.As(err, &typeErr) {
+		field := typeErr.Field
+		if field == "" {
+			field = "(value)"
+		}
+		return fmt.Sprintf("field %s: want %s, got %s", field, typeErr.Type, typeErr.Value)
+	}
+	return err.Error()
+}

@@ -1,0 +1,181 @@
+package esker
+
+import (
+	"fmt"
+	"log/slog"
+	"net/url"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kgo"
+)
+
+// Guarantee is the processing guarantee of a node's write path.
+type Guarantee int
+
+const (
+	// ExactlyOnce commits events, changelog records and consumer offsets in
+	// one Kafka transaction per batch (the default).
+	ExactlyOnce Guarantee = iota
+	// AtLeastOnce runs the same loop without transactions: after a crash a
+	// command may be processed twice (command-id idempotency still
+	// suppresses duplicates of commands whose outcome reached the store).
+	AtLeastOnce
+)
+
+func (g Guarantee) String() string {
+	if g == AtLeastOnce {
+		return "at-least-once"
+	}
+	return "exactly-once"
+}
+
+// Option configures a Node, in the style of kgo.Opt.
+type Option func(*config)
+
+type config struct {
+	brokers           []string
+	appID             string
+	stateDir          string
+	httpListen        string
+	advertisedURL     string
+	guarantee         Guarantee
+	commitInterval    time.Duration
+	partitions        int32
+	replicationFactor int16
+	idempotencyWindow time.Duration
+	commandTimeout    time.Duration
+	maxBodyBytes      int64
+	commandRetention  time.Duration
+	logger            *slog.Logger
+	kafkaOpts         []kgo.Opt
+	sessionTimeout    time.Duration
+	instanceID        string
+}
+
+func defaultConfig() config {
+	return config{
+		appID:             "esker",
+		stateDir:          "esker-state",
+		httpListen:        "127.0.0.1:8080",
+		guarantee:         ExactlyOnce,
+		commitInterval:    100 * time.Millisecond,
+		partitions:        8,
+		replicationFactor: -1,
+		idempotencyWindow: 24 * time.Hour,
+		commandTimeout:    5 * time.Second,
+		maxBodyBytes:      1 << 20,
+		commandRetention:  7 * 24 * time.Hour,
+		logger:            slog.Default(),
+		sessionTimeout:    10 * time.Second,
+	}
+}
+
+// Brokers sets the Kafka seed brokers (host:port). Required.
+func Brokers(brokers ...string) Option { return func(c *config) { c.brokers = brokers } }
+
+// ApplicationID names the application: it is the consumer group and the
+// prefix of its changelog topics ("<app>-<type>-changelog"). Every replica of
+// one service uses the same id. Default "esker".
+func ApplicationID(id string) Option { return func(c *config) { c.appID = id } }
+
+// StateDir is the directory of the node's local state store. Keeping it
+// across restarts means a restart restores only the changelog tail; a fresh
+// directory restores everything from the changelogs. Default "esker-state".
+func StateDir(dir string) Option { return func(c *config) { c.stateDir = dir } }
+
+// HTTPListen is the address the HTTP API listens on; "" disables the
+// listener (Node.Handler still serves). Default "127.0.0.1:8080".
+func HTTPListen(addr string) Option { return func(c *config) { c.httpListen = addr } }
+
+// AdvertisedURL is the base URL other nodes and clients use to reach this
+// node's HTTP API. Default: http:// plus the listen address.
+func AdvertisedURL(u string) Option { return func(c *config) { c.advertisedURL = u } }
+
+// ProcessingGuarantee selects ExactlyOnce (default) or AtLeastOnce.
+func ProcessingGuarantee(g Guarantee) Option { return func(c *config) { c.guarantee = g } }
+
+// CommitInterval caps how long one transaction may collect commands. It is
+// not a wait: a transaction commits as soon as no more commands are buffered,
+// so a lone command is answered in milliseconds. Default 100ms.
+func CommitInterval(d time.Duration) Option { return func(c *config) { c.commitInterval = d } }
+
+// Partitions is the partition count used when creating topics, and the count
+// every existing topic of the node must have. Default 8.
+func Partitions(n int32) Option { return func(c *config) { c.partitions = n } }
+
+// ReplicationFactor for topics the node creates; -1 (default) uses the
+// broker's default.
+func ReplicationFactor(n int16) Option { return func(c *config) { c.replicationFactor = n } }
+
+// IdempotencyWindow is how long a command id is remembered: a command with a
+// remembered id returns its first outcome and writes nothing. Default 24h.
+func IdempotencyWindow(d time.Duration) Option { return func(c *config) { c.idempotencyWindow = d } }
+
+// CommandTimeout bounds how long Submit (and POST) waits for a command's
+// outcome before answering that it is unknown. Default 5s.
+func CommandTimeout(d time.Duration) Option { return func(c *config) { c.commandTimeout = d } }
+
+// MaxBodyBytes limits HTTP request bodies. Default 1 MiB.
+func MaxBodyBytes(n int64) Option { return func(c *config) { c.maxBodyBytes = n } }
+
+// CommandRetention is retention.ms for "<type>-commands" topics the node
+// creates. Default 7 days.
+func CommandRetention(d time.Duration) Option { return func(c *config) { c.commandRetention = d } }
+
+// Logger sets the structured logger. Default slog.Default().
+func Logger(l *slog.Logger) Option { return func(c *config) { c.logger = l } }
+
+// KafkaOptions adds franz-go client options (TLS, SASL, timeouts) to every
+// client the node creates.
+func KafkaOptions(opts ...kgo.Opt) Option {
+	return func(c *config) { c.kafkaOpts = append(c.kafkaOpts, opts...) }
+}
+
+// SessionTimeout is the consumer group session timeout: how long a dead
+// node keeps its partitions before the group moves them. Default 10s.
+func SessionTimeout(d time.Duration) Option { return func(c *config) { c.sessionTimeout = d } }
+
+// InstanceID names this node within the application; it makes the node's
+// transactional id stable across restarts so a restarted node fences its
+// previous incarnation. Default: derived from the advertised URL.
+func InstanceID(id string) Option { return func(c *config) { c.instanceID = id } }
+
+func (c *config) validate() error {
+	if len(c.brokers) == 0 {
+		return fmt.Errorf("esker: no brokers: pass esker.Brokers(\"host:9092\")")
+	}
+	if !namePattern(c.appID) {
+		return fmt.Errorf("esker: invalid application id %q: use letters, digits, '.', '_' and '-'", c.appID)
+	}
+	if c.commitInterval <= 0 {
+		return fmt.Errorf("esker: commit interval must be positive, got %v", c.commitInterval)
+	}
+	if c.partitions < 1 {
+		return fmt.Errorf("esker: partitions must be at least 1, got %d", c.partitions)
+	}
+	if c.commandTimeout <= 0 || c.maxBodyBytes <= 0 || c.idempotencyWindow <= 0 {
+		return fmt.Errorf("esker: command timeout, body limit and idempotency window must be positive")
+	}
+	if c.advertisedURL == "" {
+		c.advertisedURL = "http://" + c.httpListen
+	}
+	if _, err := url.Parse(c.advertisedURL); err != nil {
+		return fmt.Errorf("esker: advertised URL: %w", err)
+	}
+	if c.instanceID == "" {
+		c.instanceID = c.advertisedURL
+	}
+	return nil
+}
+
+func namePattern(s string) bool {
+	if s == "" || len(s) > 200 {
+		return false
+	}
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '_' || r == '-') {
+			return false
+		}
+	}
+	return true
+}
