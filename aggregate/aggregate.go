@@ -155,11 +155,11 @@ var (
 
 type untyped[S, C, E any] struct{ t *Type[S, C, E] }
 
-func (u untyped[S, C, E]) Name() string          { return u.t.name }
-func (u untyped[S, C, E]) NewState() any         { return u.t.initial() }
+func (u untyped[S, C, E]) Name() string           { return u.t.name }
+func (u untyped[S, C, E]) NewState() any          { return u.t.initial() }
 func (u untyped[S, C, E]) CommandNames() []string { return u.t.commands.names() }
-func (u untyped[S, C, E]) EventNames() []string  { return u.t.events.names() }
-func (u untyped[S, C, E]) ContentType() string   { return u.t.codec.ContentType() }
+func (u untyped[S, C, E]) EventNames() []string   { return u.t.events.names() }
+func (u untyped[S, C, E]) ContentType() string    { return u.t.codec.ContentType() }
 
 func (u untyped[S, C, E]) DecodeState(data []byte) (any, error) {
 	s := u.t.initial()
