@@ -22,10 +22,22 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
+	"os"
+	"strings"
 	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/esker-io/esker/aggregate"
+	"github.com/esker-io/esker/interactive"
+	"github.com/esker-io/esker/internal/engine"
+	"github.com/esker-io/esker/statestore"
 )
 
 // Registrable is an aggregate type a Node can run: any *aggregate.Type.
@@ -35,13 +47,23 @@ type Registrable interface {
 
 // Node is one replica of an esker application: it consumes the commands of
 // its registered aggregate types, keeps their state, and serves the HTTP API.
+// Its methods are safe for concurrent use.
 type Node struct {
-	cfg config
+	cfg      config
+	registry *prometheus.Registry
+	metrics  *engine.Metrics
 
 	mu      sync.Mutex
 	types   map[string]aggregate.Definition
-	order   []string
+	order   []aggregate.Definition
 	running bool
+	handler http.Handler
+
+	// Set once Run has started; nil before.
+	engine   *engine.Engine
+	store    *statestore.Store
+	producer *kgo.Client
+	started  chan struct{}
 }
 
 // NewNode validates the options and returns a node. Nothing connects to
@@ -54,7 +76,22 @@ func NewNode(opts ...Option) (*Node, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
-	return &Node{cfg: cfg, types: map[string]aggregate.Definition{}}, nil
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	n := &Node{
+		cfg:      cfg,
+		registry: reg,
+		metrics:  engine.NewMetrics(reg),
+		types:    map[string]aggregate.Definition{},
+		started:  make(chan struct{}),
+	}
+	n.handler = interactive.NewHandler(backend{n},
+		interactive.MaxBodyBytes(cfg.maxBodyBytes),
+		interactive.CommandTimeout(cfg.commandTimeout),
+		interactive.Metrics(promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg})),
+		interactive.Logger(cfg.logger),
+	)
+	return n, nil
 }
 
 // Register adds an aggregate type. It fails after Run has started and on a
@@ -70,16 +107,124 @@ func (n *Node) Register(t Registrable) error {
 		return fmt.Errorf("esker: aggregate type %q registered twice", def.Name())
 	}
 	n.types[def.Name()] = def
-	n.order = append(n.order, def.Name())
+	n.order = append(n.order, def)
 	return nil
 }
 
-// Run connects to Kafka, creates or checks the topics, restores state and
-// processes commands until ctx is cancelled, then shuts down gracefully.
+// Run connects to Kafka, creates missing topics (and refuses to start when an
+// existing one has the wrong partition count or cleanup policy), opens the
+// state store, serves HTTP on the listen address and processes commands until
+// ctx is cancelled. Then it stops taking requests, finishes the transaction in
+// flight, leaves the consumer group, closes the store and returns nil.
+// Run can be called once.
 func (n *Node) Run(ctx context.Context) error {
-	return errors.New("esker: not implemented yet")
+	n.mu.Lock()
+	if n.running {
+		n.mu.Unlock()
+		return errors.New("esker: Run called twice")
+	}
+	if len(n.order) == 0 {
+		n.mu.Unlock()
+		return errors.New("esker: no aggregate type registered; call Register before Run")
+	}
+	n.running = true
+	n.mu.Unlock()
+
+	c := n.cfg
+	log := c.logger
+	if err := os.MkdirAll(c.stateDir, 0o755); err != nil {
+		return fmt.Errorf("esker: state directory: %w", err)
+	}
+	store, err := statestore.Open(c.stateDir)
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+
+	clientOpts := append([]kgo.Opt{kgo.SeedBrokers(c.brokers...)}, c.kafkaOpts...)
+	producer, err := kgo.NewClient(append(append([]kgo.Opt{}, clientOpts...),
+		kgo.RecordPartitioner(kgo.ManualPartitioner()))...)
+	if err != nil {
+		return fmt.Errorf("esker: kafka client: %w", err)
+	}
+	defer producer.Close()
+
+	eng, err := engine.New(engine.Config{
+		AppID:             c.appID,
+		ClientOpts:        clientOpts,
+		Types:             n.order,
+		Store:             store,
+		Transactional:     c.guarantee == ExactlyOnce,
+		TransactionalID:   c.appID + "-" + c.instanceID,
+		CommitInterval:    c.commitInterval,
+		IdempotencyWindow: c.idempotencyWindow,
+		Partitions:        c.partitions,
+		SessionTimeout:    c.sessionTimeout,
+		CommandRetention:  c.commandRetention,
+		ReplicationFactor: c.replicationFactor,
+		Metrics:           n.metrics,
+		Logger:            log,
+	})
+	if err != nil {
+		return err
+	}
+	n.mu.Lock()
+	n.engine, n.store, n.producer = eng, store, producer
+	n.mu.Unlock()
+	close(n.started)
+
+	var srv *http.Server
+	srvErr := make(chan error, 1)
+	if c.httpListen != "" {
+		ln, err := net.Listen("tcp", c.httpListen)
+		if err != nil {
+			return fmt.Errorf("esker: listen on %s: %w", c.httpListen, err)
+		}
+		srv = &http.Server{Handler: n.handler, ReadHeaderTimeout: 10 * time.Second}
+		go func() { srvErr <- srv.Serve(ln) }()
+		log.Info("esker node serving", "http", c.advertisedURL, "app", c.appID,
+			"guarantee", c.guarantee.String(), "types", strings.Join(eng.TypeNames(), ","))
+	}
+
+	engCtx, stopEngine := context.WithCancel(context.Background())
+	defer stopEngine()
+	engErr := make(chan error, 1)
+	go func() { engErr <- eng.Run(engCtx) }()
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+	case runErr = <-engErr:
+		engErr = nil
+	case err := <-srvErr:
+		runErr = fmt.Errorf("esker: http server: %w", err)
+	}
+	// Graceful shutdown: stop taking requests (letting those in flight
+	// finish), then let the engine finish its cycle and leave the group.
+	if srv != nil {
+		shutCtx, cancel := context.WithTimeout(context.Background(), c.commandTimeout+time.Second)
+		_ = srv.Shutdown(shutCtx)
+		cancel()
+	}
+	stopEngine()
+	if engErr != nil {
+		if err := <-engErr; err != nil && runErr == nil {
+			runErr = err
+		}
+	}
+	if runErr != nil {
+		log.Error("esker node stopped", "err", runErr)
+	} else {
+		log.Info("esker node stopped")
+	}
+	return runErr
 }
 
-// Handler returns the node's HTTP API (the same handler Run serves on the
-// listen address).
-func (n *Node) Handler() http.Handler { return http.NotFoundHandler() }
+// Handler returns the node's HTTP API, the same handler Run serves on the
+// listen address; use it to mount the API in your own server (with
+// HTTPListen("")).
+func (n *Node) Handler() http.Handler { return n.handler }
+
+// Registry returns the node's Prometheus registry (served at /metrics), to
+// register the service's own collectors.
+func (n *Node) Registry() *prometheus.Registry { return n.registry }

@@ -1,0 +1,37 @@
+# esker — developer tasks. "make" runs lint and test.
+
+GO   ?= go
+PKGS ?= ./...
+
+.PHONY: all test build bench lint dev clean
+
+all: lint test
+
+## test: all tests with the race detector, never cached
+test:
+	$(GO) test -race -count=1 $(PKGS)
+
+## build: compile every package and the esker CLI into bin/esker
+build:
+	$(GO) build $(PKGS)
+	$(GO) build -o bin/esker ./cmd/esker
+
+## bench: benchmarks only (placeholder until "esker bench" lands)
+bench:
+	$(GO) test -run xxx -bench . $(PKGS)
+
+## lint: gofmt check and go vet
+lint:
+	@unformatted="$$(gofmt -l .)"; \
+	if [ -n "$$unformatted" ]; then \
+		echo "gofmt needed on:"; echo "$$unformatted"; \
+		echo "run: gofmt -w ."; exit 1; \
+	fi
+	$(GO) vet $(PKGS)
+
+## dev: embedded broker plus the bank demo node (data in ./esker-data)
+dev:
+	$(GO) run ./cmd/esker dev
+
+clean:
+	rm -rf bin

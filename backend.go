@@ -1,0 +1,199 @@
+package esker
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/esker-io/esker/aggregate"
+	"github.com/esker-io/esker/interactive"
+	"github.com/esker-io/esker/internal/engine"
+	"github.com/esker-io/esker/statestore"
+)
+
+// Submit sends a command to an entity and waits for its committed outcome:
+// the Go form of POST /v1/aggregates/{type}/{id}/commands. A missing command
+// id is generated. It fails with a *interactive.NotReadyError when the
+// entity's partition is not owned and restored on this node (nothing was
+// produced), and with interactive.ErrTimeout when the outcome is unknown at
+// the deadline (ctx's, or the CommandTimeout option's): the command may still
+// be applied, so retry with the same command id.
+func (n *Node) Submit(ctx context.Context, aggregateType, id string, cmd aggregate.Command) (aggregate.Outcome, error) {
+	ctx, cancel := context.WithTimeout(ctx, n.cfg.commandTimeout)
+	defer cancel()
+	return backend{n}.Submit(ctx, aggregateType, id, cmd)
+}
+
+// State returns an entity's committed state (see interactive.Backend.State).
+func (n *Node) State(ctx context.Context, aggregateType, id string, minVersion int64, wait time.Duration) (interactive.State, error) {
+	return backend{n}.State(ctx, aggregateType, id, minVersion, wait)
+}
+
+// Events returns up to limit events of an entity from version from.
+func (n *Node) Events(ctx context.Context, aggregateType, id string, from int64, limit int) ([]aggregate.Event, error) {
+	return backend{n}.Events(ctx, aggregateType, id, from, limit)
+}
+
+// Ready returns nil when the node processes every task it owns.
+func (n *Node) Ready() error { return backend{n}.Ready() }
+
+// backend adapts the engine and the store to interactive.Backend.
+type backend struct{ n *Node }
+
+func (b backend) Definition(t string) (aggregate.Definition, bool) {
+	b.n.mu.Lock()
+	defer b.n.mu.Unlock()
+	d, ok := b.n.types[t]
+	return d, ok
+}
+
+func (b backend) started() (*engine.Engine, error) {
+	select {
+	case <-b.n.started:
+		return b.n.engine, nil
+	default:
+		return nil, &interactive.NotReadyError{Reason: "the node is starting", RetryAfter: time.Second}
+	}
+}
+
+// task returns the entity's task if this node serves it now.
+func (b backend) task(aggregateType, id string) (statestore.Task, error) {
+	eng, err := b.started()
+	if err != nil {
+		return statestore.Task{}, err
+	}
+	t := statestore.Task{Type: aggregateType, Partition: aggregate.Partition(id, b.n.cfg.partitions)}
+	owned, restored := eng.TaskStatus(t)
+	switch {
+	case !owned:
+		return t, &interactive.NotReadyError{
+			Reason:     fmt.Sprintf("partition %d of %s is not owned by this node (rebalancing, or owned by another node)", t.Partition, aggregateType),
+			RetryAfter: time.Second,
+		}
+	case !restored:
+		return t, &interactive.NotReadyError{
+			Reason:     fmt.Sprintf("partition %d of %s is restoring its state", t.Partition, aggregateType),
+			RetryAfter: time.Second,
+		}
+	}
+	return t, nil
+}
+
+func (b backend) Submit(ctx context.Context, aggregateType, id string, cmd aggregate.Command) (aggregate.Outcome, error) {
+	if _, ok := b.Definition(aggregateType); !ok {
+		return aggregate.Outcome{}, fmt.Errorf("unknown aggregate type %q", aggregateType)
+	}
+	t, err := b.task(aggregateType, id)
+	if err != nil {
+		return aggregate.Outcome{}, err
+	}
+	if cmd.CommandID == "" {
+		cmd.CommandID = newCommandID()
+	}
+	value, err := json.Marshal(cmd)
+	if err != nil {
+		return aggregate.Outcome{}, err
+	}
+	// Await before producing: the outcome may commit before ProduceSync
+	// returns.
+	outcome, cancel := b.n.engine.Await(cmd.CommandID)
+	defer cancel()
+	rec := &kgo.Record{Topic: engine.CommandsTopic(aggregateType), Partition: t.Partition, Key: []byte(id), Value: value}
+	if err := b.n.producer.ProduceSync(ctx, rec).FirstErr(); err != nil {
+		if ctx.Err() != nil {
+			return aggregate.Outcome{}, interactive.ErrTimeout
+		}
+		return aggregate.Outcome{}, &interactive.NotReadyError{
+			Reason: fmt.Sprintf("could not write the command to Kafka: %v", err), RetryAfter: time.Second}
+	}
+	select {
+	case o := <-outcome:
+		return o, nil
+	case <-ctx.Done():
+		return aggregate.Outcome{}, interactive.ErrTimeout
+	}
+}
+
+func (b backend) State(ctx context.Context, aggregateType, id string, minVersion int64, wait time.Duration) (interactive.State, error) {
+	t, err := b.task(aggregateType, id)
+	if err != nil {
+		return interactive.State{}, err
+	}
+	var deadline <-chan time.Time
+	if wait > 0 {
+		timer := time.NewTimer(wait)
+		defer timer.Stop()
+		deadline = timer.C
+	}
+	for {
+		changed := b.n.engine.Changed(t) // before reading: no missed change
+		raw, found, err := b.n.store.Get(t, statestore.StateKey(id))
+		if err != nil {
+			return interactive.State{}, err
+		}
+		var st interactive.State
+		if found {
+			rec, err := statestore.DecodeStateRecord(raw)
+			if err != nil {
+				return interactive.State{}, err
+			}
+			st = interactive.State{ID: id, Version: rec.Version, State: rec.State, UpdatedAt: rec.UpdatedAt}
+			if rec.Version >= minVersion {
+				return st, nil
+			}
+		} else if minVersion <= 0 {
+			return interactive.State{}, interactive.ErrNotFound
+		}
+		select {
+		case <-changed:
+			if _, err := b.task(aggregateType, id); err != nil {
+				return st, err // the partition moved away while waiting
+			}
+		case <-deadline:
+			return st, interactive.ErrTimeout
+		case <-ctx.Done():
+			return st, interactive.ErrTimeout
+		}
+	}
+}
+
+func (b backend) Events(ctx context.Context, aggregateType, id string, from int64, limit int) ([]aggregate.Event, error) {
+	t, err := b.task(aggregateType, id)
+	if err != nil {
+		return nil, err
+	}
+	evs, err := engine.ReadEvents(b.n.store, t, id, from, limit)
+	if err != nil {
+		return nil, err
+	}
+	if len(evs) == 0 {
+		if _, found, err := b.n.store.Get(t, statestore.StateKey(id)); err != nil {
+			return nil, err
+		} else if !found {
+			return nil, interactive.ErrNotFound
+		}
+	}
+	return evs, nil
+}
+
+func (b backend) Ready() error {
+	eng, err := b.started()
+	if err != nil {
+		return err
+	}
+	if err := eng.Ready(); err != nil {
+		return &interactive.NotReadyError{Reason: err.Error(), RetryAfter: time.Second}
+	}
+	return nil
+}
+
+func newCommandID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:]) // never fails (crypto/rand)
+	return hex.EncodeToString(b[:])
+}

@@ -1,0 +1,180 @@
+package changelog
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/esker-io/esker/statestore"
+)
+
+// Target is one task to restore and the changelog topic that backs it.
+type Target struct {
+	Task  statestore.Task
+	Topic string
+}
+
+// RestoreResult reports what a restore read, per task.
+type RestoreResult struct {
+	Records  map[statestore.Task]int64 // changelog records applied
+	Duration time.Duration
+}
+
+// Restore brings the tasks' stores up to the end of their changelog
+// partitions: it reads each partition, read_committed, from the task's local
+// checkpoint (0 for a fresh store) to the last stable offset taken when the
+// restore began, applies every record with Apply and advances the checkpoint
+// in the same batch. A restart with an intact store therefore reads only the
+// tail. It logs progress every few seconds.
+//
+// clientOpts must hold at least the seed brokers; Restore adds its own
+// consumer options. On error the store holds a consistent prefix (whole
+// batches with their checkpoint) and a later Restore resumes from there.
+func Restore(ctx context.Context, store *statestore.Store, clientOpts []kgo.Opt, targets []Target, log *slog.Logger) (RestoreResult, error) {
+	start := time.Now()
+	res := RestoreResult{Records: map[statestore.Task]int64{}}
+	if len(targets) == 0 {
+		return res, nil
+	}
+	admCl, err := kgo.NewClient(clientOpts...)
+	if err != nil {
+		return res, err
+	}
+	adm := kadm.NewClient(admCl)
+	defer adm.Close()
+
+	topics := map[string]bool{}
+	for _, t := range targets {
+		topics[t.Topic] = true
+	}
+	names := make([]string, 0, len(topics))
+	for t := range topics {
+		names = append(names, t)
+	}
+	// The last stable offset: records of transactions still open or aborted
+	// after it are not part of the state.
+	ends, err := adm.ListCommittedOffsets(ctx, names...)
+	if err != nil {
+		return res, fmt.Errorf("changelog: list end offsets: %w", err)
+	}
+	starts, err := adm.ListStartOffsets(ctx, names...)
+	if err != nil {
+		return res, fmt.Errorf("changelog: list start offsets: %w", err)
+	}
+
+	type progress struct {
+		target   Target
+		from     int64
+		end      int64
+		next     int64
+		finished bool
+	}
+	work := map[string]map[int32]*progress{}
+	consume := map[string]map[int32]kgo.Offset{}
+	var total, pending int64
+	for _, t := range targets {
+		cp, err := store.Checkpoint(t.Task)
+		if err != nil {
+			return res, err
+		}
+		end, ok := ends.Lookup(t.Topic, t.Task.Partition)
+		if !ok || end.Err != nil {
+			return res, fmt.Errorf("changelog: no end offset for %s[%d]: %v", t.Topic, t.Task.Partition, end.Err)
+		}
+		from := cp
+		if s, ok := starts.Lookup(t.Topic, t.Task.Partition); ok && s.Err == nil && s.Offset > from {
+			from = s.Offset // older records were deleted; compaction keeps what matters
+		}
+		res.Records[t.Task] = 0
+		if from >= end.Offset {
+			continue
+		}
+		p := &progress{target: t, from: from, end: end.Offset, next: from}
+		if work[t.Topic] == nil {
+			work[t.Topic] = map[int32]*progress{}
+			consume[t.Topic] = map[int32]kgo.Offset{}
+		}
+		work[t.Topic][t.Task.Partition] = p
+		consume[t.Topic][t.Task.Partition] = kgo.NewOffset().At(from)
+		total += end.Offset - from
+		pending++
+	}
+	if pending == 0 {
+		res.Duration = time.Since(start)
+		return res, nil
+	}
+
+	opts := append(append([]kgo.Opt{}, clientOpts...),
+		kgo.ConsumePartitions(consume),
+		kgo.FetchIsolationLevel(kgo.ReadCommitted()),
+		// Transaction markers tell us we have passed the end even when the
+		// last records before it belong to an aborted transaction.
+		kgo.KeepControlRecords(),
+	)
+	cl, err := kgo.NewClient(opts...)
+	if err != nil {
+		return res, err
+	}
+	defer cl.Close()
+
+	var done int64
+	lastLog := time.Now()
+	for pending > 0 {
+		fetches := cl.PollFetches(ctx)
+		if err := ctx.Err(); err != nil {
+			return res, err
+		}
+		var fetchErr error
+		fetches.EachError(func(topic string, p int32, err error) {
+			fetchErr = fmt.Errorf("changelog: fetch %s[%d]: %w", topic, p, err)
+		})
+		if fetchErr != nil {
+			return res, fetchErr
+		}
+		b := store.NewBatch()
+		fetches.EachPartition(func(fp kgo.FetchTopicPartition) {
+			p := work[fp.Topic][fp.Partition]
+			if p == nil || p.finished {
+				return
+			}
+			for _, r := range fp.Records {
+				if r.Offset >= p.end {
+					break
+				}
+				if !r.Attrs.IsControl() {
+					if err := Apply(b, p.target.Task, r.Key, r.Value); err != nil && fetchErr == nil {
+						fetchErr = err
+					}
+					res.Records[p.target.Task]++
+				}
+				done += r.Offset + 1 - p.next
+				p.next = r.Offset + 1
+			}
+			if fetchErr == nil {
+				fetchErr = b.SetCheckpoint(p.target.Task, p.next)
+			}
+			if p.next >= p.end {
+				p.finished = true
+				pending--
+			}
+		})
+		if fetchErr != nil {
+			b.Discard()
+			return res, fetchErr
+		}
+		if err := b.Commit(); err != nil {
+			return res, fmt.Errorf("changelog: apply restored records: %w", err)
+		}
+		if log != nil && time.Since(lastLog) > 3*time.Second {
+			lastLog = time.Now()
+			log.Info("restoring state from changelog", "done", done, "total", total,
+				"percent", fmt.Sprintf("%.1f", 100*float64(done)/float64(total)))
+		}
+	}
+	res.Duration = time.Since(start)
+	return res, nil
+}

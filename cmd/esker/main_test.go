@@ -1,0 +1,239 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"flag"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+)
+
+// syncBuffer is a bytes.Buffer that goroutines may write concurrently.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// runCLI runs the CLI in-process with a context that is never cancelled.
+func runCLI(t *testing.T, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	var out, errOut syncBuffer
+	code = run(&env{ctx: context.Background(), stdout: &out, stderr: &errOut}, args)
+	return code, out.String(), errOut.String()
+}
+
+func TestTopLevel(t *testing.T) {
+	tests := []struct {
+		name       string
+		args       []string
+		wantCode   int
+		wantStdout []string // substrings
+		wantStderr []string
+	}{
+		{"no arguments", nil, 2, nil, []string{"Usage:", "esker <command>"}},
+		{"--help", []string{"--help"}, 0, []string{"Usage:", "Commands:", "dev", "node", "kafka", "version", "help"}, nil},
+		{"-h", []string{"-h"}, 0, []string{"Usage:", "Commands:"}, nil},
+		{"-help", []string{"-help"}, 0, []string{"Usage:"}, nil},
+		{"help", []string{"help"}, 0, []string{"Usage:", "Commands:", "esker help <command>"}, nil},
+		{"help help", []string{"help", "help"}, 0, []string{"Commands:"}, nil},
+		{"help --help", []string{"help", "--help"}, 0, []string{"Commands:"}, nil},
+		{"help dev", []string{"help", "dev"}, 0, []string{"esker dev [flags]", "-kafka", "-partitions"}, nil},
+		{"help node", []string{"help", "node"}, 0, []string{"esker node --brokers", "-at-least-once"}, nil},
+		{"help unknown", []string{"help", "nope"}, 2, nil, []string{`unknown command "nope"`}},
+		{"help two", []string{"help", "dev", "node"}, 2, nil, []string{"at most one command"}},
+		{"unknown command", []string{"nope"}, 2, nil, []string{`esker: unknown command "nope"`, "esker help"}},
+		{"flag before command", []string{"--bogus"}, 2, nil, []string{"--bogus must follow a command"}},
+		{"version", []string{"version"}, 0, []string{"esker ", "go1."}, nil},
+		{"version extra", []string{"version", "x"}, 2, nil, []string{`unexpected argument "x"`}},
+		{"version --help", []string{"version", "--help"}, 0, []string{"Usage:\n  esker version"}, nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			code, stdout, stderr := runCLI(t, tt.args...)
+			if code != tt.wantCode {
+				t.Errorf("exit code %d, want %d\nstdout:\n%s\nstderr:\n%s", code, tt.wantCode, stdout, stderr)
+			}
+			for _, s := range tt.wantStdout {
+				if !strings.Contains(stdout, s) {
+					t.Errorf("stdout lacks %q:\n%s", s, stdout)
+				}
+			}
+			for _, s := range tt.wantStderr {
+				if !strings.Contains(stderr, s) {
+					t.Errorf("stderr lacks %q:\n%s", s, stderr)
+				}
+			}
+			if tt.wantCode == 0 && stderr != "" {
+				t.Errorf("stderr not empty on success:\n%s", stderr)
+			}
+			if tt.wantCode == 2 && stdout != "" {
+				t.Errorf("stdout not empty on a usage error:\n%s", stdout)
+			}
+		})
+	}
+}
+
+// TestTopLevelListsEveryCommand guards the table: every command appears in
+// the usage with its summary.
+func TestTopLevelListsEveryCommand(t *testing.T) {
+	_, stdout, _ := runCLI(t, "help")
+	for _, c := range commands {
+		if !strings.Contains(stdout, c.name) || !strings.Contains(stdout, c.summary) {
+			t.Errorf("usage lacks command %q (%s):\n%s", c.name, c.summary, stdout)
+		}
+	}
+}
+
+// TestSubcommandHelp checks that --help, -h and "esker help <cmd>" print
+// the complete usage (every flag) on stdout and exit 0, and that a bad flag
+// or a stray argument exits 2 with a message on stderr.
+func TestSubcommandHelp(t *testing.T) {
+	wantFlags := map[string][]string{
+		"dev":     {"-http", "-kafka", "-data", "-partitions", "-log-level"},
+		"node":    {"-brokers", "-http", "-advertise", "-data", "-app", "-partitions", "-at-least-once", "-log-level"},
+		"kafka":   {"-port", "-data", "-partitions", "-log-level"},
+		"version": nil,
+	}
+	for _, c := range commands {
+		if c.name == "help" {
+			continue
+		}
+		flags, ok := wantFlags[c.name]
+		if !ok {
+			t.Errorf("command %q has no expectations in this test; add them", c.name)
+		}
+		t.Run(c.name, func(t *testing.T) {
+			var first string
+			for _, args := range [][]string{{c.name, "--help"}, {c.name, "-h"}, {"help", c.name}} {
+				code, stdout, stderr := runCLI(t, args...)
+				if code != 0 || stderr != "" {
+					t.Fatalf("%v: exit %d, stderr %q", args, code, stderr)
+				}
+				if !strings.HasPrefix(stdout, "Usage:\n  esker "+c.name) {
+					t.Errorf("%v: usage does not start with the synopsis:\n%s", args, stdout)
+				}
+				for _, f := range flags {
+					if !regexp.MustCompile(`(?m)^  ` + f + `( |$)`).MatchString(stdout) {
+						t.Errorf("%v: usage lacks flag %s:\n%s", args, f, stdout)
+					}
+				}
+				if first == "" {
+					first = stdout
+				} else if stdout != first {
+					t.Errorf("%v: help differs from %s --help", args, c.name)
+				}
+			}
+
+			code, stdout, stderr := runCLI(t, c.name, "--no-such-flag")
+			if code != 2 || stdout != "" || !strings.Contains(stderr, "flag provided but not defined: -no-such-flag") ||
+				!strings.Contains(stderr, "esker "+c.name+" --help") {
+				t.Errorf("bad flag: exit %d, stdout %q, stderr %q", code, stdout, stderr)
+			}
+		})
+	}
+}
+
+// TestUsageErrors covers flag values that are rejected before anything
+// starts: no broker or node is started by these cases.
+func TestUsageErrors(t *testing.T) {
+	tests := []struct {
+		args       []string
+		wantStderr string
+	}{
+		{[]string{"dev", "extra"}, `unexpected argument "extra"`},
+		{[]string{"dev", "--partitions", "0"}, "--partitions must be between 1 and 100000"},
+		{[]string{"dev", "--partitions", "x"}, `invalid value "x" for flag -partitions`},
+		{[]string{"dev", "--kafka", "nonsense"}, `--kafka "nonsense" is not host:port`},
+		{[]string{"dev", "--kafka", ":9092"}, `--kafka ":9092" is not host:port`},
+		{[]string{"dev", "--kafka", "0.0.0.0:9092"}, "give a concrete host"},
+		{[]string{"dev", "--kafka", "127.0.0.1:99999"}, "invalid port"},
+		{[]string{"dev", "--http", "8080"}, `--http "8080" is not host:port`},
+		{[]string{"dev", "--http", "127.0.0.1:0"}, "fixed port"},
+		{[]string{"dev", "--data", ""}, "--data must not be empty"},
+		{[]string{"dev", "--log-level", "loud"}, "-log-level"},
+		{[]string{"node"}, "--brokers is required"},
+		{[]string{"node", "--brokers", " , "}, "--brokers is required"},
+		{[]string{"node", "--brokers", "kafka"}, `"kafka" is not host:port`},
+		{[]string{"node", "--brokers", "k:9092", "--http", "0.0.0.0:8080"}, "set --advertise"},
+		{[]string{"node", "--brokers", "k:9092", "--http", ":8080"}, "set --advertise"},
+		{[]string{"node", "--brokers", "k:9092", "--advertise", "ftp://x"}, "is not an http:// or https:// URL"},
+		{[]string{"node", "--brokers", "k:9092", "--partitions", "-1"}, "--partitions must be between 1 and 100000"},
+		{[]string{"node", "--brokers", "k:9092", "--app", "no spaces"}, "invalid application id"},
+		{[]string{"node", "--brokers", "k:9092", "--at-least-once=maybe"}, "-at-least-once"},
+		{[]string{"kafka", "--port", "70000"}, "--port 70000 is not a TCP port"},
+		{[]string{"kafka", "--data", ""}, "--data must not be empty"},
+		{[]string{"kafka", "--partitions", "0"}, "--partitions must be between 1 and 100000"},
+		{[]string{"kafka", "stray"}, `unexpected argument "stray"`},
+	}
+	for _, tt := range tests {
+		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
+			code, stdout, stderr := runCLI(t, tt.args...)
+			if code != 2 {
+				t.Errorf("exit code %d, want 2 (stderr %q)", code, stderr)
+			}
+			if stdout != "" {
+				t.Errorf("stdout not empty: %q", stdout)
+			}
+			if !strings.Contains(stderr, tt.wantStderr) {
+				t.Errorf("stderr lacks %q:\n%s", tt.wantStderr, stderr)
+			}
+			if !strings.Contains(stderr, "esker "+tt.args[0]+": ") || !strings.Contains(stderr, "--help' for details") {
+				t.Errorf("stderr does not name the command and point to --help:\n%s", stderr)
+			}
+		})
+	}
+}
+
+func TestFlagSetHelpIsErrHelp(t *testing.T) {
+	// The dispatcher relies on flag.ContinueOnError returning ErrHelp for
+	// -h and --help; make sure nothing is printed by the flag package itself.
+	fs := newFlagSet("x", "esker x", "about")
+	if err := fs.Parse([]string{"-h"}); err != flag.ErrHelp {
+		t.Fatalf("Parse(-h) = %v, want flag.ErrHelp", err)
+	}
+}
+
+func TestLocalURL(t *testing.T) {
+	for in, want := range map[string]string{
+		"127.0.0.1:8080": "http://127.0.0.1:8080",
+		":8080":          "http://127.0.0.1:8080",
+		"0.0.0.0:8080":   "http://127.0.0.1:8080",
+		"[::]:8080":      "http://127.0.0.1:8080",
+		"[::1]:8080":     "http://[::1]:8080",
+		"example:80":     "http://example:80",
+	} {
+		if got := localURL(in); got != want {
+			t.Errorf("localURL(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+func TestDevBanner(t *testing.T) {
+	var b bytes.Buffer
+	printDevBanner(&b, "127.0.0.1:9092", "esker-data/kafka", "http://127.0.0.1:8080", "esker-data/state")
+	out := b.String()
+	for _, s := range []string{
+		"127.0.0.1:9092",
+		`curl -sS -X POST http://127.0.0.1:8080/v1/aggregates/account/alice/commands -H 'Content-Type: application/json' -d '{"type":"Open","data":{"owner":"Alice"}}'`,
+		`-d '{"type":"Deposit","data":{"amount":500}}'`,
+		"curl -sS http://127.0.0.1:8080/v1/aggregates/account/alice\n",
+	} {
+		if !strings.Contains(out, s) {
+			t.Errorf("banner lacks %q:\n%s", s, out)
+		}
+	}
+}

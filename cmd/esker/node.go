@@ -1,0 +1,207 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/url"
+	"path/filepath"
+	"strings"
+
+	"github.com/esker-io/esker"
+	"github.com/esker-io/esker/examples/bank"
+)
+
+// nodeConfig is what the dev and node commands configure a bank node with.
+type nodeConfig struct {
+	brokers     []string
+	app         string
+	httpListen  string
+	advertise   string // "" lets esker derive it from httpListen
+	dataDir     string // the state store goes in dataDir/state
+	partitions  int
+	atLeastOnce bool
+	logger      *slog.Logger
+}
+
+// newBankNode returns a node with the bank demo's account aggregate
+// registered.
+func newBankNode(c nodeConfig) (*esker.Node, error) {
+	opts := []esker.Option{
+		esker.Brokers(c.brokers...),
+		esker.ApplicationID(c.app),
+		esker.StateDir(filepath.Join(c.dataDir, "state")),
+		esker.HTTPListen(c.httpListen),
+		esker.Partitions(int32(c.partitions)),
+		esker.Logger(c.logger),
+	}
+	if c.advertise != "" {
+		opts = append(opts, esker.AdvertisedURL(c.advertise))
+	}
+	if c.atLeastOnce {
+		opts = append(opts, esker.ProcessingGuarantee(esker.AtLeastOnce))
+	}
+	node, err := esker.NewNode(opts...)
+	if err != nil {
+		return nil, err
+	}
+	if err := node.Register(bank.Account); err != nil {
+		return nil, err
+	}
+	return node, nil
+}
+
+// runUntilDone runs the node until ctx is cancelled; a node that stops
+// because of the cancellation is not an error.
+func runUntilDone(ctx context.Context, node *esker.Node) error {
+	err := node.Run(ctx)
+	if err != nil && ctx.Err() != nil && errors.Is(err, context.Canceled) {
+		return nil
+	}
+	return err
+}
+
+func runNode(e *env, args []string) int {
+	fs := newFlagSet("node", "esker node --brokers HOST:PORT[,HOST:PORT...] [flags]", `
+Runs one node of the bank demo service against a Kafka cluster (any Kafka
+2.5+ broker, or "esker kafka"). Run several with the same --app and
+--brokers and different --http/--advertise addresses: they share the
+partitions of the account aggregate, and any node answers any HTTP request
+by forwarding it to the node that owns the account.
+
+The node creates its topics if they do not exist: account-commands,
+account-events and <app>-account-changelog, each with --partitions
+partitions. Its local state store is kept in DIR/state, so a restart only
+restores what changed while it was down.
+
+Commands are processed exactly once (one Kafka transaction per batch) unless
+--at-least-once is given.`)
+	brokers := fs.String("brokers", "", "comma-separated Kafka seed `brokers` (required)")
+	httpListen := fs.String("http", "127.0.0.1:8080", "`address` the HTTP API listens on")
+	advertise := fs.String("advertise", "", "base `URL` other nodes and clients reach this node's HTTP API at (default http://<--http address>; required when --http listens on all interfaces)")
+	dataDir := fs.String("data", "esker-data", "data `directory`; the state store goes in DIR/state")
+	app := fs.String("app", "bank", "application `id`: consumer group and changelog topic prefix, the same on every node")
+	partitions := fs.Int("partitions", 8, "partition `count` of the topics the node creates (must match existing topics)")
+	atLeastOnce := fs.Bool("at-least-once", false, "process commands at least once, without Kafka transactions")
+	level := fs.logLevel()
+	if code, ok := fs.parse(e, args); !ok {
+		return code
+	}
+	seeds, err := parseBrokers(*brokers)
+	if err != nil {
+		return fs.fail(e, "%v", err)
+	}
+	if msg := checkCommon(*httpListen, *dataDir, *partitions); msg != "" {
+		return fs.fail(e, "%s", msg)
+	}
+	if *advertise != "" {
+		if msg := checkAdvertise(*advertise); msg != "" {
+			return fs.fail(e, "%s", msg)
+		}
+	} else if listensOnAllInterfaces(*httpListen) {
+		return fs.fail(e, "--http %s listens on all interfaces: set --advertise to a URL other nodes can reach, e.g. http://%s", *httpListen, exampleHost(*httpListen))
+	}
+
+	logger := newLogger(e.stderr, *level)
+	node, err := newBankNode(nodeConfig{
+		brokers:     seeds,
+		app:         *app,
+		httpListen:  *httpListen,
+		advertise:   *advertise,
+		dataDir:     *dataDir,
+		partitions:  *partitions,
+		atLeastOnce: *atLeastOnce,
+		logger:      logger,
+	})
+	if err != nil {
+		return fs.fail(e, "%s", trimPrefix(err))
+	}
+	logger.Info("starting bank node", "brokers", seeds, "app", *app, "http", *httpListen, "state", filepath.Join(*dataDir, "state"))
+	defer onShutdown(e, "node")()
+	if err := runUntilDone(e.ctx, node); err != nil {
+		fmt.Fprintf(e.stderr, "esker node: %s\n", trimPrefix(err))
+		return 1
+	}
+	return 0
+}
+
+// trimPrefix drops the "esker: " prefix of the node's errors, which the
+// CLI's own "esker <command>: " prefix replaces.
+func trimPrefix(err error) string { return strings.TrimPrefix(err.Error(), "esker: ") }
+
+// parseBrokers splits a comma-separated broker list and checks each entry
+// is host:port.
+func parseBrokers(s string) ([]string, error) {
+	var out []string
+	for _, b := range strings.Split(s, ",") {
+		b = strings.TrimSpace(b)
+		if b == "" {
+			continue
+		}
+		host, port, err := net.SplitHostPort(b)
+		if err != nil || host == "" || port == "" {
+			return nil, fmt.Errorf("--brokers: %q is not host:port", b)
+		}
+		out = append(out, b)
+	}
+	if len(out) == 0 {
+		return nil, errors.New("--brokers is required, e.g. --brokers localhost:9092")
+	}
+	return out, nil
+}
+
+// checkCommon validates the flags dev and node share; it returns a message
+// for the user, or "".
+func checkCommon(httpListen, dataDir string, partitions int) string {
+	if _, port, err := net.SplitHostPort(httpListen); err != nil || port == "" || port == "0" {
+		return fmt.Sprintf("--http %q is not host:port with a fixed port (for example 127.0.0.1:8080 or :8080)", httpListen)
+	}
+	if dataDir == "" {
+		return "--data must not be empty"
+	}
+	if partitions < 1 || partitions > 100000 {
+		return fmt.Sprintf("--partitions must be between 1 and 100000, got %d", partitions)
+	}
+	return ""
+}
+
+func checkAdvertise(u string) string {
+	p, err := url.Parse(u)
+	if err != nil || (p.Scheme != "http" && p.Scheme != "https") || p.Host == "" {
+		return fmt.Sprintf("--advertise %q is not an http:// or https:// URL", u)
+	}
+	return ""
+}
+
+func listensOnAllInterfaces(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsUnspecified()
+}
+
+// exampleHost suggests a reachable host:port for a listen address.
+func exampleHost(addr string) string {
+	_, port, _ := net.SplitHostPort(addr)
+	return net.JoinHostPort("my-host", port)
+}
+
+// localURL is the URL a person on this machine uses to reach an HTTP
+// listen address: an unspecified host becomes 127.0.0.1.
+func localURL(addr string) string {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "http://" + addr
+	}
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		host = "127.0.0.1"
+	}
+	return "http://" + net.JoinHostPort(host, port)
+}

@@ -1,0 +1,208 @@
+package esker_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/esker-io/esker"
+	"github.com/esker-io/esker/aggregate"
+	"github.com/esker-io/esker/examples/bank"
+)
+
+// newCluster starts an in-process Kafka-protocol broker; tests talk to it
+// over TCP with the real franz-go client.
+func newCluster(t testing.TB, opts ...kfake.Opt) *kfake.Cluster {
+	t.Helper()
+	c, err := kfake.NewCluster(append([]kfake.Opt{kfake.NumBrokers(1), kfake.GroupMinSessionTimeout(100 * time.Millisecond)}, opts...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	return c
+}
+
+type testNode struct {
+	*esker.Node
+	srv    *httptest.Server
+	cancel context.CancelFunc
+	done   chan error
+	once   sync.Once
+}
+
+func testLogger() *slog.Logger {
+	if os.Getenv("ESKER_TEST_LOG") != "" {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return slog.New(slog.NewTextHandler(io.Discard, nil))
+}
+
+// startNode runs a bank node on the cluster with its HTTP API on a test
+// server, and waits until it is ready.
+func startNode(t testing.TB, brokers []string, stateDir string, opts ...esker.Option) *testNode {
+	t.Helper()
+	all := append([]esker.Option{
+		esker.Brokers(brokers...),
+		esker.ApplicationID("bank"),
+		esker.StateDir(stateDir),
+		esker.HTTPListen(""),
+		esker.Partitions(4),
+		esker.SessionTimeout(3 * time.Second),
+		esker.Logger(testLogger()),
+	}, opts...)
+	n, err := esker.NewNode(all...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := n.Register(bank.Account); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	tn := &testNode{Node: n, srv: httptest.NewServer(n.Handler()), cancel: cancel, done: make(chan error, 1)}
+	go func() { tn.done <- n.Run(ctx) }()
+	t.Cleanup(tn.stop)
+	waitReady(t, tn)
+	return tn
+}
+
+// stop shuts the node down gracefully and waits for Run to return.
+func (tn *testNode) stop() {
+	tn.once.Do(func() {
+		tn.cancel()
+		select {
+		case <-tn.done:
+		case <-time.After(30 * time.Second):
+			panic("node did not stop within 30s")
+		}
+		tn.srv.Close()
+	})
+}
+
+func waitReady(t testing.TB, tn *testNode) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		err := tn.Ready()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("node not ready: %v", err)
+		}
+		select {
+		case err := <-tn.done:
+			t.Fatalf("node stopped: %v", err)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// do sends an HTTP request and decodes the JSON answer.
+func do(t testing.TB, tn *testNode, method, path string, body any) (int, map[string]any) {
+	t.Helper()
+	var rd io.Reader
+	switch b := body.(type) {
+	case nil:
+	case string:
+		rd = bytes.NewBufferString(b)
+	case []byte:
+		rd = bytes.NewReader(b)
+	default:
+		raw, _ := json.Marshal(b)
+		rd = bytes.NewReader(raw)
+	}
+	req, _ := http.NewRequest(method, tn.srv.URL+path, rd)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var out map[string]any
+	raw, _ := io.ReadAll(resp.Body)
+	if len(raw) > 0 {
+		if err := json.Unmarshal(raw, &out); err != nil {
+			t.Fatalf("%s %s: answer is not JSON: %q", method, path, raw)
+		}
+	}
+	return resp.StatusCode, out
+}
+
+func cmd(typ string, data any) map[string]any {
+	return map[string]any{"type": typ, "data": data}
+}
+
+// readTopic reads every committed record of a topic, read_committed, up to
+// its last stable offset.
+func readTopic(t testing.TB, brokers []string, topic string) []*kgo.Record {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	admCl, err := kgo.NewClient(kgo.SeedBrokers(brokers...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ends, err := kadm.NewClient(admCl).ListCommittedOffsets(ctx, topic)
+	admCl.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pending := map[int32]int64{}
+	ends.Each(func(o kadm.ListedOffset) {
+		if o.Offset > 0 {
+			pending[o.Partition] = o.Offset
+		}
+	})
+	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...),
+		kgo.ConsumeTopics(topic),
+		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()),
+		kgo.FetchIsolationLevel(kgo.ReadCommitted()),
+		kgo.KeepControlRecords())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	var out []*kgo.Record
+	for len(pending) > 0 {
+		fs := cl.PollFetches(ctx)
+		if ctx.Err() != nil {
+			t.Fatalf("reading %s: timed out with partitions %v unread", topic, pending)
+		}
+		fs.EachRecord(func(r *kgo.Record) {
+			end, ok := pending[r.Partition]
+			if !ok || r.Offset >= end {
+				return
+			}
+			if !r.Attrs.IsControl() {
+				out = append(out, r)
+			}
+			if r.Offset+1 >= end {
+				delete(pending, r.Partition)
+			}
+		})
+	}
+	return out
+}
+
+func header(r *kgo.Record, key string) string {
+	for _, h := range r.Headers {
+		if h.Key == key {
+			return string(h.Value)
+		}
+	}
+	return ""
+}
+
+var _ = aggregate.HeaderEventType

@@ -1,0 +1,401 @@
+// Package engine is esker's one processing loop: it consumes the commands of
+// the tasks (aggregate type × partition) this node owns, decides and folds,
+// writes events and changelog records, and commits them with the consumed
+// offsets in one Kafka transaction per cycle. It restores a task's store from
+// its changelog before processing it.
+//
+// A cycle (see Engine.Run):
+//
+//  1. poll the buffered command records;
+//  2. for each command: idempotency check, expected-version check, decide,
+//     produce events to "<type>-events" on the command's partition, evolve;
+//     the entity's state is cached in the cycle (reads see earlier writes of
+//     the same cycle);
+//  3. keep polling while records are buffered and the commit interval has not
+//     passed (group commit: under load batches grow, a lone command commits at
+//     once);
+//  4. produce one state record and one journal per touched entity to the
+//     changelog and stage the same records, through changelog.Apply, in a
+//     store batch;
+//  5. end the transaction; only if it committed, add the changelog
+//     checkpoints to the batch, apply it, and report the outcomes. An abort
+//     discards the batch and rewinds consumption, so the store never holds
+//     uncommitted data.
+package engine
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/esker-io/esker/aggregate"
+	"github.com/esker-io/esker/changelog"
+	"github.com/esker-io/esker/statestore"
+)
+
+// Config configures an Engine.
+type Config struct {
+	AppID string
+	// ClientOpts are the base franz-go options (seed brokers, TLS, SASL).
+	ClientOpts []kgo.Opt
+	Types      []aggregate.Definition
+	Store      *statestore.Store
+	// Transactional selects exactly-once (true) or at-least-once.
+	Transactional bool
+	// TransactionalID must be unique per node and stable across its restarts.
+	TransactionalID   string
+	CommitInterval    time.Duration
+	IdempotencyWindow time.Duration
+	Partitions        int32
+	SessionTimeout    time.Duration
+	CommandRetention  time.Duration
+	ReplicationFactor int16
+	// Balancer, when set, replaces the default cooperative-sticky balancer.
+	Balancer kgo.GroupBalancer
+	Metrics  *Metrics
+	Logger   *slog.Logger
+}
+
+// Engine runs the processing loop of one node.
+type Engine struct {
+	cfg     Config
+	log     *slog.Logger
+	types   map[string]aggregate.Definition // by aggregate type name
+	byTopic map[string]aggregate.Definition // by commands topic
+
+	mu       sync.RWMutex
+	tasks    map[statestore.Task]*taskState
+	joined   bool // the group assigned this node at least once
+	changed  map[statestore.Task]chan struct{}
+	stopping bool
+
+	waiters waiters
+}
+
+type taskState struct {
+	restored bool
+}
+
+// New validates cfg and returns an engine; Run starts it.
+func New(cfg Config) (*Engine, error) {
+	if cfg.Store == nil || len(cfg.Types) == 0 || cfg.Partitions < 1 {
+		return nil, errors.New("engine: store, types and partitions are required")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	e := &Engine{
+		cfg:     cfg,
+		log:     cfg.Logger,
+		types:   map[string]aggregate.Definition{},
+		byTopic: map[string]aggregate.Definition{},
+		tasks:   map[statestore.Task]*taskState{},
+		changed: map[statestore.Task]chan struct{}{},
+		waiters: waiters{m: map[string][]chan aggregate.Outcome{}},
+	}
+	for _, d := range cfg.Types {
+		e.types[d.Name()] = d
+		e.byTopic[CommandsTopic(d.Name())] = d
+	}
+	return e, nil
+}
+
+// TypeNames returns the registered aggregate type names.
+func (e *Engine) TypeNames() []string {
+	out := make([]string, 0, len(e.types))
+	for _, d := range e.cfg.Types {
+		out = append(out, d.Name())
+	}
+	return out
+}
+
+// Run creates or checks the topics, joins the group and processes commands
+// until ctx is cancelled; then it finishes the cycle in flight, leaves the
+// group and returns nil. It returns an error when the topics are wrong or
+// Kafka cannot be reached at start.
+func (e *Engine) Run(ctx context.Context) error {
+	admCl, err := kgo.NewClient(e.cfg.ClientOpts...)
+	if err != nil {
+		return err
+	}
+	adm := kadm.NewClient(admCl)
+	err = EnsureTopics(ctx, adm, Topics(e.cfg.AppID, e.TypeNames(), e.cfg.CommandRetention), e.cfg.Partitions, e.cfg.ReplicationFactor)
+	adm.Close()
+	if err != nil {
+		return err
+	}
+	return e.run(ctx)
+}
+
+func (e *Engine) run(ctx context.Context) error {
+	sess, err := e.newSession(ctx)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		e.mu.Lock()
+		e.stopping = true
+		e.tasks = map[statestore.Task]*taskState{}
+		e.mu.Unlock()
+		sess.Close()
+	}()
+	cl := sess.Client()
+	for {
+		fetches := cl.PollRecords(ctx, 10000)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if errs := fetches.Errors(); len(errs) > 0 {
+			for _, fe := range errs {
+				if errors.Is(fe.Err, context.Canceled) {
+					return nil
+				}
+				e.log.Warn("fetch error", "topic", fe.Topic, "partition", fe.Partition, "err", fe.Err)
+			}
+		}
+		if fetches.NumRecords() == 0 {
+			sess.AllowRebalance()
+			continue
+		}
+		e.cycle(sess, fetches)
+		sess.AllowRebalance()
+	}
+}
+
+func (e *Engine) newSession(ctx context.Context) (session, error) {
+	topics := make([]string, 0, len(e.byTopic))
+	for t := range e.byTopic {
+		topics = append(topics, t)
+	}
+	opts := append(append([]kgo.Opt{}, e.cfg.ClientOpts...),
+		kgo.ConsumerGroup(e.cfg.AppID),
+		kgo.ConsumeTopics(topics...),
+		kgo.FetchIsolationLevel(kgo.ReadCommitted()),
+		kgo.RecordPartitioner(kgo.ManualPartitioner()),
+		kgo.DisableAutoCommit(),
+		// Rebalances wait until the cycle in flight has ended, so a task is
+		// never revoked between decide and commit.
+		kgo.BlockRebalanceOnPoll(),
+		kgo.OnPartitionsAssigned(e.onAssigned),
+		kgo.OnPartitionsRevoked(e.onRevoked),
+		kgo.OnPartitionsLost(e.onRevoked),
+	)
+	if e.cfg.SessionTimeout > 0 {
+		opts = append(opts, kgo.SessionTimeout(e.cfg.SessionTimeout),
+			kgo.HeartbeatInterval(e.cfg.SessionTimeout/10))
+	}
+	if e.cfg.Balancer != nil {
+		opts = append(opts, kgo.Balancers(e.cfg.Balancer))
+	}
+	if e.cfg.Transactional {
+		opts = append(opts, kgo.TransactionalID(e.cfg.TransactionalID),
+			kgo.TransactionTimeout(time.Minute))
+		return newEOSSession(opts)
+	}
+	return newALOSession(opts)
+}
+
+// onAssigned restores the newly assigned tasks before any of their commands
+// is processed: the client does not fetch assigned partitions, and no poll
+// returns, until this callback has returned. Restore errors are retried until
+// they succeed or the engine stops.
+func (e *Engine) onAssigned(ctx context.Context, _ *kgo.Client, assigned map[string][]int32) {
+	var targets []changelog.Target
+	e.mu.Lock()
+	for topic, parts := range assigned {
+		def, ok := e.byTopic[topic]
+		if !ok {
+			continue
+		}
+		for _, p := range parts {
+			t := statestore.Task{Type: def.Name(), Partition: p}
+			e.tasks[t] = &taskState{}
+			targets = append(targets, changelog.Target{Task: t, Topic: changelog.Topic(e.cfg.AppID, def.Name())})
+		}
+	}
+	e.mu.Unlock()
+
+	for attempt := 0; len(targets) > 0; attempt++ {
+		res, err := changelog.Restore(ctx, e.cfg.Store, e.cfg.ClientOpts, targets, e.log)
+		if e.cfg.Metrics != nil {
+			for t, n := range res.Records {
+				e.cfg.Metrics.RestoreRecords.WithLabelValues(t.Type).Add(float64(n))
+			}
+		}
+		if err == nil {
+			if e.cfg.Metrics != nil {
+				e.cfg.Metrics.RestoreDuration.Observe(res.Duration.Seconds())
+			}
+			var n int64
+			for _, c := range res.Records {
+				n += c
+			}
+			e.log.Info("tasks restored", "tasks", len(targets), "records", n, "duration", res.Duration.Round(time.Millisecond))
+			break
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		e.log.Error("restore failed; retrying", "err", err, "attempt", attempt+1)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(backoff(attempt)):
+		}
+	}
+
+	e.mu.Lock()
+	for _, t := range targets {
+		if ts := e.tasks[t.Task]; ts != nil {
+			ts.restored = true
+		}
+	}
+	e.joined = true
+	e.mu.Unlock()
+	for _, t := range targets {
+		e.signal(t.Task)
+	}
+}
+
+func (e *Engine) onRevoked(_ context.Context, _ *kgo.Client, revoked map[string][]int32) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for topic, parts := range revoked {
+		def, ok := e.byTopic[topic]
+		if !ok {
+			continue
+		}
+		for _, p := range parts {
+			delete(e.tasks, statestore.Task{Type: def.Name(), Partition: p})
+		}
+	}
+}
+
+func backoff(attempt int) time.Duration {
+	d := 100 * time.Millisecond << min(attempt, 6)
+	return min(d, 5*time.Second)
+}
+
+// TaskStatus reports whether this node owns a task and whether it is
+// restored.
+func (e *Engine) TaskStatus(t statestore.Task) (owned, restored bool) {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	ts, ok := e.tasks[t]
+	return ok, ok && ts.restored
+}
+
+// Ready returns nil when the node has joined the group and every task it
+// owns is restored.
+func (e *Engine) Ready() error {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	if !e.joined {
+		return errors.New("waiting for the consumer group to assign partitions")
+	}
+	n := 0
+	for _, ts := range e.tasks {
+		if !ts.restored {
+			n++
+		}
+	}
+	if n > 0 {
+		return fmt.Errorf("restoring %d of %d tasks from their changelogs", n, len(e.tasks))
+	}
+	return nil
+}
+
+// Changed returns a channel that is closed the next time the task's store
+// changes (a commit applied or a restore finished).
+func (e *Engine) Changed(t statestore.Task) <-chan struct{} {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	ch, ok := e.changed[t]
+	if !ok {
+		ch = make(chan struct{})
+		e.changed[t] = ch
+	}
+	return ch
+}
+
+func (e *Engine) signal(t statestore.Task) {
+	e.mu.Lock()
+	ch, ok := e.changed[t]
+	if ok {
+		delete(e.changed, t)
+	}
+	e.mu.Unlock()
+	if ok {
+		close(ch)
+	}
+}
+
+// Await registers interest in a command's outcome. The channel receives the
+// outcome once the transaction holding it commits (also for a duplicate of an
+// earlier command). Call cancel when no longer waiting.
+func (e *Engine) Await(commandID string) (<-chan aggregate.Outcome, func()) {
+	return e.waiters.add(commandID)
+}
+
+type waiters struct {
+	mu sync.Mutex
+	m  map[string][]chan aggregate.Outcome
+}
+
+func (w *waiters) add(id string) (<-chan aggregate.Outcome, func()) {
+	ch := make(chan aggregate.Outcome, 1)
+	w.mu.Lock()
+	w.m[id] = append(w.m[id], ch)
+	w.mu.Unlock()
+	return ch, func() {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		list := w.m[id]
+		for i, c := range list {
+			if c == ch {
+				list = append(list[:i], list[i+1:]...)
+				break
+			}
+		}
+		if len(list) == 0 {
+			delete(w.m, id)
+		} else {
+			w.m[id] = list
+		}
+	}
+}
+
+func (w *waiters) resolve(outcomes []aggregate.Outcome) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if len(w.m) == 0 {
+		return
+	}
+	for _, o := range outcomes {
+		for _, ch := range w.m[o.CommandID] {
+			select {
+			case ch <- o:
+			default:
+			}
+		}
+	}
+}
+
+// CommandEnvelope parses a command record value.
+func CommandEnvelope(value []byte) (aggregate.Command, error) {
+	var c aggregate.Command
+	if err := json.Unmarshal(value, &c); err != nil {
+		return c, fmt.Errorf("command record is not a JSON command envelope: %w", err)
+	}
+	if c.Type == "" {
+		return c, errors.New(`command record has no "type"`)
+	}
+	return c, nil
+}

@@ -1,0 +1,49 @@
+package engine
+
+import "github.com/prometheus/client_golang/prometheus"
+
+// Metrics are the engine's Prometheus collectors. Labels stay bounded: the
+// aggregate type and an outcome or result from a fixed set.
+type Metrics struct {
+	Commands        *prometheus.CounterVec   // type, outcome
+	CommandLatency  *prometheus.HistogramVec // type
+	Transactions    *prometheus.CounterVec   // result
+	BatchCommands   prometheus.Histogram
+	RestoreRecords  *prometheus.CounterVec // type
+	RestoreDuration prometheus.Histogram
+}
+
+// NewMetrics creates the collectors and registers them on reg.
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	m := &Metrics{
+		Commands: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "esker_commands_total",
+			Help: "Commands processed, by aggregate type and outcome (accepted, rejected, conflict, duplicate).",
+		}, []string{"type", "outcome"}),
+		CommandLatency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "esker_command_processing_seconds",
+			Help:    "Time from a command's record timestamp to the commit of its outcome.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16),
+		}, []string{"type"}),
+		Transactions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "esker_transactions_total",
+			Help: "Processing cycles ended, by result (committed, aborted).",
+		}, []string{"result"}),
+		BatchCommands: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "esker_transaction_commands",
+			Help:    "Commands per committed transaction.",
+			Buckets: prometheus.ExponentialBuckets(1, 2, 14),
+		}),
+		RestoreRecords: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "esker_restore_records_total",
+			Help: "Changelog records applied while restoring state stores, by aggregate type.",
+		}, []string{"type"}),
+		RestoreDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "esker_restore_seconds",
+			Help:    "Duration of state store restores after a partition assignment.",
+			Buckets: prometheus.ExponentialBuckets(0.001, 4, 10),
+		}),
+	}
+	reg.MustRegister(m.Commands, m.CommandLatency, m.Transactions, m.BatchCommands, m.RestoreRecords, m.RestoreDuration)
+	return m
+}
