@@ -141,7 +141,7 @@ func (n *Node) Run(ctx context.Context) error {
 	}
 	defer store.Close()
 
-	clientOpts := append([]kgo.Opt{kgo.SeedBrokers(c.brokers...)}, c.kafkaOpts...)
+	clientOpts := append([]kgo.Opt{kgo.SeedBrokers(c.brokers...), kgo.WithLogger(engine.KafkaLogger(log))}, c.kafkaOpts...)
 	producer, err := kgo.NewClient(append(append([]kgo.Opt{}, clientOpts...),
 		kgo.RecordPartitioner(kgo.ManualPartitioner()))...)
 	if err != nil {

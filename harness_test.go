@@ -61,6 +61,10 @@ func startNode(t testing.TB, brokers []string, stateDir string, opts ...esker.Op
 		esker.Partitions(4),
 		esker.SessionTimeout(3 * time.Second),
 		esker.Logger(testLogger()),
+		// kfake does not wake a consumer's first long-poll fetch when it resumes
+		// from a committed offset at the end of a partition; a short max wait
+		// bounds that stall (real Kafka does not need it).
+		esker.KafkaOptions(kgo.FetchMaxWait(200 * time.Millisecond)),
 	}, opts...)
 	n, err := esker.NewNode(all...)
 	if err != nil {
@@ -206,3 +210,33 @@ func header(r *kgo.Record, key string) string {
 }
 
 var _ = aggregate.HeaderEventType
+
+// metricSum returns the sum of a counter family's samples on a node.
+func metricSum(t testing.TB, n *esker.Node, name string) float64 {
+	t.Helper()
+	mfs, err := n.Registry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sum float64
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			if c := m.GetCounter(); c != nil {
+				sum += c.GetValue()
+			}
+		}
+	}
+	return sum
+}
+
+func mustStatus(t testing.TB, want int, code int, body map[string]any, what string) {
+	t.Helper()
+	if code != want {
+		t.Fatalf("%s: status %d, want %d: %v", what, code, want, body)
+	}
+}
+
+func bankAccount() esker.Registrable { return bank.Account }

@@ -1,0 +1,139 @@
+package esker_test
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/esker-io/esker"
+)
+
+// states reads the state of accounts acc-0..acc-(n-1) from a node.
+func states(t *testing.T, n *testNode, accounts int) map[string]string {
+	t.Helper()
+	out := map[string]string{}
+	for i := range accounts {
+		id := fmt.Sprintf("acc-%d", i)
+		code, body := do(t, n, "GET", "/v1/aggregates/account/"+id, nil)
+		mustStatus(t, 200, code, body, "get "+id)
+		out[id] = fmt.Sprint(body["version"], body["state"])
+	}
+	return out
+}
+
+func TestRestore(t *testing.T) {
+	c := newCluster(t)
+	brokers := c.ListenAddrs()
+	const accounts = 20
+	dir1 := t.TempDir()
+
+	n1 := startNode(t, brokers, dir1)
+	for i := range accounts {
+		id := fmt.Sprintf("acc-%d", i)
+		do(t, n1, "POST", "/v1/aggregates/account/"+id+"/commands", cmd("Open", map[string]any{"owner": id}))
+		for j := 1; j <= 3; j++ {
+			code, body := do(t, n1, "POST", "/v1/aggregates/account/"+id+"/commands", cmd("Deposit", map[string]any{"amount": 100 * j}))
+			mustStatus(t, 200, code, body, "deposit")
+		}
+	}
+	want := states(t, n1, accounts)
+	if r := metricSum(t, n1.Node, "esker_restore_records_total"); r != 0 {
+		t.Fatalf("first start restored %v records from empty changelogs", r)
+	}
+	n1.stop()
+	afterFirst := len(readTopic(t, brokers, "bank-account-changelog"))
+
+	// A fresh state directory restores everything and reaches the same state.
+	n2 := startNode(t, brokers, t.TempDir())
+	if got := states(t, n2, accounts); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("fresh restore differs:\n got %v\nwant %v", got, want)
+	}
+	if r := metricSum(t, n2.Node, "esker_restore_records_total"); int(r) != afterFirst {
+		t.Fatalf("fresh restore read %v changelog records, want all %d", r, afterFirst)
+	}
+	// Events of one entity come from the restored index.
+	code, body := do(t, n2, "GET", "/v1/aggregates/account/acc-3/events?from=2&limit=2", nil)
+	if evs := body["events"].([]any); code != 200 || len(evs) != 2 || evs[0].(map[string]any)["version"].(float64) != 2 {
+		t.Fatalf("events after restore: %d %v", code, body)
+	}
+	for i := range 5 {
+		code, body := do(t, n2, "POST", fmt.Sprintf("/v1/aggregates/account/acc-%d/commands", i), cmd("Withdraw", map[string]any{"amount": 50}))
+		mustStatus(t, 200, code, body, "withdraw on n2")
+	}
+	want = states(t, n2, accounts)
+	n2.stop()
+	tail := len(readTopic(t, brokers, "bank-account-changelog")) - afterFirst
+
+	// A restart with the state directory intact reads only the tail.
+	n1 = startNode(t, brokers, dir1)
+	if got := states(t, n1, accounts); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("tail restore differs:\n got %v\nwant %v", got, want)
+	}
+	if r := metricSum(t, n1.Node, "esker_restore_records_total"); int(r) != tail {
+		t.Fatalf("restart read %v changelog records, want only the tail of %d", r, tail)
+	}
+}
+
+func TestRefusesWrongTopics(t *testing.T) {
+	cases := []struct {
+		name    string
+		create  func(adm *kadm.Client) error
+		mention string
+	}{
+		{"partition count", func(adm *kadm.Client) error {
+			_, err := adm.CreateTopic(context.Background(), 3, -1, nil, "account-events")
+			return err
+		}, "3 partitions"},
+		{"changelog not compacted", func(adm *kadm.Client) error {
+			_, err := adm.CreateTopic(context.Background(), 4, -1, map[string]*string{"cleanup.policy": kadm.StringPtr("delete")}, "bank-account-changelog")
+			return err
+		}, "cleanup.policy"},
+		{"events with retention", func(adm *kadm.Client) error {
+			_, err := adm.CreateTopic(context.Background(), 4, -1, map[string]*string{"retention.ms": kadm.StringPtr("86400000")}, "account-events")
+			return err
+		}, "retention.ms"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			c := newCluster(t)
+			cl, err := kgo.NewClient(kgo.SeedBrokers(c.ListenAddrs()...))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer cl.Close()
+			if err := tc.create(kadm.NewClient(cl)); err != nil {
+				t.Fatal(err)
+			}
+			n, _ := esker.NewNode(esker.Brokers(c.ListenAddrs()...), esker.ApplicationID("bank"),
+				esker.StateDir(t.TempDir()), esker.HTTPListen(""), esker.Partitions(4), esker.Logger(testLogger()))
+			n.Register(bankAccount())
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			err = n.Run(ctx)
+			if err == nil || !strings.Contains(err.Error(), tc.mention) {
+				t.Fatalf("Run = %v, want an error mentioning %q", err, tc.mention)
+			}
+		})
+	}
+}
+
+func TestAtLeastOnce(t *testing.T) {
+	c := newCluster(t)
+	n := startNode(t, c.ListenAddrs(), t.TempDir(), esker.ProcessingGuarantee(esker.AtLeastOnce))
+	do(t, n, "POST", "/v1/aggregates/account/a/commands", cmd("Open", map[string]any{"owner": "Ada"}))
+	code, body := do(t, n, "POST", "/v1/aggregates/account/a/commands", cmd("Deposit", map[string]any{"amount": 70}))
+	mustStatus(t, 200, code, body, "deposit")
+	code, body = do(t, n, "GET", "/v1/aggregates/account/a?minVersion=2&wait=1s", nil)
+	mustStatus(t, 200, code, body, "get")
+	if body["state"].(map[string]any)["balance"].(float64) != 70 {
+		t.Fatalf("state %v", body)
+	}
+	if got := len(readTopic(t, c.ListenAddrs(), "account-events")); got != 2 {
+		t.Fatalf("%d events, want 2", got)
+	}
+}
