@@ -74,6 +74,7 @@ need partitioner=murmur2_random.`)
 		advertise:  base,
 		dataDir:    *dataDir,
 		partitions: *partitions,
+		embedded:   true,
 		logger:     logger,
 	})
 	if err != nil {

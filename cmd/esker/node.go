@@ -9,6 +9,9 @@ import (
 	"net/url"
 	"path/filepath"
 	"strings"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/esker-io/esker"
 	"github.com/esker-io/esker/examples/bank"
@@ -23,7 +26,14 @@ type nodeConfig struct {
 	dataDir     string // the state store goes in dataDir/state
 	partitions  int
 	atLeastOnce bool
-	logger      *slog.Logger
+	// sessionTimeout is how long the group waits for a silent node before
+	// moving its partitions (0: esker's default).
+	sessionTimeout time.Duration
+	// embedded marks the in-process kfake broker of `esker dev`: it does not
+	// wake a consumer's first long-poll fetch after a rebalance, so the node
+	// polls with a short max wait instead.
+	embedded bool
+	logger   *slog.Logger
 }
 
 // newBankNode returns a node with the bank demo's account aggregate
@@ -42,6 +52,12 @@ func newBankNode(c nodeConfig) (*esker.Node, error) {
 	}
 	if c.atLeastOnce {
 		opts = append(opts, esker.ProcessingGuarantee(esker.AtLeastOnce))
+	}
+	if c.sessionTimeout > 0 {
+		opts = append(opts, esker.SessionTimeout(c.sessionTimeout))
+	}
+	if c.embedded {
+		opts = append(opts, esker.KafkaOptions(kgo.FetchMaxWait(200*time.Millisecond)))
 	}
 	node, err := esker.NewNode(opts...)
 	if err != nil {
@@ -85,6 +101,7 @@ Commands are processed exactly once (one Kafka transaction per batch) unless
 	app := fs.String("app", "bank", "application `id`: consumer group and changelog topic prefix, the same on every node")
 	partitions := fs.Int("partitions", 8, "partition `count` of the topics the node creates (must match existing topics)")
 	atLeastOnce := fs.Bool("at-least-once", false, "process commands at least once, without Kafka transactions")
+	sessionTimeout := fs.Duration("session-timeout", 10*time.Second, "consumer group session `timeout`: how long a node that stopped answering keeps its partitions")
 	level := fs.logLevel()
 	if code, ok := fs.parse(e, args); !ok {
 		return code
@@ -106,14 +123,15 @@ Commands are processed exactly once (one Kafka transaction per batch) unless
 
 	logger := newLogger(e.stderr, *level)
 	node, err := newBankNode(nodeConfig{
-		brokers:     seeds,
-		app:         *app,
-		httpListen:  *httpListen,
-		advertise:   *advertise,
-		dataDir:     *dataDir,
-		partitions:  *partitions,
-		atLeastOnce: *atLeastOnce,
-		logger:      logger,
+		brokers:        seeds,
+		app:            *app,
+		httpListen:     *httpListen,
+		advertise:      *advertise,
+		dataDir:        *dataDir,
+		partitions:     *partitions,
+		atLeastOnce:    *atLeastOnce,
+		sessionTimeout: *sessionTimeout,
+		logger:         logger,
 	})
 	if err != nil {
 		return fs.fail(e, "%s", trimPrefix(err))
