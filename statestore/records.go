@@ -2,10 +2,16 @@ package statestore
 
 import (
 	"encoding/binary"
-	"encoding/json"
 	"errors"
 	"time"
+
+	"github.com/esker-io/esker/aggregate"
 )
+
+// The record formats below are stored in Pebble and travel, byte for byte,
+// on the changelog topics. They are compact binary: the write path encodes
+// one state record and one journal per touched entity per transaction, and a
+// restore decodes every journal of a partition.
 
 // StateRecord is an entity's current state as stored under StateKey and
 // written to the changelog: its version, the time of its last event and the
@@ -16,7 +22,13 @@ type StateRecord struct {
 	State     []byte
 }
 
-const stateRecordFormat = 1
+const (
+	stateRecordFormat   = 1
+	journalFormat       = 1
+	commandRecordFormat = 1
+)
+
+var errCorrupt = errors.New("statestore: corrupt record")
 
 // Encode returns the binary form: format byte, uvarint version, varint unix
 // nanoseconds, state bytes.
@@ -33,42 +45,232 @@ func DecodeStateRecord(b []byte) (StateRecord, error) {
 	if len(b) < 1 || b[0] != stateRecordFormat {
 		return StateRecord{}, errors.New("statestore: unknown state record format")
 	}
-	b = b[1:]
-	v, n := binary.Uvarint(b)
-	if n <= 0 {
-		return StateRecord{}, errors.New("statestore: corrupt state record version")
+	d := decoder{b: b[1:]}
+	v := d.uvarint()
+	ts := d.varint()
+	if d.err != nil {
+		return StateRecord{}, d.err
 	}
-	b = b[n:]
-	ts, n := binary.Varint(b)
-	if n <= 0 {
-		return StateRecord{}, errors.New("statestore: corrupt state record time")
-	}
-	return StateRecord{Version: int64(v), UpdatedAt: time.Unix(0, ts).UTC(), State: b[n:]}, nil
+	return StateRecord{Version: int64(v), UpdatedAt: time.Unix(0, ts).UTC(), State: d.b}, nil
 }
 
 // CommandRecord is a command's outcome as remembered for idempotency. An
 // accepted command points at the versions it wrote (From..To, empty when it
 // wrote no event); a rejected one keeps its reason.
 type CommandRecord struct {
-	CommandID string `json:"c"`
-	EntityID  string `json:"e"`
-	From      int64  `json:"f,omitempty"`
-	To        int64  `json:"t,omitempty"`
-	At        int64  `json:"at"` // unix nanoseconds of the outcome
-	Rejected  string `json:"r,omitempty"`
-	Conflict  bool   `json:"x,omitempty"`
-	Current   int64  `json:"v,omitempty"` // version when rejected
+	CommandID string
+	EntityID  string
+	From, To  int64
+	At        int64 // unix nanoseconds of the outcome
+	Rejected  string
+	Conflict  bool
+	Current   int64 // version when rejected
 }
 
-// Encode returns the JSON form.
+// Encode returns the binary form.
 func (r CommandRecord) Encode() []byte {
-	b, _ := json.Marshal(r)
-	return b
+	b := make([]byte, 0, 32+len(r.CommandID)+len(r.EntityID)+len(r.Rejected))
+	b = append(b, commandRecordFormat)
+	b = appendString(b, r.CommandID)
+	b = appendString(b, r.EntityID)
+	b = binary.AppendUvarint(b, uint64(r.From))
+	b = binary.AppendUvarint(b, uint64(r.To))
+	b = binary.AppendVarint(b, r.At)
+	b = appendString(b, r.Rejected)
+	conflict := byte(0)
+	if r.Conflict {
+		conflict = 1
+	}
+	b = append(b, conflict)
+	return binary.AppendUvarint(b, uint64(r.Current))
 }
 
 // DecodeCommandRecord parses Encode's output.
 func DecodeCommandRecord(b []byte) (CommandRecord, error) {
-	var r CommandRecord
-	err := json.Unmarshal(b, &r)
-	return r, err
+	if len(b) < 1 || b[0] != commandRecordFormat {
+		return CommandRecord{}, errors.New("statestore: unknown command record format")
+	}
+	d := decoder{b: b[1:]}
+	r := CommandRecord{
+		CommandID: d.string(),
+		EntityID:  d.string(),
+		From:      int64(d.uvarint()),
+		To:        int64(d.uvarint()),
+		At:        d.varint(),
+		Rejected:  d.string(),
+		Conflict:  d.byte() == 1,
+		Current:   int64(d.uvarint()),
+	}
+	return r, d.err
+}
+
+// Journal is what one transaction wrote for one entity: its events, in
+// version order, and the accepted commands that wrote them. It is stored
+// under JournalKey (first event's version) and is the entity's stream index.
+type Journal struct {
+	Events   []aggregate.Event
+	Commands []CommandRecord
+}
+
+// Encode returns the binary form. The entity id is not repeated per event:
+// it is in the key.
+func (j *Journal) Encode() []byte {
+	n := 8
+	for i := range j.Events {
+		e := &j.Events[i]
+		n += 48 + len(e.EventID) + len(e.Type) + len(e.CommandID) + len(e.CorrelationID) + len(e.CausationID) + len(e.Data)
+	}
+	for _, c := range j.Commands {
+		n += 24 + len(c.CommandID)
+	}
+	b := make([]byte, 0, n)
+	b = append(b, journalFormat)
+	b = binary.AppendUvarint(b, uint64(len(j.Events)))
+	for i := range j.Events {
+		e := &j.Events[i]
+		b = binary.AppendUvarint(b, uint64(e.Version))
+		b = appendString(b, e.EventID)
+		b = appendString(b, e.Type)
+		b = binary.AppendUvarint(b, uint64(e.SchemaVersion))
+		b = appendString(b, e.CommandID)
+		b = appendString(b, e.CorrelationID)
+		b = appendString(b, e.CausationID)
+		b = binary.AppendVarint(b, e.Time.UnixNano())
+		b = appendBytes(b, e.Data)
+	}
+	b = binary.AppendUvarint(b, uint64(len(j.Commands)))
+	for _, c := range j.Commands {
+		b = appendString(b, c.CommandID)
+		b = binary.AppendUvarint(b, uint64(c.From))
+		b = binary.AppendUvarint(b, uint64(c.To))
+		b = binary.AppendVarint(b, c.At)
+	}
+	return b
+}
+
+// DecodeJournal parses Encode's output; entityID fills the events' and
+// commands' entity ids. Event data aliases b.
+func DecodeJournal(entityID string, b []byte) (Journal, error) {
+	if len(b) < 1 || b[0] != journalFormat {
+		return Journal{}, errors.New("statestore: unknown journal format")
+	}
+	d := decoder{b: b[1:]}
+	var j Journal
+	n := d.count()
+	if n > 0 {
+		j.Events = make([]aggregate.Event, n)
+	}
+	for i := 0; i < n && d.err == nil; i++ {
+		e := &j.Events[i]
+		e.EntityID = entityID
+		e.Version = int64(d.uvarint())
+		e.EventID = d.string()
+		e.Type = d.string()
+		e.SchemaVersion = int(d.uvarint())
+		e.CommandID = d.string()
+		e.CorrelationID = d.string()
+		e.CausationID = d.string()
+		e.Time = time.Unix(0, d.varint()).UTC()
+		e.Data = d.bytes()
+	}
+	n = d.count()
+	if n > 0 {
+		j.Commands = make([]CommandRecord, n)
+	}
+	for i := 0; i < n && d.err == nil; i++ {
+		j.Commands[i] = CommandRecord{
+			CommandID: d.string(),
+			EntityID:  entityID,
+			From:      int64(d.uvarint()),
+			To:        int64(d.uvarint()),
+			At:        d.varint(),
+		}
+	}
+	if d.err == nil && len(d.b) != 0 {
+		d.err = errCorrupt
+	}
+	return j, d.err
+}
+
+func appendString(b []byte, s string) []byte {
+	b = binary.AppendUvarint(b, uint64(len(s)))
+	return append(b, s...)
+}
+
+func appendBytes(b []byte, p []byte) []byte {
+	b = binary.AppendUvarint(b, uint64(len(p)))
+	return append(b, p...)
+}
+
+// decoder reads the binary formats; the first error sticks and later reads
+// return zero values.
+type decoder struct {
+	b   []byte
+	err error
+}
+
+func (d *decoder) uvarint() uint64 {
+	if d.err != nil {
+		return 0
+	}
+	v, n := binary.Uvarint(d.b)
+	if n <= 0 {
+		d.err = errCorrupt
+		return 0
+	}
+	d.b = d.b[n:]
+	return v
+}
+
+func (d *decoder) varint() int64 {
+	if d.err != nil {
+		return 0
+	}
+	v, n := binary.Varint(d.b)
+	if n <= 0 {
+		d.err = errCorrupt
+		return 0
+	}
+	d.b = d.b[n:]
+	return v
+}
+
+// count reads a length that must fit in what remains (one byte per item at
+// least), so corrupt input cannot make us allocate a huge slice.
+func (d *decoder) count() int {
+	n := d.uvarint()
+	if n > uint64(len(d.b)) {
+		d.err = errCorrupt
+		return 0
+	}
+	return int(n)
+}
+
+func (d *decoder) bytes() []byte {
+	n := d.uvarint()
+	if d.err != nil {
+		return nil
+	}
+	if n > uint64(len(d.b)) {
+		d.err = errCorrupt
+		return nil
+	}
+	p := d.b[:n:n]
+	d.b = d.b[n:]
+	return p
+}
+
+func (d *decoder) string() string { return string(d.bytes()) }
+
+func (d *decoder) byte() byte {
+	if d.err != nil {
+		return 0
+	}
+	if len(d.b) == 0 {
+		d.err = errCorrupt
+		return 0
+	}
+	c := d.b[0]
+	d.b = d.b[1:]
+	return c
 }

@@ -8,11 +8,14 @@
 // so that a revoked task can be dropped with one range deletion and a
 // re-assigned one restored independently. Within a task:
 //
-//	's' 0x00 <entity id>                          current state (StateRecord)
-//	'e' 0x00 <entity id> 0x00 <version, 8 bytes>  one event (the entity's stream index)
-//	'c' 0x00 <command id>                         command outcome (idempotency)
-//	'm' 0x00 "checkpoint"                         next changelog offset to restore from
+//	's' 0x00 <entity id>                                current state (StateRecord)
+//	'j' 0x00 <entity id> 0x00 <first version, 8 bytes>  a journal: the events one
+//	                                                    transaction wrote (the stream index)
+//	'c' 0x00 <command id>                               command outcome (idempotency)
+//	'm' 0x00 "checkpoint"                               next changelog offset to restore from
 //
+// State records and journals are stored exactly as they travel on the
+// changelog, so the write path and a restore produce identical stores.
 // Invariant: the store only ever holds committed data. The engine stages a
 // transaction's writes in a Batch and applies it, with the task checkpoints,
 // only after the Kafka transaction has committed; data and checkpoint are in
@@ -28,6 +31,10 @@ import (
 	"io"
 
 	"github.com/cockroachdb/pebble/v2"
+	"github.com/cockroachdb/pebble/v2/bloom"
+	"github.com/cockroachdb/pebble/v2/sstable"
+
+	"github.com/esker-io/esker/aggregate"
 )
 
 // Store is a node's state store.
@@ -37,15 +44,42 @@ type Store struct {
 
 // Open opens (creating if needed) the store in dir.
 func Open(dir string) (*Store, error) {
-	db, err := pebble.Open(dir, &pebble.Options{Logger: quietLogger{}})
+	opts := &pebble.Options{
+		Logger: quietLogger{},
+		// Every command looks up its id (idempotency), and most ids are new:
+		// bloom filters answer those misses without reading data blocks.
+		Cache: pebble.NewCache(64 << 20),
+		// No write-ahead log: the changelog is the store's log. Data and
+		// checkpoint share every batch, so a crash loses whole recent
+		// batches together with their checkpoint, and the restore that
+		// follows reads them back from the changelog (Kafka Streams runs
+		// RocksDB the same way). Close flushes, so a clean stop loses nothing.
+		DisableWAL:   true,
+		MemTableSize: 64 << 20,
+	}
+	opts.EnsureDefaults()
+	for i := range opts.Levels {
+		opts.Levels[i].FilterPolicy = bloom.FilterPolicy(10)
+		if i < 3 {
+			// Young levels are rewritten soon: compressing them costs
+			// write-path CPU for little space.
+			opts.Levels[i].Compression = func() *sstable.CompressionProfile { return sstable.NoCompression }
+		}
+	}
+	db, err := pebble.Open(dir, opts)
+	opts.Cache.Unref()
 	if err != nil {
 		return nil, fmt.Errorf("statestore: open %s: %w", dir, err)
 	}
 	return &Store{db: db}, nil
 }
 
-// Close flushes and closes the store.
-func (s *Store) Close() error { return s.db.Close() }
+// Close flushes the memtable (there is no write-ahead log) and closes the
+// store.
+func (s *Store) Close() error {
+	flushErr := s.db.Flush()
+	return errors.Join(flushErr, s.db.Close())
+}
 
 // Task identifies one task's key range.
 type Task struct {
@@ -68,7 +102,7 @@ func (t Task) Prefix() []byte {
 // Key kinds within a task.
 const (
 	KindState   = 's'
-	KindEvent   = 'e'
+	KindJournal = 'j'
 	KindCommand = 'c'
 	KindMeta    = 'm'
 )
@@ -76,13 +110,16 @@ const (
 // StateKey is the task-relative key of an entity's state.
 func StateKey(id string) []byte { return append([]byte{KindState, 0}, id...) }
 
-// EventKey is the task-relative key of one event of an entity.
-func EventKey(id string, version int64) []byte {
+// JournalKey is the task-relative key of an entity's journal whose first
+// event has version first. A journal without events (its commands wrote
+// none) is keyed by its time in unix nanoseconds instead, which sorts after
+// every real version.
+func JournalKey(id string, first int64) []byte {
 	b := make([]byte, 0, len(id)+11)
-	b = append(b, KindEvent, 0)
+	b = append(b, KindJournal, 0)
 	b = append(b, id...)
 	b = append(b, 0)
-	return binary.BigEndian.AppendUint64(b, uint64(version))
+	return binary.BigEndian.AppendUint64(b, uint64(first))
 }
 
 // CommandKey is the task-relative key of a command outcome.
@@ -122,37 +159,49 @@ func (s *Store) Checkpoint(t Task) (int64, error) {
 	return int64(binary.BigEndian.Uint64(v)), nil
 }
 
-// Events calls fn for the entity's events with version ≥ from, in version
-// order, at most limit of them (limit ≤ 0: no limit). It reads the index
-// only: cost is proportional to the events returned, not to the partition.
-func (s *Store) Events(t Task, id string, from int64, limit int, fn func(version int64, value []byte) error) error {
+// Events returns the entity's events with version ≥ from, in version
+// order, at most limit of them (limit ≤ 0: no limit). It seeks the journal
+// holding version from and reads forward: the cost is proportional to the
+// events returned, not to the partition.
+func (s *Store) Events(t Task, id string, from int64, limit int) ([]aggregate.Event, error) {
 	prefix := t.Prefix()
-	lower := join(prefix, EventKey(id, from))
-	upper := join(prefix, EventKey(id, 0))
-	upper = upper[:len(upper)-9]
-	upper = append(upper, 1) // the byte after the 0x00 separator
+	lower := join(prefix, JournalKey(id, 0))
+	upper := bytes.Clone(lower)
+	upper[len(upper)-9] = 1 // the byte after the 0x00 that ends the id
+	upper = upper[:len(upper)-8]
 	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: upper})
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer it.Close()
-	n := 0
-	for valid := it.First(); valid; valid = it.Next() {
-		k := it.Key()
-		version := int64(binary.BigEndian.Uint64(k[len(k)-8:]))
+	// The journal holding version from is the last one starting at or
+	// before it.
+	valid := it.SeekLT(join(prefix, JournalKey(id, from+1)))
+	if !valid {
+		valid = it.First()
+	}
+	var out []aggregate.Event
+	for ; valid; valid = it.Next() {
 		v, err := it.ValueAndErr()
 		if err != nil {
-			return err
+			return nil, err
 		}
-		if err := fn(version, v); err != nil {
-			return err
+		j, err := DecodeJournal(id, v)
+		if err != nil {
+			return nil, fmt.Errorf("statestore: task %s: journal of %q: %w", t, id, err)
 		}
-		n++
-		if limit > 0 && n >= limit {
-			break
+		for _, e := range j.Events {
+			if e.Version < from {
+				continue
+			}
+			e.Data = bytes.Clone(e.Data) // the iterator reuses its buffers
+			out = append(out, e)
+			if limit > 0 && len(out) >= limit {
+				return out, nil
+			}
 		}
 	}
-	return it.Error()
+	return out, it.Error()
 }
 
 // DropTask deletes every key of a task, checkpoint included.

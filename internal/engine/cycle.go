@@ -2,8 +2,8 @@ package engine
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
+	"strconv"
 	"sync"
 	"time"
 
@@ -27,6 +27,10 @@ type cycle struct {
 	outcomes []aggregate.Outcome
 	latency  []latencySample
 	touched  map[statestore.Task]bool
+	// now is the cycle's time: every event and outcome of one transaction
+	// carries it, and its header form is formatted once.
+	now       time.Time
+	nowHeader []byte
 
 	wg          sync.WaitGroup // produce promises in flight
 	mu          sync.Mutex     // guards the fields below, written by promises
@@ -48,7 +52,7 @@ type entity struct {
 	state     any
 	updatedAt time.Time
 	dirty     bool
-	journal   changelog.Journal
+	journal   statestore.Journal
 }
 
 type latencySample struct {
@@ -60,7 +64,10 @@ type latencySample struct {
 // and whatever else is buffered within the commit interval.
 func (e *Engine) cycle(sess session, fetches kgo.Fetches) {
 	start := time.Now()
+	now := start.UTC()
 	c := &cycle{
+		now:         now,
+		nowHeader:   []byte(now.Format(time.RFC3339Nano)),
 		e:           e,
 		sess:        sess,
 		batch:       e.cfg.Store.NewBatch(),
@@ -129,7 +136,7 @@ func (c *cycle) handle(ctx context.Context, r *kgo.Record) {
 		return
 	}
 
-	now := time.Now()
+	now := c.now
 	reject := func(reason string, conflict bool, current int64) {
 		rec := statestore.CommandRecord{CommandID: cmdID, EntityID: id, At: now.UnixNano(),
 			Rejected: reason, Conflict: conflict, Current: current}
@@ -198,11 +205,11 @@ func (c *cycle) handle(ctx context.Context, r *kgo.Record) {
 			EntityID: id, Version: version, EventID: aggregate.EventID(def.Name(), id, version),
 			Type: name, SchemaVersion: schema, CommandID: cmdID,
 			CorrelationID: orDefault(cmd.CorrelationID, cmdID), CausationID: orDefault(cmd.CausationID, cmdID),
-			Time: now.UTC(), Data: data,
+			Time: now, Data: data,
 		})
 	}
 	for i := range events {
-		c.produce(ctx, task, eventRecord(def, &events[i], r.Partition))
+		c.produce(ctx, task, c.eventRecord(def, &events[i], r.Partition))
 	}
 	rec := statestore.CommandRecord{CommandID: cmdID, EntityID: id, At: now.UnixNano()}
 	if len(events) > 0 {
@@ -226,15 +233,32 @@ func orDefault(s, def string) string {
 
 func (c *cycle) count(def aggregate.Definition, outcome string) {
 	if m := c.e.cfg.Metrics; m != nil {
-		m.Commands.WithLabelValues(def.Name(), outcome).Inc()
+		m.command(def.Name(), outcome).Inc()
 	}
 }
 
-func eventRecord(def aggregate.Definition, ev *aggregate.Event, partition int32) *kgo.Record {
-	hs := ev.Headers(def.ContentType())
-	headers := make([]kgo.RecordHeader, len(hs))
-	for i, h := range hs {
-		headers[i] = kgo.RecordHeader{Key: h.Key, Value: h.Value}
+// eventRecord builds an event's record; the headers carry the envelope (see
+// aggregate.Event.Headers, which this matches without per-event formatting
+// of the shared time and content type).
+func (c *cycle) eventRecord(def aggregate.Definition, ev *aggregate.Event, partition int32) *kgo.Record {
+	headers := make([]kgo.RecordHeader, 0, 10)
+	headers = append(headers,
+		kgo.RecordHeader{Key: aggregate.HeaderEntityID, Value: []byte(ev.EntityID)},
+		kgo.RecordHeader{Key: aggregate.HeaderVersion, Value: strconv.AppendInt(nil, ev.Version, 10)},
+		kgo.RecordHeader{Key: aggregate.HeaderEventID, Value: []byte(ev.EventID)},
+		kgo.RecordHeader{Key: aggregate.HeaderEventType, Value: []byte(ev.Type)},
+		kgo.RecordHeader{Key: aggregate.HeaderSchemaVersion, Value: strconv.AppendInt(nil, int64(ev.SchemaVersion), 10)},
+		kgo.RecordHeader{Key: aggregate.HeaderTime, Value: c.nowHeader},
+		kgo.RecordHeader{Key: aggregate.HeaderContentType, Value: []byte(def.ContentType())},
+	)
+	if ev.CommandID != "" {
+		headers = append(headers, kgo.RecordHeader{Key: aggregate.HeaderCommandID, Value: []byte(ev.CommandID)})
+	}
+	if ev.CorrelationID != "" {
+		headers = append(headers, kgo.RecordHeader{Key: aggregate.HeaderCorrelationID, Value: []byte(ev.CorrelationID)})
+	}
+	if ev.CausationID != "" {
+		headers = append(headers, kgo.RecordHeader{Key: aggregate.HeaderCausationID, Value: []byte(ev.CausationID)})
 	}
 	return &kgo.Record{
 		Topic:     EventsTopic(def.Name()),
@@ -364,14 +388,21 @@ func (c *cycle) commit(ctx context.Context, n int) {
 				break
 			}
 			k, v := changelog.StateRecord(ent.key.id, statestore.StateRecord{Version: ent.version, UpdatedAt: ent.updatedAt, State: state})
-			c.stage(ctx, task, topic, k, v)
+			c.produce(ctx, task, &kgo.Record{Topic: topic, Partition: task.Partition, Key: k, Value: v})
+			if err := c.batch.Set(task, k, v); err != nil {
+				c.fail(err)
+			}
 		}
-		k, v, err := changelog.JournalRecord(ent.key.id, ent.journal)
+		k, v, err := changelog.JournalRecord(ent.key.id, &ent.journal)
 		if err != nil {
 			c.fail(err)
 			break
 		}
-		c.stage(ctx, task, topic, k, v)
+		c.produce(ctx, task, &kgo.Record{Topic: topic, Partition: task.Partition, Key: k, Value: v})
+		// The same writes a restore of this record makes (changelog.Apply).
+		if err := changelog.StageJournal(c.batch, task, k, v, &ent.journal); err != nil {
+			c.fail(err)
+		}
 	}
 
 	c.mu.Lock()
@@ -416,25 +447,7 @@ func (c *cycle) commit(ctx context.Context, n int) {
 	}
 }
 
-// stage produces one changelog record and stages it into the store batch
-// through the same Apply a restore uses.
-func (c *cycle) stage(ctx context.Context, task statestore.Task, topic string, key, value []byte) {
-	c.produce(ctx, task, &kgo.Record{Topic: topic, Partition: task.Partition, Key: key, Value: value})
-	if err := changelog.Apply(c.batch, task, key, value); err != nil {
-		c.fail(err)
-	}
-}
-
 // ReadEvents returns up to limit events of an entity from version from.
 func ReadEvents(store *statestore.Store, task statestore.Task, id string, from int64, limit int) ([]aggregate.Event, error) {
-	var out []aggregate.Event
-	err := store.Events(task, id, from, limit, func(_ int64, v []byte) error {
-		var ev aggregate.Event
-		if err := json.Unmarshal(v, &ev); err != nil {
-			return err
-		}
-		out = append(out, ev)
-		return nil
-	})
-	return out, err
+	return store.Events(task, id, from, limit)
 }

@@ -1,6 +1,10 @@
 package engine
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"sync"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
 
 // Metrics are the engine's Prometheus collectors. Labels stay bounded: the
 // aggregate type and an outcome or result from a fixed set.
@@ -11,6 +15,26 @@ type Metrics struct {
 	BatchCommands   prometheus.Histogram
 	RestoreRecords  *prometheus.CounterVec // type
 	RestoreDuration prometheus.Histogram
+
+	mu       sync.Mutex
+	counters map[[2]string]prometheus.Counter
+}
+
+// command returns the commands counter of a type and outcome, cached: the
+// write path counts every command.
+func (m *Metrics) command(typ, outcome string) prometheus.Counter {
+	k := [2]string{typ, outcome}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	c, ok := m.counters[k]
+	if !ok {
+		if m.counters == nil {
+			m.counters = map[[2]string]prometheus.Counter{}
+		}
+		c = m.Commands.WithLabelValues(typ, outcome)
+		m.counters[k] = c
+	}
+	return c
 }
 
 // NewMetrics creates the collectors and registers them on reg.
