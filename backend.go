@@ -4,11 +4,8 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"encoding/json"
 	"fmt"
 	"time"
-
-	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/esker-io/esker/aggregate"
 	"github.com/esker-io/esker/interactive"
@@ -95,15 +92,11 @@ func (b backend) Submit(ctx context.Context, aggregateType, id string, cmd aggre
 	if cmd.CommandID == "" {
 		cmd.CommandID = newCommandID()
 	}
-	value, err := json.Marshal(cmd)
-	if err != nil {
-		return aggregate.Outcome{}, err
-	}
 	// Await before producing: the outcome may commit before ProduceSync
 	// returns.
 	outcome, cancel := b.n.engine.Await(cmd.CommandID)
 	defer cancel()
-	rec := &kgo.Record{Topic: engine.CommandsTopic(aggregateType), Partition: t.Partition, Key: []byte(id), Value: value}
+	rec := engine.CommandRecord(aggregateType, id, t.Partition, cmd)
 	if err := b.n.producer.ProduceSync(ctx, rec).FirstErr(); err != nil {
 		if ctx.Err() != nil {
 			return aggregate.Outcome{}, interactive.ErrTimeout

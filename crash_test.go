@@ -35,7 +35,11 @@ func eskerBinary(t *testing.T) string {
 			return
 		}
 		binPath = filepath.Join(dir, "esker")
-		out, err := exec.Command("go", "build", "-o", binPath, "./cmd/esker").CombinedOutput()
+		args := []string{"build", "-o", binPath}
+		if raceEnabled {
+			args = append(args, "-race")
+		}
+		out, err := exec.Command("go", append(args, "./cmd/esker")...).CombinedOutput()
 		if err != nil {
 			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
 		}
@@ -184,17 +188,18 @@ func TestCrashLosesNothing(t *testing.T) {
 	}
 
 	// Kill the node once a fair share of the commands is acknowledged.
+	var acked int
 	for {
 		mu.Lock()
-		n := len(acks)
+		acked = len(acks)
 		mu.Unlock()
-		if n >= accounts*perAccount/3 {
+		if acked >= accounts*perAccount/3 {
 			break
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
 	node.kill()
-	t.Logf("killed the node after %d acknowledged commands", len(acks))
+	t.Logf("killed the node after %d acknowledged commands", acked)
 	node = startProcess(t, brokers, port, dir)
 	wg.Wait()
 	if t.Failed() {

@@ -93,6 +93,9 @@ func (t *Type[S, C, E]) Events(examples ...E) *Type[S, C, E] {
 		version := 1
 		if v, ok := any(e).(interface{ SchemaVersion() int }); ok {
 			version = v.SchemaVersion()
+			if version < 1 {
+				panic(fmt.Sprintf("aggregate: %T.SchemaVersion() is %d; schema versions start at 1", e, version))
+			}
 		}
 		t.events.add(e, version)
 	}
@@ -259,6 +262,9 @@ func (r registry) add(example any, version int) {
 	}
 	typ := reflect.TypeOf(example)
 	name := typ.Name()
+	if typ.Kind() == reflect.Pointer {
+		name = typ.Elem().Name()
+	}
 	if n, ok := example.(interface{ TypeName() string }); ok {
 		name = n.TypeName()
 	}

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"strconv"
 	"time"
+	"unicode"
 	"unicode/utf8"
 )
 
@@ -162,7 +163,7 @@ func ValidateEntityID(id string) error {
 		return errors.New("entity id is not valid UTF-8")
 	}
 	for _, r := range id {
-		if r < 0x20 || r == 0x7f {
+		if unicode.IsControl(r) {
 			return errors.New("entity id contains a control character")
 		}
 	}

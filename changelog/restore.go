@@ -85,6 +85,18 @@ func Restore(ctx context.Context, store *statestore.Store, clientOpts []kgo.Opt,
 		if !ok || end.Err != nil {
 			return res, fmt.Errorf("changelog: no end offset for %s[%d]: %v", t.Topic, t.Task.Partition, end.Err)
 		}
+		if cp > end.Offset {
+			// The changelog is shorter than what this store restored:
+			// the topic was recreated. The local state is not its state.
+			if log != nil {
+				log.Warn("local checkpoint is past the changelog's end; the topic was recreated: dropping the local state of the task and restoring it anew",
+					"task", t.Task.String(), "checkpoint", cp, "end", end.Offset)
+			}
+			if err := store.DropTask(t.Task); err != nil {
+				return res, err
+			}
+			cp = 0
+		}
 		from := cp
 		if s, ok := starts.Lookup(t.Topic, t.Task.Partition); ok && s.Err == nil && s.Offset > from {
 			from = s.Offset // older records were deleted; compaction keeps what matters
@@ -143,6 +155,10 @@ func Restore(ctx context.Context, store *statestore.Store, clientOpts []kgo.Opt,
 			}
 			for _, r := range fp.Records {
 				if r.Offset >= p.end {
+					// Compaction may have removed the last records before
+					// the end: reaching past it means we are done.
+					done += p.end - p.next
+					p.next = p.end
 					break
 				}
 				if !r.Attrs.IsControl() {

@@ -142,6 +142,7 @@ func RunEsker(ctx context.Context, cfg Config) (Result, error) {
 	}
 	defer stopProfile() // on failure; pprof.StopCPUProfile is idempotent
 	before = committed()
+	txnsBefore := metricSum(node.Registry(), "esker_transactions_total", map[string]string{"result": "committed"})
 	start := time.Now()
 	acked = produceAll(ctx, producer, deposits)
 	finalVersion := func(i int) int64 {
@@ -156,6 +157,10 @@ func RunEsker(ctx context.Context, cfg Config) (Result, error) {
 	}
 	elapsed := time.Since(start)
 	stopProfile()
+	txns := metricSum(node.Registry(), "esker_transactions_total", map[string]string{"result": "committed"}) - txnsBefore
+	if cfg.Logger != nil {
+		cfg.Logger.Info("throughput phase", "transactions", txns, "commands per transaction", float64(cfg.Commands)/max(txns, 1))
+	}
 	if err := acked(); err != nil {
 		return Result{}, fmt.Errorf("benchmark: produce: %w", err)
 	}

@@ -14,6 +14,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/esker-io/esker/aggregate"
+	"github.com/esker-io/esker/internal/engine"
 )
 
 // reset deletes the topics and groups if they exist and waits until the
@@ -93,11 +94,14 @@ func createTopics(ctx context.Context, brokers []string, partitions int32, confi
 // accountID names the i-th account of a run.
 func accountID(i int) string { return "acc-" + strconv.Itoa(100000 + i)[1:] }
 
-// commandRecord builds a command record as any Kafka client would: a JSON
-// envelope keyed by account id on its murmur2 partition.
+// commandRecord builds a command record as esker's own producers (Node.Submit,
+// the HTTP API) write it: keyed by account id on its murmur2 partition, the
+// command's type and id in headers, its data as the value.
 func commandRecord(topic, id, cmdType, data, commandID string, partitions int32) *kgo.Record {
-	value, _ := json.Marshal(aggregate.Command{Type: cmdType, Data: json.RawMessage(data), CommandID: commandID})
-	return &kgo.Record{Topic: topic, Partition: aggregate.Partition(id, partitions), Key: []byte(id), Value: value}
+	r := engine.CommandRecord("account", id, aggregate.Partition(id, partitions),
+		aggregate.Command{Type: cmdType, Data: json.RawMessage(data), CommandID: commandID})
+	r.Topic = topic
+	return r
 }
 
 // newProducer returns the client that produces the commands: the options of

@@ -3,8 +3,10 @@ package engine
 import (
 	"context"
 	"fmt"
+	"runtime"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/twmb/franz-go/pkg/kgo"
@@ -16,38 +18,50 @@ import (
 
 // cycle is one transaction's worth of work. Everything in it is discarded if
 // the transaction aborts.
+//
+// Tasks are independent (an entity lives in exactly one), so the records of
+// different tasks are processed in parallel, each task by one goroutine at a
+// time; a task's records stay in offset order. Each task stages its writes in
+// its own store batch, which carries its own checkpoint: atomicity is per
+// task, which is all a restore needs.
 type cycle struct {
-	e     *Engine
-	sess  session
-	batch *statestore.Batch
-
-	entities map[entityKey]*entity
-	order    []*entity
-	commands map[string]statestore.CommandRecord // staged outcomes, by command id
-	outcomes []aggregate.Outcome
-	latency  []latencySample
-	touched  map[statestore.Task]bool
+	e    *Engine
+	sess session
+	ctx  context.Context
 	// now is the cycle's time: every event and outcome of one transaction
 	// carries it, and its header form is formatted once.
 	now       time.Time
 	nowHeader []byte
 
-	wg          sync.WaitGroup // produce promises in flight
-	mu          sync.Mutex     // guards the fields below, written by promises
-	produceErr  error
-	changelogTo map[statestore.Task]int64 // highest changelog offset written
+	tasks map[statestore.Task]*taskCycle
+	order []*taskCycle
+	n     int // commands processed
+
+	wg  sync.WaitGroup // produce promises in flight
+	mu  sync.Mutex
+	err error // first produce or staging failure: the cycle must abort
 }
 
-type entityKey struct {
-	task statestore.Task
-	id   string
+// taskCycle is one task's part of a cycle.
+type taskCycle struct {
+	c           *cycle
+	task        statestore.Task
+	def         aggregate.Definition
+	batch       *statestore.Batch
+	pending     []*kgo.Record
+	known       map[string][]byte // stored outcomes of this cycle's command ids
+	entities    map[string]*entity
+	order       []*entity
+	commands    map[string]statestore.CommandRecord // staged outcomes, by command id
+	outcomes    []aggregate.Outcome                 // only those someone awaits
+	timestamps  []time.Time                         // command record timestamps, for latency
+	changelogTo atomic.Int64                        // highest changelog offset written; -1 none
 }
 
 // entity is an entity's state within a cycle: loaded from the store on first
 // touch, then updated in memory by every command of the cycle.
 type entity struct {
-	key       entityKey
-	def       aggregate.Definition
+	id        string
 	version   int64
 	state     any
 	updatedAt time.Time
@@ -55,102 +69,190 @@ type entity struct {
 	journal   statestore.Journal
 }
 
-type latencySample struct {
-	typ string
-	at  time.Time // the command record's timestamp
-}
-
 // cycle runs steps 2–5 of the package comment for the records of one poll
 // and whatever else is buffered within the commit interval.
 func (e *Engine) cycle(sess session, fetches kgo.Fetches) {
 	start := time.Now()
-	now := start.UTC()
-	c := &cycle{
-		now:         now,
-		nowHeader:   []byte(now.Format(time.RFC3339Nano)),
-		e:           e,
-		sess:        sess,
-		batch:       e.cfg.Store.NewBatch(),
-		entities:    map[entityKey]*entity{},
-		commands:    map[string]statestore.CommandRecord{},
-		touched:     map[statestore.Task]bool{},
-		changelogTo: map[statestore.Task]int64{},
-	}
-	if err := sess.Begin(); err != nil {
-		e.log.Error("begin transaction", "err", err)
-		c.batch.Discard()
-		return
-	}
 	// Produces and End must finish even while the node shuts down, so that
 	// the cycle in flight commits or aborts cleanly.
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-
-	n := c.process(ctx, fetches)
+	now := start.UTC()
+	c := &cycle{
+		e: e, sess: sess, ctx: ctx,
+		now: now, nowHeader: []byte(now.Format(time.RFC3339Nano)),
+		tasks: map[statestore.Task]*taskCycle{},
+	}
+	if err := sess.Begin(); err != nil {
+		e.log.Error("begin transaction", "err", err)
+		return
+	}
+	c.process(fetches)
 	cl := sess.Client()
 	for time.Since(start) < e.cfg.CommitInterval && cl.BufferedFetchRecords() > 0 {
 		more := cl.PollRecords(ctx, 10000)
 		if more.NumRecords() == 0 {
 			break
 		}
-		n += c.process(ctx, more)
+		c.process(more)
 	}
-	c.commit(ctx, n)
+	c.commit()
 }
 
-func (c *cycle) process(ctx context.Context, fetches kgo.Fetches) int {
-	n := 0
-	fetches.EachRecord(func(r *kgo.Record) {
-		n++
-		c.handle(ctx, r)
+// process hands each task its records and runs the tasks in parallel.
+func (c *cycle) process(fetches kgo.Fetches) {
+	var busy []*taskCycle
+	fetches.EachPartition(func(p kgo.FetchTopicPartition) {
+		if len(p.Records) == 0 {
+			return
+		}
+		def := c.e.byTopic[p.Topic]
+		if def == nil {
+			return
+		}
+		task := statestore.Task{Type: def.Name(), Partition: p.Partition}
+		if owned, _ := c.e.TaskStatus(task); !owned {
+			return // revoked; the session aborts this cycle anyway
+		}
+		tc := c.taskCycle(task, def)
+		if len(tc.pending) == 0 {
+			busy = append(busy, tc)
+		}
+		tc.pending = append(tc.pending, p.Records...)
+		c.n += len(p.Records)
 	})
-	return n
+	parallel(busy, func(tc *taskCycle) {
+		cmds := tc.prepare()
+		for i, r := range tc.pending {
+			tc.handle(r, &cmds[i])
+		}
+		tc.pending = tc.pending[:0]
+	})
+}
+
+// parallel runs fn for every task, on at most GOMAXPROCS goroutines.
+func parallel(tasks []*taskCycle, fn func(*taskCycle)) {
+	if len(tasks) == 1 {
+		fn(tasks[0])
+		return
+	}
+	workers := min(runtime.GOMAXPROCS(0), len(tasks))
+	next := atomic.Int64{}
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := next.Add(1) - 1; i < int64(len(tasks)); i = next.Add(1) - 1 {
+				fn(tasks[i])
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+func (c *cycle) taskCycle(task statestore.Task, def aggregate.Definition) *taskCycle {
+	tc, ok := c.tasks[task]
+	if !ok {
+		tc = &taskCycle{
+			c: c, task: task, def: def,
+			batch:    c.e.cfg.Store.NewBatch(),
+			entities: map[string]*entity{},
+			commands: map[string]statestore.CommandRecord{},
+		}
+		tc.changelogTo.Store(-1)
+		c.tasks[task] = tc
+		c.order = append(c.order, tc)
+	}
+	return tc
+}
+
+func (c *cycle) fail(err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.err == nil {
+		c.err = err
+	}
+}
+
+func (c *cycle) failed() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err
+}
+
+// parsedCommand is a pending record's command, parsed before handling.
+type parsedCommand struct {
+	cmd aggregate.Command
+	id  string
+	err error
+}
+
+// prepare parses the pending commands and looks up, in one pass over the
+// store, which of their ids already have an outcome.
+func (tc *taskCycle) prepare() []parsedCommand {
+	cmds := make([]parsedCommand, len(tc.pending))
+	ids := make([]string, len(tc.pending))
+	for i, r := range tc.pending {
+		p := &cmds[i]
+		p.cmd, p.err = ParseCommand(r)
+		p.id = p.cmd.CommandID
+		if p.id == "" {
+			// A command without an id (for example produced by hand) gets
+			// one derived from its position, so a re-processed record keeps
+			// its id.
+			p.id = r.Topic + "-" + strconv.Itoa(int(r.Partition)) + "-" + strconv.FormatInt(r.Offset, 10)
+		}
+		ids[i] = p.id
+	}
+	known, err := tc.c.e.cfg.Store.Commands(tc.task, ids)
+	if err != nil {
+		// Without the lookup a duplicate could be applied twice: abort.
+		tc.c.fail(fmt.Errorf("look up command ids: %w", err))
+	}
+	for k, v := range known {
+		if tc.known == nil {
+			tc.known = map[string][]byte{}
+		}
+		tc.known[k] = v
+	}
+	return cmds
 }
 
 // handle processes one command record. It never fails the cycle: a command
 // that cannot be processed becomes a rejected outcome.
-func (c *cycle) handle(ctx context.Context, r *kgo.Record) {
-	e := c.e
-	def := e.byTopic[r.Topic]
-	if def == nil {
-		return
-	}
-	task := statestore.Task{Type: def.Name(), Partition: r.Partition}
-	if owned, _ := e.TaskStatus(task); !owned {
-		return // revoked; the session aborts this cycle anyway
-	}
-	c.touched[task] = true
-	c.latency = append(c.latency, latencySample{def.Name(), r.Timestamp})
+func (tc *taskCycle) handle(r *kgo.Record, p *parsedCommand) {
+	e, def := tc.c.e, tc.def
+	tc.timestamps = append(tc.timestamps, r.Timestamp)
 	id := string(r.Key)
-	cmd, envErr := CommandEnvelope(r.Value)
-	cmdID := cmd.CommandID
-	if cmdID == "" {
-		// A command without an id (for example produced by hand) gets one
-		// derived from its position, so a re-processed record keeps its id.
-		cmdID = fmt.Sprintf("%s-%d-%d", r.Topic, r.Partition, r.Offset)
-	}
+	cmd, parseErr, cmdID := p.cmd, p.err, p.id
+	awaited := e.waiters.waiting(cmdID)
 
-	if prev, ok := c.lookupCommand(task, cmdID); ok {
-		c.outcomes = append(c.outcomes, c.replay(task, def, prev))
-		c.count(def, "duplicate")
+	if prev, ok := tc.lookupCommand(cmdID); ok {
+		if awaited {
+			tc.outcomes = append(tc.outcomes, tc.replay(prev))
+		}
+		tc.count("duplicate")
 		return
 	}
 
-	now := c.now
+	now := tc.c.now
 	reject := func(reason string, conflict bool, current int64) {
 		rec := statestore.CommandRecord{CommandID: cmdID, EntityID: id, At: now.UnixNano(),
 			Rejected: reason, Conflict: conflict, Current: current}
-		c.commands[cmdID] = rec
+		tc.commands[cmdID] = rec
 		// Rejections stay local: nothing reaches any topic for them.
-		if err := c.batch.Set(task, statestore.CommandKey(cmdID), rec.Encode()); err != nil {
-			c.fail(err)
+		if err := tc.batch.Set(tc.task, statestore.CommandKey(cmdID), rec.Encode()); err != nil {
+			tc.c.fail(err)
 		}
-		c.outcomes = append(c.outcomes, aggregate.Outcome{CommandID: cmdID, EntityID: id,
-			Version: current, Reason: reason, Conflict: conflict})
+		if awaited {
+			tc.outcomes = append(tc.outcomes, aggregate.Outcome{CommandID: cmdID, EntityID: id,
+				Version: current, Reason: reason, Conflict: conflict})
+		}
 		if conflict {
-			c.count(def, "conflict")
+			tc.count("conflict")
 		} else {
-			c.count(def, "rejected")
+			tc.count("rejected")
 		}
 	}
 
@@ -162,14 +264,14 @@ func (c *cycle) handle(ctx context.Context, r *kgo.Record) {
 		reject(fmt.Sprintf("command for %q arrived on partition %d, but Kafka's default partitioner (murmur2) puts that key on partition %d; produce with the murmur2 partitioner (librdkafka: partitioner=murmur2_random)", id, r.Partition, want), false, 0)
 		return
 	}
-	if envErr != nil {
-		reject(envErr.Error(), false, 0)
+	if parseErr != nil {
+		reject(parseErr.Error(), false, 0)
 		return
 	}
-	ent, err := c.entity(task, def, id)
+	ent, err := tc.entity(id)
 	if err != nil {
 		reject("cannot load state: "+err.Error(), false, 0)
-		e.log.Error("load entity state", "task", task, "id", id, "err", err)
+		e.log.Error("load entity state", "task", tc.task, "id", id, "err", err)
 		return
 	}
 	if cmd.ExpectedVersion != nil && *cmd.ExpectedVersion != ent.version {
@@ -209,7 +311,7 @@ func (c *cycle) handle(ctx context.Context, r *kgo.Record) {
 		})
 	}
 	for i := range events {
-		c.produce(ctx, task, c.eventRecord(def, &events[i], r.Partition))
+		tc.produce(tc.eventRecord(&events[i]), false)
 	}
 	rec := statestore.CommandRecord{CommandID: cmdID, EntityID: id, At: now.UnixNano()}
 	if len(events) > 0 {
@@ -218,10 +320,12 @@ func (c *cycle) handle(ctx context.Context, r *kgo.Record) {
 		ent.journal.Events = append(ent.journal.Events, events...)
 	}
 	ent.journal.Commands = append(ent.journal.Commands, rec)
-	c.commands[cmdID] = rec
-	c.outcomes = append(c.outcomes, aggregate.Outcome{CommandID: cmdID, EntityID: id,
-		Accepted: true, Version: ent.version, Events: events})
-	c.count(def, "accepted")
+	tc.commands[cmdID] = rec
+	if awaited {
+		tc.outcomes = append(tc.outcomes, aggregate.Outcome{CommandID: cmdID, EntityID: id,
+			Accepted: true, Version: ent.version, Events: events})
+	}
+	tc.count("accepted")
 }
 
 func orDefault(s, def string) string {
@@ -231,16 +335,16 @@ func orDefault(s, def string) string {
 	return s
 }
 
-func (c *cycle) count(def aggregate.Definition, outcome string) {
-	if m := c.e.cfg.Metrics; m != nil {
-		m.command(def.Name(), outcome).Inc()
+func (tc *taskCycle) count(outcome string) {
+	if m := tc.c.e.cfg.Metrics; m != nil {
+		m.command(tc.task.Type, outcome).Inc()
 	}
 }
 
 // eventRecord builds an event's record; the headers carry the envelope (see
 // aggregate.Event.Headers, which this matches without per-event formatting
 // of the shared time and content type).
-func (c *cycle) eventRecord(def aggregate.Definition, ev *aggregate.Event, partition int32) *kgo.Record {
+func (tc *taskCycle) eventRecord(ev *aggregate.Event) *kgo.Record {
 	headers := make([]kgo.RecordHeader, 0, 10)
 	headers = append(headers,
 		kgo.RecordHeader{Key: aggregate.HeaderEntityID, Value: []byte(ev.EntityID)},
@@ -248,8 +352,8 @@ func (c *cycle) eventRecord(def aggregate.Definition, ev *aggregate.Event, parti
 		kgo.RecordHeader{Key: aggregate.HeaderEventID, Value: []byte(ev.EventID)},
 		kgo.RecordHeader{Key: aggregate.HeaderEventType, Value: []byte(ev.Type)},
 		kgo.RecordHeader{Key: aggregate.HeaderSchemaVersion, Value: strconv.AppendInt(nil, int64(ev.SchemaVersion), 10)},
-		kgo.RecordHeader{Key: aggregate.HeaderTime, Value: c.nowHeader},
-		kgo.RecordHeader{Key: aggregate.HeaderContentType, Value: []byte(def.ContentType())},
+		kgo.RecordHeader{Key: aggregate.HeaderTime, Value: tc.c.nowHeader},
+		kgo.RecordHeader{Key: aggregate.HeaderContentType, Value: []byte(tc.def.ContentType())},
 	)
 	if ev.CommandID != "" {
 		headers = append(headers, kgo.RecordHeader{Key: aggregate.HeaderCommandID, Value: []byte(ev.CommandID)})
@@ -261,8 +365,8 @@ func (c *cycle) eventRecord(def aggregate.Definition, ev *aggregate.Event, parti
 		headers = append(headers, kgo.RecordHeader{Key: aggregate.HeaderCausationID, Value: []byte(ev.CausationID)})
 	}
 	return &kgo.Record{
-		Topic:     EventsTopic(def.Name()),
-		Partition: partition,
+		Topic:     EventsTopic(tc.task.Type),
+		Partition: tc.task.Partition,
 		Key:       []byte(ev.EntityID),
 		Value:     ev.Data,
 		Headers:   headers,
@@ -271,13 +375,12 @@ func (c *cycle) eventRecord(def aggregate.Definition, ev *aggregate.Event, parti
 }
 
 // entity returns the cycle's view of an entity, loading it on first touch.
-func (c *cycle) entity(task statestore.Task, def aggregate.Definition, id string) (*entity, error) {
-	k := entityKey{task, id}
-	if ent, ok := c.entities[k]; ok {
+func (tc *taskCycle) entity(id string) (*entity, error) {
+	if ent, ok := tc.entities[id]; ok {
 		return ent, nil
 	}
-	ent := &entity{key: k, def: def, state: def.NewState()}
-	raw, found, err := c.e.cfg.Store.Get(task, statestore.StateKey(id))
+	ent := &entity{id: id, state: tc.def.NewState()}
+	raw, found, err := tc.c.e.cfg.Store.Get(tc.task, statestore.StateKey(id))
 	if err != nil {
 		return nil, err
 	}
@@ -286,38 +389,39 @@ func (c *cycle) entity(task statestore.Task, def aggregate.Definition, id string
 		if err != nil {
 			return nil, err
 		}
-		if ent.state, err = def.DecodeState(rec.State); err != nil {
+		if ent.state, err = tc.def.DecodeState(rec.State); err != nil {
 			return nil, err
 		}
 		ent.version, ent.updatedAt = rec.Version, rec.UpdatedAt
 	}
-	c.entities[k] = ent
-	c.order = append(c.order, ent)
+	tc.entities[id] = ent
+	tc.order = append(tc.order, ent)
 	return ent, nil
 }
 
 // lookupCommand finds an earlier outcome of the command id within the
-// idempotency window: staged in this cycle, or committed in the store.
-func (c *cycle) lookupCommand(task statestore.Task, cmdID string) (statestore.CommandRecord, bool) {
-	if rec, ok := c.commands[cmdID]; ok {
+// idempotency window: staged in this cycle, or committed in the store (found
+// by prepare).
+func (tc *taskCycle) lookupCommand(cmdID string) (statestore.CommandRecord, bool) {
+	if rec, ok := tc.commands[cmdID]; ok {
 		return rec, true
 	}
-	raw, found, err := c.e.cfg.Store.Get(task, statestore.CommandKey(cmdID))
-	if err != nil || !found {
+	raw, found := tc.known[cmdID]
+	if !found {
 		return statestore.CommandRecord{}, false
 	}
 	rec, err := statestore.DecodeCommandRecord(raw)
 	if err != nil {
 		return statestore.CommandRecord{}, false
 	}
-	if time.Since(time.Unix(0, rec.At)) > c.e.cfg.IdempotencyWindow {
+	if time.Since(time.Unix(0, rec.At)) > tc.c.e.cfg.IdempotencyWindow {
 		return statestore.CommandRecord{}, false
 	}
 	return rec, true
 }
 
 // replay rebuilds the first outcome of a command from its record.
-func (c *cycle) replay(task statestore.Task, def aggregate.Definition, rec statestore.CommandRecord) aggregate.Outcome {
+func (tc *taskCycle) replay(rec statestore.CommandRecord) aggregate.Outcome {
 	o := aggregate.Outcome{CommandID: rec.CommandID, EntityID: rec.EntityID}
 	if rec.Rejected != "" {
 		o.Reason, o.Conflict, o.Version = rec.Rejected, rec.Conflict, rec.Current
@@ -325,13 +429,13 @@ func (c *cycle) replay(task statestore.Task, def aggregate.Definition, rec state
 	}
 	o.Accepted = true
 	if rec.To == 0 {
-		if ent, err := c.entity(task, def, rec.EntityID); err == nil {
+		if ent, err := tc.entity(rec.EntityID); err == nil {
 			o.Version = ent.version
 		}
 		return o
 	}
 	o.Version = rec.To
-	if ent := c.entities[entityKey{task, rec.EntityID}]; ent != nil {
+	if ent := tc.entities[rec.EntityID]; ent != nil {
 		for _, ev := range ent.journal.Events {
 			if ev.Version >= rec.From && ev.Version <= rec.To {
 				o.Events = append(o.Events, ev)
@@ -339,110 +443,111 @@ func (c *cycle) replay(task statestore.Task, def aggregate.Definition, rec state
 		}
 	}
 	if int64(len(o.Events)) < rec.To-rec.From+1 {
-		o.Events, _ = ReadEvents(c.e.cfg.Store, task, rec.EntityID, rec.From, int(rec.To-rec.From+1))
+		o.Events, _ = tc.c.e.cfg.Store.Events(tc.task, rec.EntityID, rec.From, int(rec.To-rec.From+1))
 	}
 	return o
 }
 
-func (c *cycle) produce(ctx context.Context, task statestore.Task, r *kgo.Record) {
+func (tc *taskCycle) produce(r *kgo.Record, isChangelog bool) {
+	c := tc.c
 	c.wg.Add(1)
-	isChangelog := r.Topic != EventsTopic(task.Type)
-	c.sess.Client().Produce(ctx, r, func(r *kgo.Record, err error) {
+	c.sess.Client().Produce(c.ctx, r, func(r *kgo.Record, err error) {
 		defer c.wg.Done()
-		c.mu.Lock()
-		defer c.mu.Unlock()
 		if err != nil {
-			if c.produceErr == nil {
-				c.produceErr = err
-			}
+			c.fail(err)
 			return
 		}
-		if isChangelog && r.Offset >= c.changelogTo[task] {
-			c.changelogTo[task] = r.Offset
+		if isChangelog {
+			for {
+				cur := tc.changelogTo.Load()
+				if r.Offset <= cur || tc.changelogTo.CompareAndSwap(cur, r.Offset) {
+					break
+				}
+			}
 		}
 	})
 }
 
-func (c *cycle) fail(err error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.produceErr == nil {
-		c.produceErr = err
+// stageChangelog produces the task's changelog records, one state record and
+// one journal per touched entity, and stages the same writes in its batch.
+func (tc *taskCycle) stageChangelog() {
+	topic := changelog.Topic(tc.c.e.cfg.AppID, tc.task.Type)
+	for _, ent := range tc.order {
+		if !ent.dirty && len(ent.journal.Commands) == 0 {
+			continue
+		}
+		if ent.dirty {
+			state, err := tc.def.EncodeState(ent.state)
+			if err != nil {
+				tc.c.fail(fmt.Errorf("encode state of %s %q: %w", tc.task.Type, ent.id, err))
+				return
+			}
+			k, v := changelog.StateRecord(ent.id, statestore.StateRecord{Version: ent.version, UpdatedAt: ent.updatedAt, State: state})
+			tc.produce(&kgo.Record{Topic: topic, Partition: tc.task.Partition, Key: k, Value: v}, true)
+			if err := tc.batch.Set(tc.task, k, v); err != nil {
+				tc.c.fail(err)
+			}
+		}
+		k, v, err := changelog.JournalRecord(ent.id, &ent.journal)
+		if err != nil {
+			tc.c.fail(err)
+			return
+		}
+		tc.produce(&kgo.Record{Topic: topic, Partition: tc.task.Partition, Key: k, Value: v}, true)
+		// The same writes a restore of this record makes (changelog.Apply).
+		if err := changelog.StageJournal(tc.batch, tc.task, k, v, &ent.journal); err != nil {
+			tc.c.fail(err)
+		}
 	}
 }
 
 // commit writes the changelog, ends the transaction and, if it committed,
-// applies the store batch and reports the outcomes.
-func (c *cycle) commit(ctx context.Context, n int) {
+// applies the store batches and reports the outcomes.
+func (c *cycle) commit() {
 	e := c.e
-	for _, ent := range c.order {
-		if !ent.dirty && len(ent.journal.Commands) == 0 {
-			continue
-		}
-		task := ent.key.task
-		topic := changelog.Topic(e.cfg.AppID, task.Type)
-		if ent.dirty {
-			state, err := ent.def.EncodeState(ent.state)
-			if err != nil {
-				c.fail(fmt.Errorf("encode state of %s %q: %w", task.Type, ent.key.id, err))
-				break
-			}
-			k, v := changelog.StateRecord(ent.key.id, statestore.StateRecord{Version: ent.version, UpdatedAt: ent.updatedAt, State: state})
-			c.produce(ctx, task, &kgo.Record{Topic: topic, Partition: task.Partition, Key: k, Value: v})
-			if err := c.batch.Set(task, k, v); err != nil {
-				c.fail(err)
-			}
-		}
-		k, v, err := changelog.JournalRecord(ent.key.id, &ent.journal)
-		if err != nil {
-			c.fail(err)
-			break
-		}
-		c.produce(ctx, task, &kgo.Record{Topic: topic, Partition: task.Partition, Key: k, Value: v})
-		// The same writes a restore of this record makes (changelog.Apply).
-		if err := changelog.StageJournal(c.batch, task, k, v, &ent.journal); err != nil {
-			c.fail(err)
-		}
-	}
-
-	c.mu.Lock()
-	ok := c.produceErr == nil
-	c.mu.Unlock()
-	committed, err := c.sess.End(ctx, ok)
+	parallel(c.order, (*taskCycle).stageChangelog)
+	committed, err := c.sess.End(c.ctx, c.failed() == nil)
 	c.wg.Wait()
 	if err != nil {
 		e.log.Warn("ending transaction", "err", err, "committed", committed)
 	}
-	if c.produceErr != nil {
-		e.log.Warn("cycle failed; aborted and rewinding", "err", c.produceErr)
+	if err := c.failed(); err != nil {
+		e.log.Warn("cycle failed; aborted and rewinding", "err", err)
 	}
 	m := e.cfg.Metrics
 	if !committed {
-		c.batch.Discard()
+		for _, tc := range c.order {
+			tc.batch.Discard()
+		}
 		if m != nil {
 			m.Transactions.WithLabelValues("aborted").Inc()
 		}
 		return
 	}
-	for task, off := range c.changelogTo {
-		if err := c.batch.SetCheckpoint(task, off+1); err != nil {
-			e.log.Error("stage checkpoint", "err", err)
+	for _, tc := range c.order {
+		if off := tc.changelogTo.Load(); off >= 0 {
+			if err := tc.batch.SetCheckpoint(tc.task, off+1); err != nil {
+				e.log.Error("stage checkpoint", "task", tc.task, "err", err)
+			}
+		}
+		if err := tc.batch.Commit(); err != nil {
+			// Kafka holds the committed truth; the changelog tail restores
+			// it when the task is next assigned.
+			e.log.Error("applying committed batch to the store failed", "task", tc.task, "err", err)
 		}
 	}
-	if err := c.batch.Commit(); err != nil {
-		// Kafka holds the committed truth; the changelog tail restores it
-		// when the task is next assigned.
-		e.log.Error("applying committed batch to the store failed", "err", err)
-	}
-	e.waiters.resolve(c.outcomes)
-	for task := range c.touched {
-		e.signal(task)
+	for _, tc := range c.order {
+		e.waiters.resolve(tc.outcomes)
+		e.signal(tc.task)
 	}
 	if m != nil {
 		m.Transactions.WithLabelValues("committed").Inc()
-		m.BatchCommands.Observe(float64(n))
-		for _, l := range c.latency {
-			m.CommandLatency.WithLabelValues(l.typ).Observe(time.Since(l.at).Seconds())
+		m.BatchCommands.Observe(float64(c.n))
+		for _, tc := range c.order {
+			h := m.latency(tc.task.Type)
+			for _, ts := range tc.timestamps {
+				h.Observe(time.Since(ts).Seconds())
+			}
 		}
 	}
 }

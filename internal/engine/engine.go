@@ -25,7 +25,6 @@ package engine
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -345,8 +344,16 @@ func (e *Engine) Await(commandID string) (<-chan aggregate.Outcome, func()) {
 }
 
 type waiters struct {
-	mu sync.Mutex
+	mu sync.RWMutex
 	m  map[string][]chan aggregate.Outcome
+}
+
+// waiting reports whether someone awaits the command's outcome: the cycle
+// builds outcomes only for those.
+func (w *waiters) waiting(id string) bool {
+	w.mu.RLock()
+	defer w.mu.RUnlock()
+	return len(w.m[id]) > 0
 }
 
 func (w *waiters) add(id string) (<-chan aggregate.Outcome, func()) {
@@ -386,16 +393,4 @@ func (w *waiters) resolve(outcomes []aggregate.Outcome) {
 			}
 		}
 	}
-}
-
-// CommandEnvelope parses a command record value.
-func CommandEnvelope(value []byte) (aggregate.Command, error) {
-	var c aggregate.Command
-	if err := json.Unmarshal(value, &c); err != nil {
-		return c, fmt.Errorf("command record is not a JSON command envelope: %w", err)
-	}
-	if c.Type == "" {
-		return c, errors.New(`command record has no "type"`)
-	}
-	return c, nil
 }

@@ -16,8 +16,24 @@ type Metrics struct {
 	RestoreRecords  *prometheus.CounterVec // type
 	RestoreDuration prometheus.Histogram
 
-	mu       sync.Mutex
-	counters map[[2]string]prometheus.Counter
+	mu        sync.Mutex
+	counters  map[[2]string]prometheus.Counter
+	latencies map[string]prometheus.Observer
+}
+
+// latency returns the command latency histogram of a type, cached.
+func (m *Metrics) latency(typ string) prometheus.Observer {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	h, ok := m.latencies[typ]
+	if !ok {
+		if m.latencies == nil {
+			m.latencies = map[string]prometheus.Observer{}
+		}
+		h = m.CommandLatency.WithLabelValues(typ)
+		m.latencies[typ] = h
+	}
+	return h
 }
 
 // command returns the commands counter of a type and outcome, cached: the

@@ -1,0 +1,5 @@
+//go:build !race
+
+package esker_test
+
+const raceEnabled = false
