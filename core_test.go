@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/esker-io/esker"
 	"github.com/esker-io/esker/aggregate"
@@ -173,5 +174,22 @@ func TestBadInput(t *testing.T) {
 	}
 	if got := len(readTopic(t, c.ListenAddrs(), "account-commands")); got != commandsBefore {
 		t.Fatalf("bad input produced %d command records", got-commandsBefore)
+	}
+}
+
+func TestIdempotencyWindowExpires(t *testing.T) {
+	c := newCluster(t)
+	n := startNode(t, c.ListenAddrs(), t.TempDir(), esker.IdempotencyWindow(time.Second))
+	do(t, n, "POST", "/v1/aggregates/account/a/commands", cmd("Open", map[string]any{"owner": "Ada"}))
+	dep := map[string]any{"type": "Deposit", "data": map[string]any{"amount": 10}, "commandId": "once"}
+	_, first := do(t, n, "POST", "/v1/aggregates/account/a/commands", dep)
+	_, again := do(t, n, "POST", "/v1/aggregates/account/a/commands", dep)
+	if first["version"] != again["version"] {
+		t.Fatalf("within the window: %v then %v", first, again)
+	}
+	time.Sleep(1500 * time.Millisecond)
+	_, later := do(t, n, "POST", "/v1/aggregates/account/a/commands", dep)
+	if later["version"].(float64) != first["version"].(float64)+1 {
+		t.Fatalf("after the window the id is new again: %v then %v", first, later)
 	}
 }

@@ -301,3 +301,45 @@ func (s *Store) Commands(t Task, ids []string) (map[string][]byte, error) {
 	}
 	return found, it.Error()
 }
+
+// SweepCommands deletes the task's command outcomes older than cutoff (unix
+// nanoseconds): the idempotency window has passed for them. It deletes at
+// most limit records per call and reports whether more may remain.
+func (s *Store) SweepCommands(t Task, cutoff int64, limit int) (deleted int, more bool, err error) {
+	prefix := t.Prefix()
+	it, err := s.db.NewIter(&pebble.IterOptions{
+		LowerBound: join(prefix, []byte{KindCommand, 0}),
+		UpperBound: join(prefix, []byte{KindCommand, 1}),
+	})
+	if err != nil {
+		return 0, false, err
+	}
+	defer it.Close()
+	b := s.db.NewBatch()
+	defer b.Close()
+	for valid := it.First(); valid; valid = it.Next() {
+		if deleted >= limit {
+			more = true
+			break
+		}
+		v, err := it.ValueAndErr()
+		if err != nil {
+			return 0, false, err
+		}
+		rec, err := DecodeCommandRecord(v)
+		if err == nil && rec.At >= cutoff {
+			continue
+		}
+		if err := b.Delete(it.Key(), nil); err != nil {
+			return 0, false, err
+		}
+		deleted++
+	}
+	if err := it.Error(); err != nil {
+		return 0, false, err
+	}
+	if deleted == 0 {
+		return 0, false, nil
+	}
+	return deleted, more, b.Commit(pebble.NoSync)
+}

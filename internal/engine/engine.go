@@ -146,25 +146,61 @@ func (e *Engine) run(ctx context.Context) error {
 		sess.Close()
 	}()
 	cl := sess.Client()
+	nextSweep := time.Now().Add(sweepInterval(e.cfg.IdempotencyWindow))
 	for {
-		fetches := cl.PollRecords(ctx, 10000)
+		// Poll until records arrive, or until the next sweep is due.
+		pollCtx, cancel := context.WithDeadline(ctx, nextSweep)
+		fetches := cl.PollRecords(pollCtx, 10000)
+		cancel()
 		if ctx.Err() != nil {
 			return nil
 		}
-		if errs := fetches.Errors(); len(errs) > 0 {
-			for _, fe := range errs {
-				if errors.Is(fe.Err, context.Canceled) {
-					return nil
-				}
-				e.log.Warn("fetch error", "topic", fe.Topic, "partition", fe.Partition, "err", fe.Err)
+		for _, fe := range fetches.Errors() {
+			if errors.Is(fe.Err, context.Canceled) || errors.Is(fe.Err, context.DeadlineExceeded) {
+				continue
 			}
+			e.log.Warn("fetch error", "topic", fe.Topic, "partition", fe.Partition, "err", fe.Err)
 		}
-		if fetches.NumRecords() == 0 {
-			sess.AllowRebalance()
+		if fetches.NumRecords() > 0 {
+			e.cycle(sess, fetches)
+		}
+		if time.Now().After(nextSweep) {
+			e.sweep()
+			nextSweep = time.Now().Add(sweepInterval(e.cfg.IdempotencyWindow))
+		}
+		sess.AllowRebalance()
+	}
+}
+
+// sweepInterval is how often expired command outcomes are deleted.
+func sweepInterval(window time.Duration) time.Duration {
+	return min(max(window/8, time.Second), 10*time.Minute)
+}
+
+// sweep deletes command outcomes older than the idempotency window from the
+// tasks this node owns. It runs between cycles, so it never races a cycle's
+// batch, and bounds its work per call so processing is not held up; the
+// changelog keeps the journals, so a restore brings expired records back and
+// the next sweep removes them again.
+func (e *Engine) sweep() {
+	cutoff := time.Now().Add(-e.cfg.IdempotencyWindow).UnixNano()
+	e.mu.RLock()
+	tasks := make([]statestore.Task, 0, len(e.tasks))
+	for t, ts := range e.tasks {
+		if ts.restored {
+			tasks = append(tasks, t)
+		}
+	}
+	e.mu.RUnlock()
+	for _, t := range tasks {
+		n, _, err := e.cfg.Store.SweepCommands(t, cutoff, 100_000)
+		if err != nil {
+			e.log.Warn("sweeping expired command outcomes", "task", t.String(), "err", err)
 			continue
 		}
-		e.cycle(sess, fetches)
-		sess.AllowRebalance()
+		if n > 0 {
+			e.log.Debug("swept expired command outcomes", "task", t.String(), "deleted", n)
+		}
 	}
 }
 
