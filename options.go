@@ -1,9 +1,12 @@
 package esker
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"log/slog"
 	"net/url"
+	"path/filepath"
 	"time"
 
 	"github.com/twmb/franz-go/pkg/kgo"
@@ -135,9 +138,12 @@ func KafkaOptions(opts ...kgo.Opt) Option {
 // node keeps its partitions before the group moves them. Default 10s.
 func SessionTimeout(d time.Duration) Option { return func(c *config) { c.sessionTimeout = d } }
 
-// InstanceID names this node within the application; it makes the node's
-// transactional id stable across restarts so a restarted node fences its
-// previous incarnation. Default: derived from the advertised URL.
+// InstanceID names this node within the application. The node's Kafka
+// transactional id is "<app>-<instance id>": it must be distinct between
+// nodes (two nodes with one id fence each other, and the node that loses
+// stops with an error) and stable across a node's restarts, so that a
+// restarted node fences its previous incarnation's open transaction at once.
+// Default: a hash of the advertised URL and the absolute state directory.
 func InstanceID(id string) Option { return func(c *config) { c.instanceID = id } }
 
 func (c *config) validate() error {
@@ -163,7 +169,15 @@ func (c *config) validate() error {
 		return fmt.Errorf("esker: advertised URL: %w", err)
 	}
 	if c.instanceID == "" {
-		c.instanceID = c.advertisedURL
+		// Stable across restarts of the same node (same URL and state
+		// directory), distinct between nodes: on one host nodes differ by
+		// state directory, across hosts by advertised URL.
+		dir, err := filepath.Abs(c.stateDir)
+		if err != nil {
+			return fmt.Errorf("esker: state directory: %w", err)
+		}
+		sum := sha256.Sum256([]byte(c.advertisedURL + "\x00" + dir))
+		c.instanceID = hex.EncodeToString(sum[:8])
 	}
 	return nil
 }

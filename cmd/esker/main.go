@@ -3,6 +3,7 @@
 //	esker dev      embedded Kafka-protocol broker plus the bank demo node
 //	esker node     a bank demo node against any Kafka cluster
 //	esker kafka    the embedded broker alone
+//	esker bench    esker's write path against a raw Kafka transactional loop
 //	esker version  the build's module version
 //
 // Run "esker help" or "esker <command> --help" for the flags.
@@ -47,6 +48,7 @@ func init() {
 		{"dev", "run an embedded Kafka broker and the bank demo node: no set-up needed", runDev},
 		{"node", "run a bank demo node against a Kafka cluster", runNode},
 		{"kafka", "run the embedded Kafka-protocol broker alone", runKafka},
+		{"bench", "benchmark esker against a raw Kafka transactional loop", runBench},
 		{"version", "print the version of this build", runVersion},
 		{"help", "show help for esker or one of its commands", runHelp},
 	}

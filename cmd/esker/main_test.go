@@ -8,6 +8,9 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
+
+	"github.com/esker-io/esker/internal/benchmark"
 )
 
 // syncBuffer is a bytes.Buffer that goroutines may write concurrently.
@@ -45,7 +48,7 @@ func TestTopLevel(t *testing.T) {
 		wantStderr []string
 	}{
 		{"no arguments", nil, 2, nil, []string{"Usage:", "esker <command>"}},
-		{"--help", []string{"--help"}, 0, []string{"Usage:", "Commands:", "dev", "node", "kafka", "version", "help"}, nil},
+		{"--help", []string{"--help"}, 0, []string{"Usage:", "Commands:", "dev", "node", "kafka", "bench", "version", "help"}, nil},
 		{"-h", []string{"-h"}, 0, []string{"Usage:", "Commands:"}, nil},
 		{"-help", []string{"-help"}, 0, []string{"Usage:"}, nil},
 		{"help", []string{"help"}, 0, []string{"Usage:", "Commands:", "esker help <command>"}, nil},
@@ -53,6 +56,7 @@ func TestTopLevel(t *testing.T) {
 		{"help --help", []string{"help", "--help"}, 0, []string{"Commands:"}, nil},
 		{"help dev", []string{"help", "dev"}, 0, []string{"esker dev [flags]", "-kafka", "-partitions"}, nil},
 		{"help node", []string{"help", "node"}, 0, []string{"esker node --brokers", "-at-least-once"}, nil},
+		{"help bench", []string{"help", "bench"}, 0, []string{"esker bench [flags]", "-brokers", "DELETES", "scratch cluster"}, nil},
 		{"help unknown", []string{"help", "nope"}, 2, nil, []string{`unknown command "nope"`}},
 		{"help two", []string{"help", "dev", "node"}, 2, nil, []string{"at most one command"}},
 		{"unknown command", []string{"nope"}, 2, nil, []string{`esker: unknown command "nope"`, "esker help"}},
@@ -103,9 +107,11 @@ func TestTopLevelListsEveryCommand(t *testing.T) {
 // or a stray argument exits 2 with a message on stderr.
 func TestSubcommandHelp(t *testing.T) {
 	wantFlags := map[string][]string{
-		"dev":     {"-http", "-kafka", "-data", "-partitions", "-log-level"},
-		"node":    {"-brokers", "-http", "-advertise", "-data", "-app", "-partitions", "-at-least-once", "-log-level"},
-		"kafka":   {"-port", "-data", "-partitions", "-log-level"},
+		"dev":   {"-http", "-kafka", "-data", "-partitions", "-log-level"},
+		"node":  {"-brokers", "-http", "-advertise", "-data", "-app", "-partitions", "-at-least-once", "-log-level"},
+		"kafka": {"-port", "-data", "-partitions", "-log-level"},
+		"bench": {"-commands", "-entities", "-partitions", "-concurrency", "-latency-commands", "-runs",
+			"-cpuprofile", "-brokers", "-log-level"},
 		"version": nil,
 	}
 	for _, c := range commands {
@@ -178,6 +184,17 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"kafka", "--data", ""}, "--data must not be empty"},
 		{[]string{"kafka", "--partitions", "0"}, "--partitions must be between 1 and 100000"},
 		{[]string{"kafka", "stray"}, `unexpected argument "stray"`},
+		{[]string{"bench", "--commands", "0"}, "--commands must be at least 1, got 0"},
+		{[]string{"bench", "--entities", "0"}, "--entities must be at least 1, got 0"},
+		{[]string{"bench", "--commands", "10", "--entities", "11"}, "--entities (11) must not exceed --commands (10)"},
+		{[]string{"bench", "--partitions", "0"}, "--partitions must be between 1 and 100000"},
+		{[]string{"bench", "--concurrency", "0"}, "--concurrency must be at least 1"},
+		{[]string{"bench", "--latency-commands", "-1"}, "--latency-commands must be 0"},
+		{[]string{"bench", "--runs", "0"}, "--runs must be at least 1, got 0"},
+		{[]string{"bench", "--runs", "x"}, `invalid value "x" for flag -runs`},
+		{[]string{"bench", "--brokers", "kafka"}, `"kafka" is not host:port`},
+		{[]string{"bench", "--log-level", "loud"}, "-log-level"},
+		{[]string{"bench", "stray"}, `unexpected argument "stray"`},
 	}
 	for _, tt := range tests {
 		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
@@ -235,5 +252,66 @@ func TestDevBanner(t *testing.T) {
 		if !strings.Contains(out, s) {
 			t.Errorf("banner lacks %q:\n%s", s, out)
 		}
+	}
+}
+
+// TestBenchEmbedded runs a small benchmark against the embedded broker.
+func TestBenchEmbedded(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a broker and three processors")
+	}
+	code, stdout, stderr := runCLI(t, "bench", "--commands", "2000", "--entities", "100", "--runs", "1",
+		"--latency-commands", "40", "--partitions", "2")
+	if code != 0 {
+		t.Fatalf("exit %d\nstdout:\n%s\nstderr:\n%s", code, stdout, stderr)
+	}
+	t.Log("\n" + stdout)
+	if !regexp.MustCompile(`(?m)^.*exactly-once.*vs baseline.*$`).MatchString(stdout) {
+		t.Errorf("no line with exactly-once and vs baseline:\n%s", stdout)
+	}
+	for _, want := range []string{
+		"Run 1/1\n", benchmark.NameAtLeastOnce, benchmark.NameBaseline, "Summary (1 run)",
+		"command   esker bench --commands 2000 --entities 100 --runs 1 --latency-commands 40 --partitions 2\n",
+		"machine   ", "date      ",
+	} {
+		if !strings.Contains(stdout, want) {
+			t.Errorf("stdout lacks %q:\n%s", want, stdout)
+		}
+	}
+	for _, want := range []string{"run 1/1 · esker exactly-once · starting", "run 1/1 · esker exactly-once · throughput 2000/2000",
+		"run 1/1 · kgo transact loop · latency 40/40"} {
+		if !strings.Contains(stderr, want) {
+			t.Errorf("stderr lacks %q:\n%s", want, stderr)
+		}
+	}
+}
+
+func TestBenchMedians(t *testing.T) {
+	run := func(eos, base float64, p99 time.Duration) []benchmark.Result {
+		return []benchmark.Result{
+			{Name: benchmark.NameExactlyOnce, Commands: 10, PerSecond: eos, P99: p99, Samples: 5},
+			{Name: benchmark.NameBaseline, Baseline: true, Commands: 10, PerSecond: base, P99: p99, Samples: 5},
+		}
+	}
+	odd := benchMedians([][]benchmark.Result{run(300, 1000, 3), run(100, 400, 1), run(200, 500, 2)})
+	if len(odd) != 2 || odd[0].PerSecond != 200 || odd[0].P99 != 2 || odd[1].PerSecond != 500 || !odd[1].Baseline || odd[0].Commands != 10 {
+		t.Errorf("odd: %+v", odd)
+	}
+	even := benchMedians([][]benchmark.Result{run(100, 400, 1), run(300, 1000, 3)})
+	if even[0].PerSecond != 200 || even[0].P99 != 2 || even[1].PerSecond != 700 {
+		t.Errorf("even: %+v", even)
+	}
+	var b bytes.Buffer
+	writeBenchSummary(&b, [][]benchmark.Result{run(300, 1000, 3), run(100, 400, 1), run(200, 500, 2)})
+	// Ratios 0.30, 0.25 and 0.40: the median is 0.30.
+	if want := "esker exactly-once vs baseline: 0.30x (median of the runs' ratios 0.30x, 0.25x, 0.40x)"; !strings.Contains(b.String(), want) {
+		t.Errorf("summary lacks %q:\n%s", want, b.String())
+	}
+}
+
+func TestShellQuote(t *testing.T) {
+	got := benchCommandLine([]string{"--brokers", "a:9092,b:9092", "--cpuprofile", "my file's.prof", ""})
+	if want := `esker bench --brokers a:9092,b:9092 --cpuprofile 'my file'\''s.prof' ''`; got != want {
+		t.Errorf("got %s, want %s", got, want)
 	}
 }

@@ -2,6 +2,7 @@ package engine
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"runtime"
 	"strconv"
@@ -9,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/esker-io/esker/aggregate"
@@ -70,8 +72,9 @@ type entity struct {
 }
 
 // cycle runs steps 2–5 of the package comment for the records of one poll
-// and whatever else is buffered within the commit interval.
-func (e *Engine) cycle(sess session, fetches kgo.Fetches) {
+// and whatever else is buffered within the commit interval. It returns an
+// error only when the node cannot go on processing (its producer was fenced).
+func (e *Engine) cycle(sess session, fetches kgo.Fetches) error {
 	start := time.Now()
 	// Produces and End must finish even while the node shuts down, so that
 	// the cycle in flight commits or aborts cleanly.
@@ -84,8 +87,11 @@ func (e *Engine) cycle(sess session, fetches kgo.Fetches) {
 		tasks: map[statestore.Task]*taskCycle{},
 	}
 	if err := sess.Begin(); err != nil {
+		// The polled records must not be skipped: abort, which rewinds
+		// consumption to the committed offsets.
 		e.log.Error("begin transaction", "err", err)
-		return
+		_, endErr := sess.End(ctx, false)
+		return fatal(errors.Join(err, endErr), e.cfg.TransactionalID)
 	}
 	c.process(fetches)
 	cl := sess.Client()
@@ -96,7 +102,20 @@ func (e *Engine) cycle(sess session, fetches kgo.Fetches) {
 		}
 		c.process(more)
 	}
-	c.commit()
+	return fatal(c.commit(), e.cfg.TransactionalID)
+}
+
+// fatal returns a node-stopping error for the Kafka errors no retry can cure.
+func fatal(err error, transactionalID string) error {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, kerr.ProducerFenced):
+		return fmt.Errorf("the transactional id %q was fenced: another node runs with the same instance id (give every node its own InstanceID, advertised URL or state directory): %w", transactionalID, err)
+	case errors.Is(err, kerr.TransactionalIDAuthorizationFailed), errors.Is(err, kerr.ClusterAuthorizationFailed):
+		return fmt.Errorf("the node may not use transactional id %q: grant it Write on that transactional id: %w", transactionalID, err)
+	}
+	return nil
 }
 
 // process hands each task its records and runs the tasks in parallel.
@@ -502,8 +521,8 @@ func (tc *taskCycle) stageChangelog() {
 }
 
 // commit writes the changelog, ends the transaction and, if it committed,
-// applies the store batches and reports the outcomes.
-func (c *cycle) commit() {
+// applies the store batches and reports the outcomes. It returns End's error.
+func (c *cycle) commit() error {
 	e := c.e
 	parallel(c.order, (*taskCycle).stageChangelog)
 	committed, err := c.sess.End(c.ctx, c.failed() == nil)
@@ -522,7 +541,7 @@ func (c *cycle) commit() {
 		if m != nil {
 			m.Transactions.WithLabelValues("aborted").Inc()
 		}
-		return
+		return err
 	}
 	for _, tc := range c.order {
 		if off := tc.changelogTo.Load(); off >= 0 {
@@ -550,6 +569,7 @@ func (c *cycle) commit() {
 			}
 		}
 	}
+	return err
 }
 
 // ReadEvents returns up to limit events of an entity from version from.

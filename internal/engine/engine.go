@@ -162,7 +162,9 @@ func (e *Engine) run(ctx context.Context) error {
 			e.log.Warn("fetch error", "topic", fe.Topic, "partition", fe.Partition, "err", fe.Err)
 		}
 		if fetches.NumRecords() > 0 {
-			e.cycle(sess, fetches)
+			if err := e.cycle(sess, fetches); err != nil {
+				return err
+			}
 		}
 		if time.Now().After(nextSweep) {
 			e.sweep()
@@ -231,8 +233,28 @@ func (e *Engine) newSession(ctx context.Context) (session, error) {
 	}
 	if e.cfg.Transactional {
 		opts = append(opts, kgo.TransactionalID(e.cfg.TransactionalID),
-			kgo.TransactionTimeout(time.Minute))
-		return newEOSSession(opts)
+			// A transaction left open by a crashed node holds back the
+			// committed offsets (KIP-447: the next owner waits for stable
+			// offsets) until the broker aborts it at this timeout. A cycle
+			// lasts the commit interval plus one commit, far below it.
+			kgo.TransactionTimeout(10*time.Second))
+		s, err := newEOSSession(opts)
+		if err != nil {
+			return nil, err
+		}
+		// Initialize the producer id now, before the group hands out
+		// partitions: with a stable transactional id this fences and
+		// aborts the transaction a crashed previous incarnation left open,
+		// which would otherwise keep our own offset fetch waiting until
+		// the broker times it out.
+		if _, _, err := s.Client().ProducerID(ctx); err != nil {
+			s.Close()
+			if f := fatal(err, e.cfg.TransactionalID); f != nil {
+				return nil, f
+			}
+			return nil, fmt.Errorf("initialize the transactional producer: %w", err)
+		}
+		return s, nil
 	}
 	return newALOSession(opts)
 }
