@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -49,6 +50,8 @@ type taskCycle struct {
 	c           *cycle
 	task        statestore.Task
 	def         aggregate.Definition
+	eventsTopic string
+	contentType []byte
 	batch       *statestore.Batch
 	pending     []*kgo.Record
 	known       map[string][]byte // stored outcomes of this cycle's command ids
@@ -175,6 +178,7 @@ func (c *cycle) taskCycle(task statestore.Task, def aggregate.Definition) *taskC
 	if !ok {
 		tc = &taskCycle{
 			c: c, task: task, def: def,
+			eventsTopic: EventsTopic(task.Type), contentType: []byte(def.ContentType()),
 			batch:    c.e.cfg.Store.NewBatch(),
 			entities: map[string]*entity{},
 			commands: map[string]statestore.CommandRecord{},
@@ -210,6 +214,9 @@ type parsedCommand struct {
 // prepare parses the pending commands and looks up, in one pass over the
 // store, which of their ids already have an outcome.
 func (tc *taskCycle) prepare() []parsedCommand {
+	if tc.timestamps == nil {
+		tc.timestamps = make([]time.Time, 0, len(tc.pending))
+	}
 	cmds := make([]parsedCommand, len(tc.pending))
 	ids := make([]string, len(tc.pending))
 	for i, r := range tc.pending {
@@ -364,31 +371,45 @@ func (tc *taskCycle) count(outcome string) {
 // aggregate.Event.Headers, which this matches without per-event formatting
 // of the shared time and content type).
 func (tc *taskCycle) eventRecord(ev *aggregate.Event) *kgo.Record {
-	headers := make([]kgo.RecordHeader, 0, 10)
+	// One buffer holds every variable header value and the key: the write
+	// path builds a record per event, so allocations count.
+	buf := make([]byte, 0, 2*len(ev.EntityID)+len(ev.EventID)+len(ev.Type)+len(ev.CommandID)+
+		len(ev.CorrelationID)+len(ev.CausationID)+24)
+	slice := func(start int) []byte { return buf[start:len(buf):len(buf)] }
+	var hs [10]kgo.RecordHeader
+	headers := hs[:0]
+	add := func(key string, value string) {
+		if value == "" {
+			return
+		}
+		start := len(buf)
+		buf = append(buf, value...)
+		headers = append(headers, kgo.RecordHeader{Key: key, Value: slice(start)})
+	}
+	start := len(buf)
+	buf = append(buf, ev.EntityID...)
+	key := slice(start)
+	add(aggregate.HeaderEntityID, ev.EntityID)
+	start = len(buf)
+	buf = strconv.AppendInt(buf, ev.Version, 10)
+	headers = append(headers, kgo.RecordHeader{Key: aggregate.HeaderVersion, Value: slice(start)})
+	add(aggregate.HeaderEventID, ev.EventID)
+	add(aggregate.HeaderEventType, ev.Type)
+	start = len(buf)
+	buf = strconv.AppendInt(buf, int64(ev.SchemaVersion), 10)
+	headers = append(headers, kgo.RecordHeader{Key: aggregate.HeaderSchemaVersion, Value: slice(start)})
 	headers = append(headers,
-		kgo.RecordHeader{Key: aggregate.HeaderEntityID, Value: []byte(ev.EntityID)},
-		kgo.RecordHeader{Key: aggregate.HeaderVersion, Value: strconv.AppendInt(nil, ev.Version, 10)},
-		kgo.RecordHeader{Key: aggregate.HeaderEventID, Value: []byte(ev.EventID)},
-		kgo.RecordHeader{Key: aggregate.HeaderEventType, Value: []byte(ev.Type)},
-		kgo.RecordHeader{Key: aggregate.HeaderSchemaVersion, Value: strconv.AppendInt(nil, int64(ev.SchemaVersion), 10)},
 		kgo.RecordHeader{Key: aggregate.HeaderTime, Value: tc.c.nowHeader},
-		kgo.RecordHeader{Key: aggregate.HeaderContentType, Value: []byte(tc.def.ContentType())},
-	)
-	if ev.CommandID != "" {
-		headers = append(headers, kgo.RecordHeader{Key: aggregate.HeaderCommandID, Value: []byte(ev.CommandID)})
-	}
-	if ev.CorrelationID != "" {
-		headers = append(headers, kgo.RecordHeader{Key: aggregate.HeaderCorrelationID, Value: []byte(ev.CorrelationID)})
-	}
-	if ev.CausationID != "" {
-		headers = append(headers, kgo.RecordHeader{Key: aggregate.HeaderCausationID, Value: []byte(ev.CausationID)})
-	}
+		kgo.RecordHeader{Key: aggregate.HeaderContentType, Value: tc.contentType})
+	add(aggregate.HeaderCommandID, ev.CommandID)
+	add(aggregate.HeaderCorrelationID, ev.CorrelationID)
+	add(aggregate.HeaderCausationID, ev.CausationID)
 	return &kgo.Record{
-		Topic:     EventsTopic(tc.task.Type),
+		Topic:     tc.eventsTopic,
 		Partition: tc.task.Partition,
-		Key:       []byte(ev.EntityID),
+		Key:       key,
 		Value:     ev.Data,
-		Headers:   headers,
+		Headers:   slices.Clone(headers),
 		Timestamp: ev.Time,
 	}
 }
