@@ -61,10 +61,7 @@ func startNode(t testing.TB, brokers []string, stateDir string, opts ...esker.Op
 		esker.Partitions(4),
 		esker.SessionTimeout(3 * time.Second),
 		esker.Logger(testLogger()),
-		// kfake does not wake a consumer's first long-poll fetch when it resumes
-		// from a committed offset at the end of a partition; a short max wait
-		// bounds that stall (real Kafka does not need it).
-		esker.KafkaOptions(kgo.FetchMaxWait(200 * time.Millisecond)),
+		esker.KafkaOptions(fastFetch()),
 	}, opts...)
 	n, err := esker.NewNode(all...)
 	if err != nil {
@@ -240,3 +237,8 @@ func mustStatus(t testing.TB, want int, code int, body map[string]any, what stri
 }
 
 func bankAccount() esker.Registrable { return bank.Account }
+
+// fastFetch works around kfake not waking a consumer's first long-poll fetch
+// when it resumes from a committed offset at the end of a partition: a short
+// max wait bounds that stall (real Kafka does not need it).
+func fastFetch() kgo.Opt { return kgo.FetchMaxWait(200 * time.Millisecond) }
