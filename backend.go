@@ -4,8 +4,11 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"time"
+
+	"github.com/twmb/franz-go/pkg/kerr"
 
 	"github.com/esker-io/esker/aggregate"
 	"github.com/esker-io/esker/interactive"
@@ -101,6 +104,9 @@ func (b backend) Submit(ctx context.Context, aggregateType, id string, cmd aggre
 		if ctx.Err() != nil {
 			return aggregate.Outcome{}, interactive.ErrTimeout
 		}
+		if errors.Is(err, kerr.MessageTooLarge) || errors.Is(err, kerr.RecordListTooLarge) {
+			return aggregate.Outcome{}, fmt.Errorf("%w: Kafka refused the command record as too large (%v): send smaller commands", interactive.ErrTooLarge, err)
+		}
 		return aggregate.Outcome{}, &interactive.NotReadyError{
 			Reason: fmt.Sprintf("could not write the command to Kafka: %v", err), RetryAfter: time.Second}
 	}
@@ -117,15 +123,13 @@ func (b backend) State(ctx context.Context, aggregateType, id string, minVersion
 	if err != nil {
 		return interactive.State{}, err
 	}
-	var deadline <-chan time.Time
-	if wait > 0 {
-		timer := time.NewTimer(wait)
-		defer timer.Stop()
-		deadline = timer.C
-	}
+	// Without a wait, a version not reached yet answers at once.
+	timer := time.NewTimer(wait)
+	defer timer.Stop()
+	deadline := timer.C
 	for {
 		changed := b.n.engine.Changed(t) // before reading: no missed change
-		raw, found, err := b.n.store.Get(t, statestore.StateKey(id))
+		raw, found, err := b.getState(t, id)
 		if err != nil {
 			return interactive.State{}, err
 		}
@@ -160,18 +164,40 @@ func (b backend) Events(ctx context.Context, aggregateType, id string, from int6
 	if err != nil {
 		return nil, err
 	}
-	evs, err := engine.ReadEvents(b.n.store, t, id, from, limit)
+	var evs []aggregate.Event
+	err = b.withStore(func(s *statestore.Store) (err error) {
+		evs, err = engine.ReadEvents(s, t, id, from, limit)
+		return err
+	})
 	if err != nil {
 		return nil, err
 	}
 	if len(evs) == 0 {
-		if _, found, err := b.n.store.Get(t, statestore.StateKey(id)); err != nil {
+		if _, found, err := b.getState(t, id); err != nil {
 			return nil, err
 		} else if !found {
 			return nil, interactive.ErrNotFound
 		}
 	}
 	return evs, nil
+}
+
+// withStore runs fn with the store unless the node has stopped.
+func (b backend) withStore(fn func(*statestore.Store) error) error {
+	b.n.storeMu.RLock()
+	defer b.n.storeMu.RUnlock()
+	if b.n.storeClosed {
+		return &interactive.NotReadyError{Reason: "the node has stopped", RetryAfter: time.Second}
+	}
+	return fn(b.n.store)
+}
+
+func (b backend) getState(t statestore.Task, id string) (raw []byte, found bool, err error) {
+	err = b.withStore(func(s *statestore.Store) error {
+		raw, found, err = s.Get(t, statestore.StateKey(id))
+		return err
+	})
+	return raw, found, err
 }
 
 func (b backend) Ready() error {

@@ -64,6 +64,9 @@ type Node struct {
 	store    *statestore.Store
 	producer *kgo.Client
 	started  chan struct{}
+
+	storeMu     sync.RWMutex // readers hold it shared while they use the store
+	storeClosed bool
 }
 
 // NewNode validates the options and returns a node. Nothing connects to
@@ -139,7 +142,14 @@ func (n *Node) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	defer store.Close()
+	defer func() {
+		// Handlers mounted elsewhere (Handler with HTTPListen("")) may
+		// still run: they see the node stopped, never a closed store.
+		n.storeMu.Lock()
+		n.storeClosed = true
+		n.storeMu.Unlock()
+		store.Close()
+	}()
 
 	clientOpts := append([]kgo.Opt{kgo.SeedBrokers(c.brokers...), kgo.WithLogger(engine.KafkaLogger(log))}, c.kafkaOpts...)
 	producer, err := kgo.NewClient(append(append([]kgo.Opt{}, clientOpts...),
@@ -203,7 +213,9 @@ func (n *Node) Run(ctx context.Context) error {
 	// finish), then let the engine finish its cycle and leave the group.
 	if srv != nil {
 		shutCtx, cancel := context.WithTimeout(context.Background(), c.commandTimeout+time.Second)
-		_ = srv.Shutdown(shutCtx)
+		if err := srv.Shutdown(shutCtx); err != nil {
+			_ = srv.Close() // no handler may outlive the store
+		}
 		cancel()
 	}
 	stopEngine()

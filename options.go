@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/url"
+	"os"
 	"path/filepath"
 	"time"
 
@@ -143,7 +144,8 @@ func SessionTimeout(d time.Duration) Option { return func(c *config) { c.session
 // nodes (two nodes with one id fence each other, and the node that loses
 // stops with an error) and stable across a node's restarts, so that a
 // restarted node fences its previous incarnation's open transaction at once.
-// Default: a hash of the advertised URL and the absolute state directory.
+// Default: a hash of the advertised URL, the absolute state directory and the
+// host name.
 func InstanceID(id string) Option { return func(c *config) { c.instanceID = id } }
 
 func (c *config) validate() error {
@@ -169,14 +171,15 @@ func (c *config) validate() error {
 		return fmt.Errorf("esker: advertised URL: %w", err)
 	}
 	if c.instanceID == "" {
-		// Stable across restarts of the same node (same URL and state
-		// directory), distinct between nodes: on one host nodes differ by
-		// state directory, across hosts by advertised URL.
+		// Stable across restarts of the same node, distinct between nodes:
+		// on one host nodes differ by state directory, across hosts (and
+		// containers) by host name or advertised URL.
 		dir, err := filepath.Abs(c.stateDir)
 		if err != nil {
 			return fmt.Errorf("esker: state directory: %w", err)
 		}
-		sum := sha256.Sum256([]byte(c.advertisedURL + "\x00" + dir))
+		host, _ := os.Hostname() // containers share paths and listen addresses, not host names
+		sum := sha256.Sum256([]byte(c.advertisedURL + "\x00" + dir + "\x00" + host))
 		c.instanceID = hex.EncodeToString(sum[:8])
 	}
 	return nil

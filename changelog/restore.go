@@ -55,11 +55,9 @@ func Restore(ctx context.Context, store *statestore.Store, clientOpts []kgo.Opt,
 	for t := range topics {
 		names = append(names, t)
 	}
-	// The last stable offset: records of transactions still open or aborted
-	// after it are not part of the state.
-	ends, err := adm.ListCommittedOffsets(ctx, names...)
+	ends, highs, err := stableEnds(ctx, adm, names, targets, log)
 	if err != nil {
-		return res, fmt.Errorf("changelog: list end offsets: %w", err)
+		return res, err
 	}
 	starts, err := adm.ListStartOffsets(ctx, names...)
 	if err != nil {
@@ -81,11 +79,8 @@ func Restore(ctx context.Context, store *statestore.Store, clientOpts []kgo.Opt,
 		if err != nil {
 			return res, err
 		}
-		end, ok := ends.Lookup(t.Topic, t.Task.Partition)
-		if !ok || end.Err != nil {
-			return res, fmt.Errorf("changelog: no end offset for %s[%d]: %v", t.Topic, t.Task.Partition, end.Err)
-		}
-		if cp > end.Offset {
+		end, _ := ends.Lookup(t.Topic, t.Task.Partition)
+		if high, _ := highs.Lookup(t.Topic, t.Task.Partition); cp > high.Offset {
 			// The changelog is shorter than what this store restored:
 			// the topic was recreated. The local state is not its state.
 			if log != nil {
@@ -193,4 +188,56 @@ func Restore(ctx context.Context, store *statestore.Store, clientOpts []kgo.Opt,
 	}
 	res.Duration = time.Since(start)
 	return res, nil
+}
+
+// stableEnds returns the offsets to restore up to: the last stable offsets
+// once every transaction open on the changelogs when the restore began has
+// ended. A task changes owner while its previous owner's last transaction
+// may still be open (its commit markers not yet written, or a zombie about
+// to abort); restoring only to the last stable offset of that moment would
+// miss a committed transaction whose commands' offsets the group then
+// resumes after. Waiting until the last stable offset reaches the high
+// watermark seen at the start closes that gap; the broker ends any open
+// transaction within its transaction timeout. It also returns the high
+// watermarks.
+func stableEnds(ctx context.Context, adm *kadm.Client, topics []string, targets []Target, log *slog.Logger) (ends, highs kadm.ListedOffsets, err error) {
+	highs, err = adm.ListEndOffsets(ctx, topics...)
+	if err != nil {
+		return nil, nil, fmt.Errorf("changelog: list high watermarks: %w", err)
+	}
+	started := time.Now()
+	lastLog := started
+	for {
+		ends, err = adm.ListCommittedOffsets(ctx, topics...)
+		if err != nil {
+			return nil, nil, fmt.Errorf("changelog: list last stable offsets: %w", err)
+		}
+		var waiting []string
+		for _, t := range targets {
+			high, ok := highs.Lookup(t.Topic, t.Task.Partition)
+			if !ok || high.Err != nil {
+				return nil, nil, fmt.Errorf("changelog: no high watermark for %s[%d]: %v", t.Topic, t.Task.Partition, high.Err)
+			}
+			end, ok := ends.Lookup(t.Topic, t.Task.Partition)
+			if !ok || end.Err != nil {
+				return nil, nil, fmt.Errorf("changelog: no last stable offset for %s[%d]: %v", t.Topic, t.Task.Partition, end.Err)
+			}
+			if end.Offset < high.Offset {
+				waiting = append(waiting, fmt.Sprintf("%s[%d]", t.Topic, t.Task.Partition))
+			}
+		}
+		if len(waiting) == 0 {
+			return ends, highs, nil
+		}
+		if log != nil && time.Since(lastLog) > 2*time.Second {
+			lastLog = time.Now()
+			log.Info("waiting for open transactions on changelogs to end before restoring",
+				"partitions", waiting, "waited", time.Since(started).Round(time.Millisecond))
+		}
+		select {
+		case <-ctx.Done():
+			return nil, nil, ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 }

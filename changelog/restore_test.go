@@ -410,13 +410,16 @@ func TestRestoreAfterDeleteRecords(t *testing.T) {
 	assertCheckpoint(t, store, t0, 5)
 }
 
-func TestRestoreStopsAtOpenTransaction(t *testing.T) {
+// TestRestoreWaitsForOpenTransaction: a transaction open when the restore
+// starts (the previous owner's last one, its markers not yet written) must
+// not be skipped: the restore waits for it to end and includes it if it
+// committed.
+func TestRestoreWaitsForOpenTransaction(t *testing.T) {
 	ctx := testCtx(t)
 	brokers := newCluster(t)
 	p := newTxProducer(t, brokers)
 	p.tx(ctx, true, rec{0, stateKV("a", 1, "a1")}) // offset 0, marker 1
 
-	// A transaction left open: its records are past the last stable offset.
 	if err := p.cl.BeginTransaction(); err != nil {
 		t.Fatal(err)
 	}
@@ -427,26 +430,29 @@ func TestRestoreStopsAtOpenTransaction(t *testing.T) {
 	store := newStore(t)
 	t0 := statestore.Task{Type: typ, Partition: 0}
 	targets := []changelog.Target{{Task: t0, Topic: topic}}
-	res, err := changelog.Restore(ctx, store, restoreOpts(brokers), targets, nil)
-	if err != nil {
-		t.Fatal(err)
+	type result struct {
+		res changelog.RestoreResult
+		err error
 	}
-	if res.Records[t0] != 1 {
-		t.Fatalf("records %v, want 1", res.Records)
+	done := make(chan result, 1)
+	go func() {
+		res, err := changelog.Restore(ctx, store, restoreOpts(brokers), targets, nil)
+		done <- result{res, err}
+	}()
+	select {
+	case r := <-done:
+		t.Fatalf("restore finished while a transaction was open: %v %v", r.res.Records, r.err)
+	case <-time.After(300 * time.Millisecond):
 	}
-	assertState(t, store, t0, "a", 1, "a1")
-	assertCheckpoint(t, store, t0, 2)
-
-	// Once committed, the next restore reads it.
 	if err := p.cl.EndTransaction(ctx, kgo.TryCommit); err != nil {
 		t.Fatal(err)
 	}
-	res, err = changelog.Restore(ctx, store, restoreOpts(brokers), targets, nil)
-	if err != nil {
-		t.Fatal(err)
+	r := <-done
+	if r.err != nil {
+		t.Fatal(r.err)
 	}
-	if res.Records[t0] != 1 {
-		t.Fatalf("records %v, want 1", res.Records)
+	if r.res.Records[t0] != 2 {
+		t.Fatalf("records %v, want 2", r.res.Records)
 	}
 	assertState(t, store, t0, "a", 2, "a2")
 	assertCheckpoint(t, store, t0, 4)

@@ -49,6 +49,9 @@ type State struct {
 var (
 	ErrNotFound = errors.New("not found")
 	ErrTimeout  = errors.New("timed out")
+	// ErrTooLarge: Kafka refused the command as too large; nothing was
+	// written and a retry cannot succeed.
+	ErrTooLarge = errors.New("too large")
 )
 
 // NotReadyError means the node cannot serve the request now (restoring,

@@ -281,6 +281,8 @@ func (a *api) submit(w http.ResponseWriter, r *http.Request) {
 				Error:     fmt.Sprintf("outcome unknown after %s; retry with the same commandId", a.cfg.commandTimeout),
 				CommandID: cmd.CommandID,
 			})
+		case errors.Is(err, ErrTooLarge):
+			writeJSON(w, http.StatusRequestEntityTooLarge, errorBody{Error: err.Error(), CommandID: cmd.CommandID})
 		default:
 			a.internal(w, r, "submit command", err, cmd.CommandID)
 		}

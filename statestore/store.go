@@ -303,43 +303,51 @@ func (s *Store) Commands(t Task, ids []string) (map[string][]byte, error) {
 }
 
 // SweepCommands deletes the task's command outcomes older than cutoff (unix
-// nanoseconds): the idempotency window has passed for them. It deletes at
-// most limit records per call and reports whether more may remain.
-func (s *Store) SweepCommands(t Task, cutoff int64, limit int) (deleted int, more bool, err error) {
+// nanoseconds): the idempotency window has passed for them. It scans at most
+// maxScan records, starting at the command id resume (empty: from the
+// start), and returns the id to resume at next time (empty once it reached
+// the end), so a caller can spread a sweep of millions of records over many
+// short calls.
+func (s *Store) SweepCommands(t Task, cutoff int64, maxScan int, resume string) (deleted int, next string, err error) {
 	prefix := t.Prefix()
+	lower := join(prefix, []byte{KindCommand, 0})
 	it, err := s.db.NewIter(&pebble.IterOptions{
-		LowerBound: join(prefix, []byte{KindCommand, 0}),
+		LowerBound: lower,
 		UpperBound: join(prefix, []byte{KindCommand, 1}),
 	})
 	if err != nil {
-		return 0, false, err
+		return 0, "", err
 	}
 	defer it.Close()
 	b := s.db.NewBatch()
 	defer b.Close()
-	for valid := it.First(); valid; valid = it.Next() {
-		if deleted >= limit {
-			more = true
+	valid := it.First()
+	if resume != "" {
+		valid = it.SeekGE(join(prefix, CommandKey(resume)))
+	}
+	for scanned := 0; valid; valid = it.Next() {
+		if scanned >= maxScan {
+			next = string(it.Key()[len(lower):])
 			break
 		}
+		scanned++
 		v, err := it.ValueAndErr()
 		if err != nil {
-			return 0, false, err
+			return 0, "", err
 		}
-		rec, err := DecodeCommandRecord(v)
-		if err == nil && rec.At >= cutoff {
+		if rec, err := DecodeCommandRecord(v); err == nil && rec.At >= cutoff {
 			continue
 		}
 		if err := b.Delete(it.Key(), nil); err != nil {
-			return 0, false, err
+			return 0, "", err
 		}
 		deleted++
 	}
 	if err := it.Error(); err != nil {
-		return 0, false, err
+		return 0, "", err
 	}
-	if deleted == 0 {
-		return 0, false, nil
+	if deleted > 0 {
+		err = b.Commit(pebble.NoSync)
 	}
-	return deleted, more, b.Commit(pebble.NoSync)
+	return deleted, next, err
 }

@@ -27,14 +27,26 @@ func TestSweepCommands(t *testing.T) {
 	if err := b.Commit(); err != nil {
 		t.Fatal(err)
 	}
-	// Older than 300: a and b; the limit makes it take two calls.
-	n, more, err := s.SweepCommands(task, 300, 1)
-	if err != nil || n != 1 || !more {
-		t.Fatalf("first sweep: %d %v %v", n, more, err)
+	// Older than 300: a and b. Scanning 1 record per call takes 4 calls
+	// to reach the end, resuming each time where the last one stopped.
+	total, resume, calls := 0, "", 0
+	for {
+		n, next, err := s.SweepCommands(task, 300, 1, resume)
+		if err != nil {
+			t.Fatal(err)
+		}
+		total += n
+		calls++
+		if next == "" {
+			break
+		}
+		if calls > 10 {
+			t.Fatal("the sweep does not progress")
+		}
+		resume = next
 	}
-	n, more, err = s.SweepCommands(task, 300, 10)
-	if err != nil || n != 1 || more {
-		t.Fatalf("second sweep: %d %v %v", n, more, err)
+	if total != 2 || calls != 4 {
+		t.Fatalf("deleted %d in %d calls, want 2 in 4", total, calls)
 	}
 	found, err := s.Commands(task, []string{"a", "b", "c", "d"})
 	if err != nil || len(found) != 2 || found["c"] == nil || found["d"] == nil {

@@ -61,6 +61,7 @@ type taskCycle struct {
 	outcomes    []aggregate.Outcome                 // only those someone awaits
 	timestamps  []time.Time                         // command record timestamps, for latency
 	changelogTo atomic.Int64                        // highest changelog offset written; -1 none
+	counts      map[string]int                      // outcomes, by kind
 }
 
 // entity is an entity's state within a cycle: loaded from the store on first
@@ -108,11 +109,19 @@ func (e *Engine) cycle(sess session, fetches kgo.Fetches) error {
 	return fatal(c.commit(), e.cfg.TransactionalID)
 }
 
-// fatal returns a node-stopping error for the Kafka errors no retry can cure.
+// storeError is a local store failure the node cannot continue after.
+type storeError struct{ error }
+
+func (e storeError) Unwrap() error { return e.error }
+
+// fatal returns a node-stopping error for the errors no retry can cure.
 func fatal(err error, transactionalID string) error {
+	var se storeError
 	switch {
 	case err == nil:
 		return nil
+	case errors.As(err, &se):
+		return se
 	case errors.Is(err, kerr.ProducerFenced):
 		return fmt.Errorf("the transactional id %q was fenced: another node runs with the same instance id (give every node its own InstanceID, advertised URL or state directory): %w", transactionalID, err)
 	case errors.Is(err, kerr.TransactionalIDAuthorizationFailed), errors.Is(err, kerr.ClusterAuthorizationFailed):
@@ -248,7 +257,7 @@ func (tc *taskCycle) prepare() []parsedCommand {
 // handle processes one command record. It never fails the cycle: a command
 // that cannot be processed becomes a rejected outcome.
 func (tc *taskCycle) handle(r *kgo.Record, p *parsedCommand) {
-	e, def := tc.c.e, tc.def
+	e := tc.c.e
 	tc.timestamps = append(tc.timestamps, r.Timestamp)
 	id := string(r.Key)
 	cmd, parseErr, cmdID := p.cmd, p.err, p.id
@@ -296,45 +305,28 @@ func (tc *taskCycle) handle(r *kgo.Record, p *parsedCommand) {
 	}
 	ent, err := tc.entity(id)
 	if err != nil {
-		reject("cannot load state: "+err.Error(), false, 0)
-		e.log.Error("load entity state", "task", tc.task, "id", id, "err", err)
+		var decodeErr stateDecodeError
+		if errors.As(err, &decodeErr) {
+			// The stored state does not fit the code: no retry helps.
+			reject("cannot load state: "+err.Error(), false, 0)
+			e.log.Error("load entity state", "task", tc.task, "id", id, "err", err)
+			return
+		}
+		// A store read error may pass: abort the cycle and retry it.
+		tc.c.fail(fmt.Errorf("read state of %s %q: %w", tc.task.Type, id, err))
 		return
 	}
 	if cmd.ExpectedVersion != nil && *cmd.ExpectedVersion != ent.version {
 		reject(fmt.Sprintf("version conflict: expected version %d, current version is %d", *cmd.ExpectedVersion, ent.version), true, ent.version)
 		return
 	}
-	value, err := def.DecodeCommand(cmd.Type, cmd.Data)
+	events, state, version, err := tc.decide(ent, cmd, cmdID)
+	if err == nil && len(events) > 0 && e.isGuarded(tc.task, id) {
+		err = tc.checkStateSize(id, state)
+	}
 	if err != nil {
 		reject(err.Error(), false, ent.version)
 		return
-	}
-	if err := def.ValidateCommand(value); err != nil {
-		reject(err.Error(), false, ent.version)
-		return
-	}
-	decided, err := def.Decide(ent.state, value)
-	if err != nil {
-		reject(err.Error(), false, ent.version)
-		return
-	}
-
-	events := make([]aggregate.Event, 0, len(decided))
-	state, version := ent.state, ent.version
-	for _, ev := range decided {
-		name, schema, data, err := def.EncodeEvent(ev)
-		if err != nil {
-			reject("cannot encode event: "+err.Error(), false, ent.version)
-			return
-		}
-		version++
-		state = def.Evolve(state, ev)
-		events = append(events, aggregate.Event{
-			EntityID: id, Version: version, EventID: aggregate.EventID(def.Name(), id, version),
-			Type: name, SchemaVersion: schema, CommandID: cmdID,
-			CorrelationID: orDefault(cmd.CorrelationID, cmdID), CausationID: orDefault(cmd.CausationID, cmdID),
-			Time: now, Data: data,
-		})
 	}
 	for i := range events {
 		tc.produce(tc.eventRecord(&events[i]), false)
@@ -354,6 +346,82 @@ func (tc *taskCycle) handle(r *kgo.Record, p *parsedCommand) {
 	tc.count("accepted")
 }
 
+// decide runs the user's code for one command: decode, Validate, decide,
+// then encode and evolve each event. It computes the new state without
+// touching the entity, so a rejection leaves it as it was; a panic in user
+// code becomes a rejection rather than a crash of every node in turn.
+func (tc *taskCycle) decide(ent *entity, cmd aggregate.Command, cmdID string) (events []aggregate.Event, state any, version int64, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("command handling panicked: %v", r)
+		}
+	}()
+	def, now, id := tc.def, tc.c.now, ent.id
+	value, err := def.DecodeCommand(cmd.Type, cmd.Data)
+	if err != nil {
+		return nil, nil, 0, err
+	}
+	if err := def.ValidateCommand(value); err != nil {
+		return nil, nil, 0, err
+	}
+	decided, err := def.Decide(ent.state, value)
+	if err != nil {
+		return nil, nil, 0, err
+	}
+	events = make([]aggregate.Event, 0, len(decided))
+	state, version = ent.state, ent.version
+	for _, ev := range decided {
+		name, schema, data, err := def.EncodeEvent(ev)
+		if err != nil {
+			return nil, nil, 0, fmt.Errorf("cannot encode event: %w", err)
+		}
+		if len(data) > maxRecordBytes {
+			return nil, nil, 0, fmt.Errorf("event %s is %d bytes encoded; Kafka records are limited to about %d bytes", name, len(data), maxRecordBytes)
+		}
+		version++
+		state = def.Evolve(state, ev)
+		events = append(events, aggregate.Event{
+			EntityID: id, Version: version, EventID: aggregate.EventID(def.Name(), id, version),
+			Type: name, SchemaVersion: schema, CommandID: cmdID,
+			CorrelationID: orDefault(cmd.CorrelationID, cmdID), CausationID: orDefault(cmd.CausationID, cmdID),
+			Time: now, Data: data,
+		})
+	}
+	return events, state, version, nil
+}
+
+// checkStateSize rejects a command whose new state is too large to write.
+func (tc *taskCycle) checkStateSize(id string, state any) error {
+	data, err := tc.def.EncodeState(state)
+	if err != nil {
+		return fmt.Errorf("cannot encode the new state: %w", err)
+	}
+	if len(data) > maxRecordBytes {
+		return tc.stateTooLarge(id, len(data))
+	}
+	return nil
+}
+
+func (tc *taskCycle) stateTooLarge(id string, n int) error {
+	return fmt.Errorf("the state of %s %q would be %d bytes encoded; Kafka records are limited to about %d bytes: keep aggregate state small", tc.task.Type, id, n, maxRecordBytes)
+}
+
+// maxRecordBytes bounds one event payload or state snapshot: a record must
+// fit in a produce batch (franz-go's default ProducerBatchMaxBytes is
+// 1,000,012 bytes, as is the broker's default message.max.bytes), with room
+// for key and headers.
+const maxRecordBytes = 900_000
+
+// journalChunkBytes is the size above which one entity's journal of one
+// cycle is split into several records.
+const journalChunkBytes = 256 << 10
+
+// stateDecodeError marks a stored state the aggregate's codec cannot read.
+type stateDecodeError struct{ err error }
+
+func (e stateDecodeError) Error() string { return e.err.Error() }
+func (e stateDecodeError) Unwrap() error { return e.err }
+
 func orDefault(s, def string) string {
 	if s == "" {
 		return def
@@ -361,10 +429,13 @@ func orDefault(s, def string) string {
 	return s
 }
 
+// count tallies an outcome; the tallies reach the metrics only if the
+// cycle commits, so a re-processed command is counted once.
 func (tc *taskCycle) count(outcome string) {
-	if m := tc.c.e.cfg.Metrics; m != nil {
-		m.command(tc.task.Type, outcome).Inc()
+	if tc.counts == nil {
+		tc.counts = map[string]int{}
 	}
+	tc.counts[outcome]++
 }
 
 // eventRecord builds an event's record; the headers carry the envelope (see
@@ -427,10 +498,10 @@ func (tc *taskCycle) entity(id string) (*entity, error) {
 	if found {
 		rec, err := statestore.DecodeStateRecord(raw)
 		if err != nil {
-			return nil, err
+			return nil, stateDecodeError{err}
 		}
 		if ent.state, err = tc.def.DecodeState(rec.State); err != nil {
-			return nil, err
+			return nil, stateDecodeError{err}
 		}
 		ent.version, ent.updatedAt = rec.Version, rec.UpdatedAt
 	}
@@ -522,37 +593,94 @@ func (tc *taskCycle) stageChangelog() {
 				tc.c.fail(fmt.Errorf("encode state of %s %q: %w", tc.task.Type, ent.id, err))
 				return
 			}
+			if len(state) > maxRecordBytes {
+				// No retry can write it: abort, and have the retried cycle
+				// check this entity's size per command.
+				err := tc.stateTooLarge(ent.id, len(state))
+				tc.c.e.guard(tc.task, ent.id, err.Error())
+				tc.c.fail(err)
+				return
+			}
 			k, v := changelog.StateRecord(ent.id, statestore.StateRecord{Version: ent.version, UpdatedAt: ent.updatedAt, State: state})
 			tc.produce(&kgo.Record{Topic: topic, Partition: tc.task.Partition, Key: k, Value: v}, true)
 			if err := tc.batch.Set(tc.task, k, v); err != nil {
 				tc.c.fail(err)
 			}
 		}
-		k, v, err := changelog.JournalRecord(ent.id, &ent.journal)
-		if err != nil {
-			tc.c.fail(err)
-			return
-		}
-		tc.produce(&kgo.Record{Topic: topic, Partition: tc.task.Partition, Key: k, Value: v}, true)
-		// The same writes a restore of this record makes (changelog.Apply).
-		if err := changelog.StageJournal(tc.batch, tc.task, k, v, &ent.journal); err != nil {
-			tc.c.fail(err)
+		for _, j := range splitJournal(&ent.journal, journalChunkBytes) {
+			k, v, err := changelog.JournalRecord(ent.id, j)
+			if err != nil {
+				tc.c.fail(err)
+				return
+			}
+			tc.produce(&kgo.Record{Topic: topic, Partition: tc.task.Partition, Key: k, Value: v}, true)
+			// The same writes a restore of this record makes (changelog.Apply).
+			if err := changelog.StageJournal(tc.batch, tc.task, k, v, j); err != nil {
+				tc.c.fail(err)
+			}
 		}
 	}
 }
 
+// splitJournal cuts a journal whose events are large into chunks of about
+// budget bytes (each its own changelog record, keyed by its first version).
+// A command goes with the chunk holding its first event.
+func splitJournal(j *statestore.Journal, budget int) []*statestore.Journal {
+	size := 0
+	for i := range j.Events {
+		size += len(j.Events[i].Data) + 128
+	}
+	if size <= budget || len(j.Events) < 2 {
+		return []*statestore.Journal{j}
+	}
+	var chunks []*statestore.Journal
+	cur, curSize := &statestore.Journal{}, 0
+	for i := range j.Events {
+		n := len(j.Events[i].Data) + 128
+		if curSize+n > budget && len(cur.Events) > 0 {
+			chunks = append(chunks, cur)
+			cur, curSize = &statestore.Journal{}, 0
+		}
+		cur.Events = append(cur.Events, j.Events[i])
+		curSize += n
+	}
+	chunks = append(chunks, cur)
+	for _, c := range j.Commands {
+		at := 0
+		for i, ch := range chunks {
+			if c.From >= ch.Events[0].Version {
+				at = i
+			}
+		}
+		chunks[at].Commands = append(chunks[at].Commands, c)
+	}
+	return chunks
+}
+
 // commit writes the changelog, ends the transaction and, if it committed,
-// applies the store batches and reports the outcomes. It returns End's error.
+// applies the store batches and reports the outcomes. It returns End's error,
+// or an error that must stop the node.
 func (c *cycle) commit() error {
 	e := c.e
 	parallel(c.order, (*taskCycle).stageChangelog)
-	committed, err := c.sess.End(c.ctx, c.failed() == nil)
+	// Every record must be acknowledged before deciding: franz-go commits a
+	// transaction even when one of its records failed (the producer id
+	// stays usable), so the decision to commit is ours.
+	flushErr := c.sess.Client().Flush(c.ctx)
+	if flushErr != nil {
+		c.fail(fmt.Errorf("flush: %w", flushErr))
+	}
 	c.wg.Wait()
+	failed := c.failed()
+	committed, err := c.sess.End(c.ctx, failed == nil)
 	if err != nil {
 		e.log.Warn("ending transaction", "err", err, "committed", committed)
 	}
-	if err := c.failed(); err != nil {
-		e.log.Warn("cycle failed; aborted and rewinding", "err", err)
+	if failed != nil {
+		e.log.Warn("cycle failed; aborted and rewinding", "err", failed)
+		if committed {
+			return storeError{fmt.Errorf("a transaction committed although the cycle failed (%v): stopping before the store diverges", failed)}
+		}
 	}
 	m := e.cfg.Metrics
 	if !committed {
@@ -571,9 +699,10 @@ func (c *cycle) commit() error {
 			}
 		}
 		if err := tc.batch.Commit(); err != nil {
-			// Kafka holds the committed truth; the changelog tail restores
-			// it when the task is next assigned.
-			e.log.Error("applying committed batch to the store failed", "task", tc.task, "err", err)
+			// Kafka holds the committed truth, but the store now lacks it:
+			// processing on would decide on stale state. Stop; a restart
+			// restores the changelog tail.
+			return storeError{fmt.Errorf("applying a committed transaction to the store of %s: %w", tc.task, err)}
 		}
 	}
 	for _, tc := range c.order {
@@ -584,6 +713,9 @@ func (c *cycle) commit() error {
 		m.Transactions.WithLabelValues("committed").Inc()
 		m.BatchCommands.Observe(float64(c.n))
 		for _, tc := range c.order {
+			for outcome, n := range tc.counts {
+				m.command(tc.task.Type, outcome).Add(float64(n))
+			}
 			h := m.latency(tc.task.Type)
 			for _, ts := range tc.timestamps {
 				h.Observe(time.Since(ts).Seconds())

@@ -29,6 +29,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/twmb/franz-go/pkg/kadm"
@@ -76,6 +77,45 @@ type Engine struct {
 	stopping bool
 
 	waiters waiters
+
+	// franz-go's GroupTransactSession calls our revoke callback only for
+	// the first revocation between two ends of a transaction; an idle node
+	// must end one (an empty abort) after each revocation, or the next
+	// revocation would not reach onRevoked and the node would keep serving
+	// tasks it no longer owns.
+	needReset  atomic.Bool
+	pollMu     sync.Mutex
+	cancelPoll context.CancelFunc
+
+	sweepCursor map[statestore.Task]string // where each task's sweep resumes; run loop only
+
+	guardMu sync.Mutex
+	guarded map[entityKey]bool // entities whose state size is checked per command
+}
+
+type entityKey struct {
+	task statestore.Task
+	id   string
+}
+
+// guard makes the engine check an entity's encoded state size after every
+// command from now on (until the node restarts): its state grew too large
+// for a Kafka record in a cycle, which had to abort. The retried cycle then
+// rejects exactly the command that makes the state too large.
+func (e *Engine) guard(t statestore.Task, id, reason string) {
+	e.guardMu.Lock()
+	defer e.guardMu.Unlock()
+	if e.guarded == nil {
+		e.guarded = map[entityKey]bool{}
+	}
+	e.guarded[entityKey{t, id}] = true
+	e.log.Warn("an entity's state is too large; checking its size on every command", "task", t.String(), "id", id, "reason", reason)
+}
+
+func (e *Engine) isGuarded(t statestore.Task, id string) bool {
+	e.guardMu.Lock()
+	defer e.guardMu.Unlock()
+	return e.guarded[entityKey{t, id}]
 }
 
 type taskState struct {
@@ -148,8 +188,17 @@ func (e *Engine) run(ctx context.Context) error {
 	cl := sess.Client()
 	nextSweep := time.Now().Add(sweepInterval(e.cfg.IdempotencyWindow))
 	for {
-		// Poll until records arrive, or until the next sweep is due.
+		// Poll until records arrive, the next sweep is due, or a revocation
+		// needs the session reset (the callbacks cancel the poll).
 		pollCtx, cancel := context.WithDeadline(ctx, nextSweep)
+		e.pollMu.Lock()
+		e.cancelPoll = cancel
+		e.pollMu.Unlock()
+		if e.needReset.Swap(false) {
+			if _, err := sess.End(ctx, false); err != nil {
+				e.log.Warn("resetting the transactional session after a revocation", "err", err)
+			}
+		}
 		fetches := cl.PollRecords(pollCtx, 10000)
 		cancel()
 		if ctx.Err() != nil {
@@ -167,8 +216,11 @@ func (e *Engine) run(ctx context.Context) error {
 			}
 		}
 		if time.Now().After(nextSweep) {
-			e.sweep()
-			nextSweep = time.Now().Add(sweepInterval(e.cfg.IdempotencyWindow))
+			next := sweepInterval(e.cfg.IdempotencyWindow)
+			if e.sweep() {
+				next = time.Second // a sweep in progress goes on soon
+			}
+			nextSweep = time.Now().Add(next)
 		}
 		sess.AllowRebalance()
 	}
@@ -181,10 +233,11 @@ func sweepInterval(window time.Duration) time.Duration {
 
 // sweep deletes command outcomes older than the idempotency window from the
 // tasks this node owns. It runs between cycles, so it never races a cycle's
-// batch, and bounds its work per call so processing is not held up; the
-// changelog keeps the journals, so a restore brings expired records back and
-// the next sweep removes them again.
-func (e *Engine) sweep() {
+// batch, and scans a bounded number of records per task per call (resuming
+// where it stopped), so processing is held up for milliseconds at most. The
+// changelog keeps the journals: a restore brings expired records back and a
+// later sweep removes them again. It reports whether a sweep is unfinished.
+func (e *Engine) sweep() (unfinished bool) {
 	cutoff := time.Now().Add(-e.cfg.IdempotencyWindow).UnixNano()
 	e.mu.RLock()
 	tasks := make([]statestore.Task, 0, len(e.tasks))
@@ -194,16 +247,26 @@ func (e *Engine) sweep() {
 		}
 	}
 	e.mu.RUnlock()
+	if e.sweepCursor == nil {
+		e.sweepCursor = map[statestore.Task]string{}
+	}
 	for _, t := range tasks {
-		n, _, err := e.cfg.Store.SweepCommands(t, cutoff, 100_000)
+		n, next, err := e.cfg.Store.SweepCommands(t, cutoff, 20_000, e.sweepCursor[t])
 		if err != nil {
 			e.log.Warn("sweeping expired command outcomes", "task", t.String(), "err", err)
 			continue
+		}
+		if next == "" {
+			delete(e.sweepCursor, t)
+		} else {
+			e.sweepCursor[t] = next
+			unfinished = true
 		}
 		if n > 0 {
 			e.log.Debug("swept expired command outcomes", "task", t.String(), "deleted", n)
 		}
 	}
+	return unfinished
 }
 
 func (e *Engine) newSession(ctx context.Context) (session, error) {
@@ -322,6 +385,14 @@ func (e *Engine) onAssigned(ctx context.Context, _ *kgo.Client, assigned map[str
 }
 
 func (e *Engine) onRevoked(_ context.Context, _ *kgo.Client, revoked map[string][]int32) {
+	if e.cfg.Transactional {
+		e.needReset.Store(true)
+		e.pollMu.Lock()
+		if e.cancelPoll != nil {
+			e.cancelPoll()
+		}
+		e.pollMu.Unlock()
+	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	for topic, parts := range revoked {
