@@ -287,7 +287,7 @@ func (s *Store) Commands(t Task, ids []string) (map[string][]byte, error) {
 		if i > 0 && bytes.Equal(k, keys[i-1]) {
 			continue
 		}
-		if !it.SeekGE(k) || !bytes.Equal(it.Key(), k) {
+		if !it.SeekPrefixGE(k) || !bytes.Equal(it.Key(), k) {
 			continue
 		}
 		v, err := it.ValueAndErr()
