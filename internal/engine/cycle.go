@@ -95,8 +95,15 @@ func (e *Engine) cycle(sess session, fetches kgo.Fetches) error {
 		// consumption to the committed offsets.
 		e.log.Error("begin transaction", "err", err)
 		_, endErr := sess.End(ctx, false)
+		if e.beginFailures++; e.beginFailures >= 10 {
+			// The producer is broken for good (franz-go reports a fatal
+			// producer id error this way): holding the partitions while
+			// processing nothing helps no one.
+			return fmt.Errorf("cannot begin transactions (%d failures in a row): %w", e.beginFailures, err)
+		}
 		return fatal(errors.Join(err, endErr), e.cfg.TransactionalID)
 	}
+	e.beginFailures = 0
 	c.process(fetches)
 	cl := sess.Client()
 	for time.Since(start) < e.cfg.CommitInterval && cl.BufferedFetchRecords() > 0 {

@@ -87,7 +87,8 @@ type Engine struct {
 	pollMu     sync.Mutex
 	cancelPoll context.CancelFunc
 
-	sweepCursor map[statestore.Task]string // where each task's sweep resumes; run loop only
+	sweepCursor   map[statestore.Task]string // where each task's sweep resumes; run loop only
+	beginFailures int                        // consecutive; run loop only
 
 	guardMu sync.Mutex
 	guarded map[entityKey]bool // entities whose state size is checked per command
