@@ -2,9 +2,7 @@ package esker_test
 
 import (
 	"bytes"
-	"context"
 	"encoding/gob"
-	"net/http/httptest"
 	"testing"
 
 	"github.com/esker-io/esker"
@@ -46,23 +44,11 @@ func TestCustomCodec(t *testing.T) {
 	).Commands(Add{}).Events(Added{})
 
 	c := newCluster(t)
-	run := func(dir string) (*testNode, func()) {
-		n, err := esker.NewNode(esker.Brokers(c.ListenAddrs()...), esker.ApplicationID("tallies"),
-			esker.StateDir(dir), esker.HTTPListen(""), esker.Partitions(2), esker.Logger(testLogger()),
-			esker.KafkaOptions(fastFetch()))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := n.Register(tallies); err != nil {
-			t.Fatal(err)
-		}
-		ctx, cancel := context.WithCancel(context.Background())
-		tn := &testNode{Node: n, srv: httptest.NewServer(n.Handler()), cancel: cancel, done: make(chan error, 1)}
-		go func() { tn.done <- n.Run(ctx) }()
-		waitReady(t, tn)
-		return tn, tn.stop
+	run := func(dir string) *testNode {
+		return startTypesNode(t, c.ListenAddrs(), dir, []esker.Registrable{tallies},
+			esker.ApplicationID("tallies"), esker.Partitions(2))
 	}
-	n, stop := run(t.TempDir())
+	n := run(t.TempDir())
 	for _, k := range []int{3, 4} {
 		code, body := do(t, n, "POST", "/v1/aggregates/tally/t1/commands", cmd("Add", map[string]any{"N": k}))
 		mustStatus(t, 200, code, body, "add")
@@ -85,8 +71,8 @@ func TestCustomCodec(t *testing.T) {
 			t.Fatalf("content-type header %q", header(r, aggregate.HeaderContentType))
 		}
 	}
-	stop()
+	n.stop()
 	// A fresh node restores the gob state and journals from the changelog.
-	n2, _ := run(t.TempDir())
+	n2 := run(t.TempDir())
 	check(n2)
 }

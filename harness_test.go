@@ -53,6 +53,13 @@ func testLogger() *slog.Logger {
 // server, and waits until it is ready.
 func startNode(t testing.TB, brokers []string, stateDir string, opts ...esker.Option) *testNode {
 	t.Helper()
+	return startTypesNode(t, brokers, stateDir, []esker.Registrable{bank.Account}, opts...)
+}
+
+// startTypesNode is startNode with other aggregate types; opts come after
+// the test defaults (application "bank", 4 partitions), so they override them.
+func startTypesNode(t testing.TB, brokers []string, stateDir string, types []esker.Registrable, opts ...esker.Option) *testNode {
+	t.Helper()
 	all := append([]esker.Option{
 		esker.Brokers(brokers...),
 		esker.ApplicationID("bank"),
@@ -67,8 +74,10 @@ func startNode(t testing.TB, brokers []string, stateDir string, opts ...esker.Op
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := n.Register(bank.Account); err != nil {
-		t.Fatal(err)
+	for _, typ := range types {
+		if err := n.Register(typ); err != nil {
+			t.Fatal(err)
+		}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	tn := &testNode{Node: n, srv: httptest.NewServer(n.Handler()), cancel: cancel, done: make(chan error, 1)}

@@ -1,8 +1,6 @@
 package esker_test
 
 import (
-	"context"
-	"net/http/httptest"
 	"strings"
 	"testing"
 
@@ -30,20 +28,8 @@ func TestOversizedRecords(t *testing.T) {
 		func(s blob, e blobEvent) blob { s.S += e.(Appended).S; return s },
 	).Commands(Append{}).Events(Appended{})
 	c := newCluster(t)
-	n, err := esker.NewNode(esker.Brokers(c.ListenAddrs()...), esker.ApplicationID("blobs"),
-		esker.StateDir(t.TempDir()), esker.HTTPListen(""), esker.Partitions(1), esker.Logger(testLogger()),
-		esker.MaxBodyBytes(4<<20), esker.KafkaOptions(fastFetch()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := n.Register(blobs); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	tn := &testNode{Node: n, srv: httptest.NewServer(n.Handler()), cancel: cancel, done: make(chan error, 1)}
-	go func() { tn.done <- n.Run(ctx) }()
-	t.Cleanup(tn.stop)
-	waitReady(t, tn)
+	tn := startTypesNode(t, c.ListenAddrs(), t.TempDir(), []esker.Registrable{blobs},
+		esker.ApplicationID("blobs"), esker.Partitions(1), esker.MaxBodyBytes(4<<20))
 
 	code, body := do(t, tn, "POST", "/v1/aggregates/blob/b/commands", cmd("Append", map[string]any{"S": strings.Repeat("x", 950_000)}))
 	mustStatus(t, 422, code, body, "oversized event")

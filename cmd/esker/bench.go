@@ -285,7 +285,7 @@ func (p *benchProgress) done(r benchmark.Result) {
 	defer p.mu.Unlock()
 	line := fmt.Sprintf("%s · %s · %.0f commands/s", p.run, r.Name, r.PerSecond)
 	if r.Samples > 0 {
-		line += fmt.Sprintf(", p50 %s, p99 %s", fmtDuration(r.P50), fmtDuration(r.P99))
+		line += fmt.Sprintf(", p50 %s, p99 %s", benchmark.FormatDuration(r.P50), benchmark.FormatDuration(r.P99))
 	}
 	fmt.Fprintln(p.w, line)
 }
@@ -415,17 +415,6 @@ func plural(n int, one, many string) string {
 		return one
 	}
 	return many
-}
-
-func fmtDuration(d time.Duration) string {
-	switch {
-	case d >= 100*time.Millisecond:
-		return d.Round(time.Millisecond).String()
-	case d >= time.Millisecond:
-		return d.Round(10 * time.Microsecond).String()
-	default:
-		return d.Round(time.Microsecond).String()
-	}
 }
 
 // benchCommandLine is the command as typed, quoted for a POSIX shell.

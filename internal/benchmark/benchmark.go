@@ -258,6 +258,12 @@ func fmtLatency(d time.Duration, samples int) string {
 	if samples == 0 {
 		return "-"
 	}
+	return FormatDuration(d)
+}
+
+// FormatDuration rounds a duration to three significant-ish digits for
+// reports: 356ms, 1.48ms, 977µs.
+func FormatDuration(d time.Duration) string {
 	switch {
 	case d >= 100*time.Millisecond:
 		return d.Round(time.Millisecond).String()
