@@ -68,11 +68,26 @@ type Event struct {
 // that a command re-processed after an aborted transaction produces events
 // with the same ids, and downstream consumers can deduplicate on it.
 func EventID(aggregateType, entityID string, version int64) string {
-	h := sha1.Sum([]byte(aggregateType + "\x00" + entityID + "\x00" + strconv.FormatInt(version, 10)))
+	var in [128]byte
+	b := append(in[:0], aggregateType...)
+	b = append(b, 0)
+	b = append(b, entityID...)
+	b = append(b, 0)
+	b = strconv.AppendInt(b, version, 10)
+	h := sha1.Sum(b)
 	h[6] = (h[6] & 0x0f) | 0x50 // UUID version 5 layout
 	h[8] = (h[8] & 0x3f) | 0x80
-	s := hex.EncodeToString(h[:16])
-	return s[0:8] + "-" + s[8:12] + "-" + s[12:16] + "-" + s[16:20] + "-" + s[20:32]
+	var out [36]byte
+	hex.Encode(out[0:8], h[0:4])
+	out[8] = '-'
+	hex.Encode(out[9:13], h[4:6])
+	out[13] = '-'
+	hex.Encode(out[14:18], h[6:8])
+	out[18] = '-'
+	hex.Encode(out[19:23], h[8:10])
+	out[23] = '-'
+	hex.Encode(out[24:36], h[10:16])
+	return string(out[:])
 }
 
 // Headers returns the record headers for an event.

@@ -62,6 +62,8 @@ type taskCycle struct {
 	timestamps  []time.Time                         // command record timestamps, for latency
 	changelogTo atomic.Int64                        // highest changelog offset written; -1 none
 	counts      map[string]int                      // outcomes, by kind
+	onEvent     func(*kgo.Record, error)            // produce promises
+	onChangelog func(*kgo.Record, error)
 }
 
 // entity is an entity's state within a cycle: loaded from the store on first
@@ -232,6 +234,7 @@ type parsedCommand struct {
 func (tc *taskCycle) prepare() []parsedCommand {
 	if tc.timestamps == nil {
 		tc.timestamps = make([]time.Time, 0, len(tc.pending))
+		tc.commands = make(map[string]statestore.CommandRecord, len(tc.pending))
 	}
 	cmds := make([]parsedCommand, len(tc.pending))
 	ids := make([]string, len(tc.pending))
@@ -569,13 +572,20 @@ func (tc *taskCycle) replay(rec statestore.CommandRecord) aggregate.Outcome {
 func (tc *taskCycle) produce(r *kgo.Record, isChangelog bool) {
 	c := tc.c
 	c.wg.Add(1)
-	c.sess.Client().Produce(c.ctx, r, func(r *kgo.Record, err error) {
-		defer c.wg.Done()
-		if err != nil {
-			c.fail(err)
-			return
+	if tc.onEvent == nil {
+		// Promises made once per task and cycle, not per record.
+		tc.onEvent = func(_ *kgo.Record, err error) {
+			defer c.wg.Done()
+			if err != nil {
+				c.fail(err)
+			}
 		}
-		if isChangelog {
+		tc.onChangelog = func(r *kgo.Record, err error) {
+			defer c.wg.Done()
+			if err != nil {
+				c.fail(err)
+				return
+			}
 			for {
 				cur := tc.changelogTo.Load()
 				if r.Offset <= cur || tc.changelogTo.CompareAndSwap(cur, r.Offset) {
@@ -583,7 +593,12 @@ func (tc *taskCycle) produce(r *kgo.Record, isChangelog bool) {
 				}
 			}
 		}
-	})
+	}
+	promise := tc.onEvent
+	if isChangelog {
+		promise = tc.onChangelog
+	}
+	c.sess.Client().Produce(c.ctx, r, promise)
 }
 
 // stageChangelog produces the task's changelog records, one state record and
