@@ -27,6 +27,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -67,6 +68,22 @@ type Node struct {
 
 	storeMu     sync.RWMutex // readers hold it shared while they use the store
 	storeClosed bool
+
+	clusterMap atomic.Pointer[interactive.Map] // newest map from the group balancer
+}
+
+// setMap keeps the newest cluster map the balancer delivers (a map of an
+// older generation can arrive again; see interactive.NewBalancer).
+func (n *Node) setMap(m interactive.Map) {
+	for {
+		cur := n.clusterMap.Load()
+		if cur != nil && cur.Generation > m.Generation {
+			return
+		}
+		if n.clusterMap.CompareAndSwap(cur, &m) {
+			return
+		}
+	}
 }
 
 // NewNode validates the options and returns a node. Nothing connects to
@@ -159,7 +176,17 @@ func (n *Node) Run(ctx context.Context) error {
 	}
 	defer producer.Close()
 
-	eng, err := engine.New(engine.Config{
+	// The group balancer carries this node's URL and local state to the
+	// group leader and brings back the whole cluster map.
+	var eng *engine.Engine
+	balancer := interactive.NewBalancer(c.advertisedURL, 0, func() map[int32]interactive.LocalTask {
+		local := map[int32]interactive.LocalTask{}
+		for p, cp := range eng.LocalState() {
+			local[p] = interactive.LocalTask{Checkpoint: cp}
+		}
+		return local
+	}, n.setMap)
+	eng, err = engine.New(engine.Config{
 		AppID:             c.appID,
 		ClientOpts:        clientOpts,
 		Types:             n.order,
@@ -172,6 +199,7 @@ func (n *Node) Run(ctx context.Context) error {
 		SessionTimeout:    c.sessionTimeout,
 		CommandRetention:  c.commandRetention,
 		ReplicationFactor: c.replicationFactor,
+		Balancer:          balancer,
 		Metrics:           n.metrics,
 		Logger:            log,
 	})

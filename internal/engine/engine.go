@@ -524,3 +524,26 @@ func (w *waiters) resolve(outcomes []aggregate.Outcome) {
 		}
 	}
 }
+
+// LocalState returns, per partition number this node holds state for, the
+// sum over the aggregate types of the tasks' changelog checkpoints: how far
+// its store has applied that partition's changelogs. The group balancer
+// prefers the member with the most caught-up state when a partition moves.
+func (e *Engine) LocalState() map[int32]int64 {
+	out := map[int32]int64{}
+	for p := range e.cfg.Partitions {
+		var sum int64
+		for _, d := range e.cfg.Types {
+			cp, err := e.cfg.Store.Checkpoint(statestore.Task{Type: d.Name(), Partition: p})
+			if err != nil {
+				e.log.Warn("reading a checkpoint for the group balancer", "partition", p, "err", err)
+				continue
+			}
+			sum += cp
+		}
+		if sum > 0 {
+			out[p] = sum
+		}
+	}
+	return out
+}
