@@ -42,6 +42,48 @@ func (n *Node) Events(ctx context.Context, aggregateType, id string, from int64,
 // Ready returns nil when the node processes every task it owns.
 func (n *Node) Ready() error { return backend{n}.Ready() }
 
+// router tells the HTTP layer which node serves a partition, from the
+// newest cluster map the group balancer delivered.
+type router struct{ n *Node }
+
+func (r router) Partitions() int32 { return r.n.cfg.partitions }
+func (r router) Self() string      { return r.n.cfg.advertisedURL }
+
+func (r router) Map() (interactive.Map, bool) {
+	m := r.n.clusterMap.Load()
+	if m == nil {
+		return interactive.Map{}, false
+	}
+	return *m, true
+}
+
+// Owner compares URLs: every node of an application must advertise its own
+// (AdvertisedURL).
+func (r router) Owner(p int32) (url string, self bool, ok bool) {
+	m := r.n.clusterMap.Load()
+	if m == nil {
+		return "", false, false
+	}
+	url, ok = m.ActiveURL(p)
+	return url, ok && url == r.n.cfg.advertisedURL, ok
+}
+
+// TaskStatus reports this node's active task for partition p (standby
+// tasks come with standby replicas). An active task writes its changelog
+// itself, so once restored it is not behind.
+func (r router) TaskStatus(p int32) (interactive.TaskStatus, bool) {
+	select {
+	case <-r.n.started:
+	default:
+		return interactive.TaskStatus{}, false
+	}
+	owned, restored := r.n.engine.PartitionStatus(p)
+	if !owned {
+		return interactive.TaskStatus{}, false
+	}
+	return interactive.TaskStatus{Role: interactive.RoleActive, Restored: restored}, true
+}
+
 // backend adapts the engine and the store to interactive.Backend.
 type backend struct{ n *Node }
 

@@ -110,6 +110,8 @@ func NewNode(opts ...Option) (*Node, error) {
 		interactive.CommandTimeout(cfg.commandTimeout),
 		interactive.Metrics(promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg})),
 		interactive.Logger(cfg.logger),
+		interactive.Routing(router{n}),
+		interactive.Registerer(reg),
 	)
 	return n, nil
 }

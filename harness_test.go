@@ -10,6 +10,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -60,7 +61,14 @@ func startNode(t testing.TB, brokers []string, stateDir string, opts ...esker.Op
 // the test defaults (application "bank", 4 partitions), so they override them.
 func startTypesNode(t testing.TB, brokers []string, stateDir string, types []esker.Registrable, opts ...esker.Option) *testNode {
 	t.Helper()
+	// The test server exists before the node, so the node can advertise
+	// its URL (nodes route requests to each other by it).
+	var handler atomic.Pointer[http.Handler]
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		(*handler.Load()).ServeHTTP(w, r)
+	}))
 	all := append([]esker.Option{
+		esker.AdvertisedURL(srv.URL),
 		esker.Brokers(brokers...),
 		esker.ApplicationID("bank"),
 		esker.StateDir(stateDir),
@@ -80,7 +88,9 @@ func startTypesNode(t testing.TB, brokers []string, stateDir string, types []esk
 		}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	tn := &testNode{Node: n, srv: httptest.NewServer(n.Handler()), cancel: cancel, done: make(chan error, 1)}
+	h := n.Handler()
+	handler.Store(&h)
+	tn := &testNode{Node: n, srv: srv, cancel: cancel, done: make(chan error, 1)}
 	go func() { tn.done <- n.Run(ctx) }()
 	t.Cleanup(tn.stop)
 	waitReady(t, tn)
@@ -122,6 +132,13 @@ func waitReady(t testing.TB, tn *testNode) {
 // do sends an HTTP request and decodes the JSON answer.
 func do(t testing.TB, tn *testNode, method, path string, body any) (int, map[string]any) {
 	t.Helper()
+	code, out, _ := doH(t, tn, method, path, body)
+	return code, out
+}
+
+// doH is do that also returns the response headers.
+func doH(t testing.TB, tn *testNode, method, path string, body any) (int, map[string]any, http.Header) {
+	t.Helper()
 	var rd io.Reader
 	switch b := body.(type) {
 	case nil:
@@ -147,7 +164,7 @@ func do(t testing.TB, tn *testNode, method, path string, body any) (int, map[str
 			t.Fatalf("%s %s: answer is not JSON: %q", method, path, raw)
 		}
 	}
-	return resp.StatusCode, out
+	return resp.StatusCode, out, resp.Header
 }
 
 func cmd(typ string, data any) map[string]any {

@@ -8,9 +8,10 @@ import (
 	"github.com/esker-io/esker"
 )
 
-// TestOwnershipFollowsRebalances: as nodes join, each partition is served by
-// exactly one node; a node that lost a partition answers 503 for its keys,
-// also after several revocations while it is idle.
+// TestOwnershipFollowsRebalances: as nodes join, every node answers every
+// key, and all of them agree on the one node that serves it (the
+// Esker-Served-By header): a node that lost a partition never serves it
+// itself, also after several revocations while it is idle.
 func TestOwnershipFollowsRebalances(t *testing.T) {
 	c := newCluster(t)
 	// 8 partitions: the first node loses partitions at every join.
@@ -23,22 +24,30 @@ func TestOwnershipFollowsRebalances(t *testing.T) {
 	nodes := []*testNode{a}
 	for range 3 {
 		nodes = append(nodes, startNode(t, c.ListenAddrs(), t.TempDir(), esker.Partitions(8)))
-		// Every account is answered by exactly one node once the group
-		// settles; a stale owner would make it two.
+		// Once the group settles every node answers every account, all
+		// served by one owner; a stale owner would serve it itself.
 		deadline := time.Now().Add(15 * time.Second)
 		for {
 			bad := ""
 			for i := range accounts {
-				owners := 0
+				servedBy := map[string]bool{}
 				for _, n := range nodes {
-					if code, _ := do(t, n, "GET", fmt.Sprintf("/v1/aggregates/account/own-%d", i), nil); code == 200 {
-						owners++
+					code, _, h := doH(t, n, "GET", fmt.Sprintf("/v1/aggregates/account/own-%d", i), nil)
+					if code != 200 {
+						bad = fmt.Sprintf("own-%d: a node answered %d", i, code)
+						break
 					}
+					servedBy[h.Get("Esker-Served-By")] = true
 				}
-				if owners != 1 {
-					bad = fmt.Sprintf("own-%d is answered by %d of %d nodes", i, owners, len(nodes))
+				if bad == "" && len(servedBy) != 1 {
+					bad = fmt.Sprintf("own-%d is served by %d different nodes: %v", i, len(servedBy), servedBy)
+				}
+				if bad != "" {
 					break
 				}
+			}
+			if bad == "" {
+				bad = localTasksMatchMap(t, nodes)
 			}
 			if bad == "" {
 				break
@@ -49,4 +58,121 @@ func TestOwnershipFollowsRebalances(t *testing.T) {
 			time.Sleep(50 * time.Millisecond)
 		}
 	}
+}
+
+// localTasksMatchMap checks that each node's own view of the partitions it
+// processes (the "local" entries of GET /v1/cluster) is exactly what the
+// cluster map gives it.
+func localTasksMatchMap(t *testing.T, nodes []*testNode) string {
+	t.Helper()
+	for i, n := range nodes {
+		code, body := do(t, n, "GET", "/v1/cluster", nil)
+		if code != 200 {
+			return fmt.Sprintf("node %d: /v1/cluster answered %d", i, code)
+		}
+		self := body["self"].(string)
+		ids := map[string]string{}
+		for _, m := range body["members"].([]any) {
+			m := m.(map[string]any)
+			ids[m["id"].(string)] = m["url"].(string)
+		}
+		for _, task := range body["tasks"].([]any) {
+			task := task.(map[string]any)
+			mine := ids[task["active"].(string)] == self
+			_, local := task["local"]
+			if mine != local {
+				return fmt.Sprintf("node %d, partition %v: the map says owner=%v, the node processes it=%v", i, task["partition"], mine, local)
+			}
+		}
+	}
+	return ""
+}
+
+// TestEveryNodeAnswersEveryKey: with three nodes, commands and reads for
+// every account work through any node, answered by the owner after at most
+// one forwarded hop.
+func TestEveryNodeAnswersEveryKey(t *testing.T) {
+	c := newCluster(t)
+	var nodes []*testNode
+	for range 3 {
+		nodes = append(nodes, startNode(t, c.ListenAddrs(), t.TempDir(), esker.Partitions(6)))
+	}
+	waitSettled(t, nodes)
+	const accounts = 12
+	for i := range accounts {
+		id := fmt.Sprintf("any-%d", i)
+		code, body := do(t, nodes[i%3], "POST", "/v1/aggregates/account/"+id+"/commands", cmd("Open", map[string]any{"owner": id}))
+		mustStatus(t, 200, code, body, "open via node "+fmt.Sprint(i%3))
+		code, body = do(t, nodes[(i+1)%3], "POST", "/v1/aggregates/account/"+id+"/commands", cmd("Deposit", map[string]any{"amount": 10 + i}))
+		mustStatus(t, 200, code, body, "deposit via another node")
+		var servedBy string
+		for j, n := range nodes {
+			code, body, h := doH(t, n, "GET", "/v1/aggregates/account/"+id+"?minVersion=2&wait=2s", nil)
+			mustStatus(t, 200, code, body, fmt.Sprintf("GET via node %d", j))
+			if body["state"].(map[string]any)["balance"].(float64) != float64(10+i) {
+				t.Fatalf("node %d: %v", j, body)
+			}
+			if servedBy == "" {
+				servedBy = h.Get("Esker-Served-By")
+			} else if h.Get("Esker-Served-By") != servedBy {
+				t.Fatalf("%s served by %s and %s", id, servedBy, h.Get("Esker-Served-By"))
+			}
+		}
+	}
+	var forwarded, refused float64
+	for _, n := range nodes {
+		forwarded += metricSum(t, n.Node, "esker_forwarded_requests_total")
+		refused += forwardOutcome(t, n, "loop_refused")
+	}
+	// 12 accounts × (2 commands + 3 reads), of which a third is local.
+	if forwarded == 0 || forwarded > accounts*5 || refused != 0 {
+		t.Fatalf("forwarded %v requests, %v refused as loops", forwarded, refused)
+	}
+}
+
+// waitSettled waits until the nodes agree on a cluster map that gives every
+// partition an owner.
+func waitSettled(t *testing.T, nodes []*testNode) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		if bad := localTasksMatchMap(t, nodes); bad == "" {
+			if code, body := do(t, nodes[0], "GET", "/v1/cluster", nil); code == 200 {
+				settled := true
+				for _, task := range body["tasks"].([]any) {
+					if task.(map[string]any)["active"] == "" {
+						settled = false
+					}
+				}
+				if settled {
+					return
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the cluster did not settle")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func forwardOutcome(t *testing.T, n *testNode, outcome string) float64 {
+	t.Helper()
+	mfs, err := n.Registry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != "esker_forwarded_requests_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "outcome" && l.GetValue() == outcome {
+					return m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	return 0
 }

@@ -49,6 +49,13 @@ func writeNotReady(w http.ResponseWriter, e *NotReadyError, commandID string) {
 	writeJSON(w, http.StatusServiceUnavailable, errorBody{Error: msg, CommandID: commandID})
 }
 
+// writeRetry answers status (503) with Retry-After: 1 and a JSON error,
+// with the command id when there is one.
+func writeRetry(w http.ResponseWriter, status int, msg, commandID string) {
+	w.Header().Set("Retry-After", "1")
+	writeJSON(w, status, errorBody{Error: msg, CommandID: commandID})
+}
+
 // retryAfterSeconds rounds d up to whole seconds, at least 1, as the
 // Retry-After header needs.
 func retryAfterSeconds(d time.Duration) int {

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/go-chi/chi/v5"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/esker-io/esker/aggregate"
 )
@@ -43,6 +44,11 @@ type handlerConfig struct {
 	maxWait        time.Duration
 	metrics        http.Handler
 	logger         *slog.Logger
+	router         Router
+	registerer     prometheus.Registerer
+	// forwardSlack is added to the command timeout or maximum wait to get
+	// a forwarded request's deadline (defaultForwardSlack; shorter in tests).
+	forwardSlack time.Duration
 }
 
 // MaxBodyBytes limits request bodies to n bytes; a longer body is answered
@@ -102,6 +108,7 @@ func Logger(l *slog.Logger) HandlerOption {
 //	POST /v1/aggregates/{type}/{id}/commands   submit a command, await its outcome
 //	GET  /v1/aggregates/{type}/{id}            committed state (?minVersion=&wait=)
 //	GET  /v1/aggregates/{type}/{id}/events     the entity's events (?from=&limit=)
+//	GET  /v1/cluster                           the cluster map (with Routing)
 //	GET  /healthz                              liveness: always 200
 //	GET  /readyz                               readiness: b.Ready()
 //	GET  /metrics                              the Metrics handler, if any
@@ -113,20 +120,28 @@ func Logger(l *slog.Logger) HandlerOption {
 // 504 when the answer is not known in time, and 500 for failures of the node
 // itself, which are logged. A panic in a handler is recovered, logged with
 // its stack and answered with 500.
+//
+// With Routing, the routes that name an entity are served by the node that
+// owns the entity's partition: locally, or forwarded there (see Routing).
 func NewHandler(b Backend, opts ...HandlerOption) http.Handler {
 	cfg := handlerConfig{
 		maxBodyBytes:   DefaultMaxBodyBytes,
 		commandTimeout: DefaultCommandTimeout,
 		maxWait:        DefaultMaxWait,
 		logger:         slog.Default(),
+		forwardSlack:   defaultForwardSlack,
 	}
 	for _, o := range opts {
 		o(&cfg)
 	}
-	a := &api{b: b, cfg: cfg, log: cfg.logger}
+	a := &api{b: b, cfg: cfg, log: cfg.logger, rt: cfg.router}
 
 	r := chi.NewRouter()
 	r.Use(recoverer(a.log), limitBody(cfg.maxBodyBytes))
+	if a.rt != nil {
+		a.fwdMetrics = newRouteMetrics(cfg.registerer)
+		r.Use(servedBy(a.rt))
+	}
 	r.NotFound(func(w http.ResponseWriter, req *http.Request) {
 		writeError(w, http.StatusNotFound, fmt.Sprintf("no route for %s %s; the API lives under /v1/aggregates/{type}/{id}", req.Method, req.URL.Path))
 	})
@@ -149,6 +164,9 @@ func NewHandler(b Backend, opts ...HandlerOption) http.Handler {
 	r.Post("/v1/aggregates/{type}/{id}/commands", a.submit)
 	r.Get("/v1/aggregates/{type}/{id}", a.state)
 	r.Get("/v1/aggregates/{type}/{id}/events", a.events)
+	if a.rt != nil {
+		r.Get("/v1/cluster", a.cluster)
+	}
 	return r
 }
 
@@ -157,6 +175,10 @@ type api struct {
 	b   Backend
 	cfg handlerConfig
 	log *slog.Logger
+	// rt routes requests to the owner of their partition; nil without
+	// Routing (everything is served locally).
+	rt         Router
+	fwdMetrics *routeMetrics
 }
 
 // eventJSON is one event as the API shows it. Data is the payload as JSON,
@@ -264,8 +286,19 @@ func (a *api) submit(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, fmt.Sprintf("expectedVersion is %d; use 0 for an entity that must not exist yet, or its current version", *cmd.ExpectedVersion))
 		return
 	}
-	if cmd.CommandID == "" {
+	generated := cmd.CommandID == ""
+	if generated {
 		cmd.CommandID = newCommandID()
+	}
+	if a.rt != nil {
+		fwdBody, err := commandBody(body, cmd, generated)
+		if err != nil {
+			a.internal(w, r, "encode the command to forward", err, cmd.CommandID)
+			return
+		}
+		if a.route(w, r, typ, id, forwardRequest{body: fwdBody, commandID: cmd.CommandID, timeout: a.cfg.commandTimeout + a.cfg.forwardSlack}) {
+			return
+		}
 	}
 
 	ctx, cancel := context.WithTimeout(r.Context(), a.cfg.commandTimeout)
@@ -395,6 +428,9 @@ func (a *api) state(w http.ResponseWriter, r *http.Request) {
 		}
 		wait = min(d, a.cfg.maxWait)
 	}
+	if a.route(w, r, typ, id, forwardRequest{timeout: a.cfg.maxWait + a.cfg.forwardSlack}) {
+		return
+	}
 
 	st, err := a.b.State(r.Context(), typ, id, minVersion, wait)
 	if err != nil {
@@ -473,6 +509,9 @@ func (a *api) events(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		limit = n
+	}
+	if a.route(w, r, typ, id, forwardRequest{timeout: a.cfg.maxWait + a.cfg.forwardSlack}) {
+		return
 	}
 
 	evs, err := a.b.Events(r.Context(), typ, id, from, limit)

@@ -1,12 +1,16 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"net"
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
+
+	"github.com/esker-io/esker"
 )
 
 func runDev(e *env, args []string) int {
@@ -32,12 +36,21 @@ need partitioner=murmur2_random.`)
 	kafkaAddr := fs.String("kafka", "127.0.0.1:9092", "`address` the embedded broker listens on and advertises (port 0 picks a free port)")
 	dataDir := fs.String("data", "esker-data", "data `directory`, kept across restarts: the broker's data in DIR/kafka, the node's state in DIR/state")
 	partitions := fs.Int("partitions", 8, "partition `count` of the topics the node creates (must match existing topics)")
+	nodes := fs.Int("nodes", 1, "number of bank `nodes` to run, on consecutive HTTP ports from --http's (state of node i>1 in DIR/state-i)")
 	level := fs.logLevel()
 	if code, ok := fs.parse(e, args); !ok {
 		return code
 	}
 	if msg := checkCommon(*httpListen, *dataDir, *partitions); msg != "" {
 		return fs.fail(e, "%s", msg)
+	}
+	if *nodes < 1 || *nodes > 16 {
+		return fs.fail(e, "--nodes %d: run between 1 and 16 nodes", *nodes)
+	}
+	httpHost, httpPort, _ := net.SplitHostPort(*httpListen)
+	firstPort, err := strconv.Atoi(httpPort)
+	if err != nil || firstPort+*nodes-1 > 65535 {
+		return fs.fail(e, "--http %s: no room for %d consecutive ports", *httpListen, *nodes)
 	}
 	host, port, err := net.SplitHostPort(*kafkaAddr)
 	if err != nil || host == "" {
@@ -66,41 +79,80 @@ need partitioner=murmur2_random.`)
 	defer broker.Close()
 	brokerAddr := broker.ListenAddrs()[0]
 
-	base := localURL(*httpListen)
-	node, err := newBankNode(nodeConfig{
-		brokers:    []string{brokerAddr},
-		app:        "bank",
-		httpListen: *httpListen,
-		advertise:  base,
-		dataDir:    *dataDir,
-		partitions: *partitions,
-		embedded:   true,
-		logger:     logger,
-	})
-	if err != nil {
-		return fs.fail(e, "%s", trimPrefix(err))
+	var (
+		running []*esker.Node
+		bases   []string
+		states  []string
+	)
+	for i := range *nodes {
+		listen := net.JoinHostPort(httpHost, strconv.Itoa(firstPort+i))
+		stateName := "state"
+		if i > 0 {
+			stateName = fmt.Sprintf("state-%d", i+1)
+		}
+		base := localURL(listen)
+		node, err := newBankNode(nodeConfig{
+			brokers:    []string{brokerAddr},
+			app:        "bank",
+			httpListen: listen,
+			advertise:  base,
+			dataDir:    *dataDir,
+			stateName:  stateName,
+			partitions: *partitions,
+			embedded:   true,
+			logger:     logger.With("node", i+1),
+		})
+		if err != nil {
+			return fs.fail(e, "%s", trimPrefix(err))
+		}
+		running = append(running, node)
+		bases = append(bases, base)
+		states = append(states, filepath.Join(*dataDir, stateName))
 	}
-	printDevBanner(e.stdout, brokerAddr, kafkaDir, base, filepath.Join(*dataDir, "state"))
+	printDevBanner(e.stdout, brokerAddr, kafkaDir, bases, states)
 
 	defer onShutdown(e, "dev")()
-	if err := runUntilDone(e.ctx, node); err != nil {
-		fmt.Fprintf(e.stderr, "esker dev: %s\n", trimPrefix(err))
-		return 1
+	// All nodes run until Ctrl-C; if one fails, the others stop too.
+	ctx, cancel := context.WithCancel(e.ctx)
+	defer cancel()
+	errs := make(chan error, len(running))
+	for _, node := range running {
+		go func() {
+			err := runUntilDone(ctx, node)
+			if err != nil {
+				cancel()
+			}
+			errs <- err
+		}()
 	}
-	return 0
+	code := 0
+	for range running {
+		if err := <-errs; err != nil {
+			fmt.Fprintf(e.stderr, "esker dev: %s\n", trimPrefix(err))
+			code = 1
+		}
+	}
+	return code
 }
 
-func printDevBanner(w io.Writer, brokerAddr, kafkaDir, base, stateDir string) {
+func printDevBanner(w io.Writer, brokerAddr, kafkaDir string, bases, stateDirs []string) {
+	base := bases[0]
 	account := base + "/v1/aggregates/account/alice"
+	var nodes strings.Builder
+	for i := range bases {
+		fmt.Fprintf(&nodes, "  bank node     %s  (state in %s)\n", bases[i], stateDirs[i])
+	}
+	if len(bases) > 1 {
+		nodes.WriteString("  any node answers any request; GET /v1/cluster shows who owns what\n")
+	}
 	fmt.Fprintf(w, `esker dev
   Kafka broker  %s  (data in %s)
-  bank node     %s  (state in %s)
-
+%s
 Try it:
   curl -sS -X POST %s/commands -H 'Content-Type: application/json' -d '{"type":"Open","data":{"owner":"Alice"}}'
   curl -sS -X POST %s/commands -H 'Content-Type: application/json' -d '{"type":"Deposit","data":{"amount":500}}'
   curl -sS %s
 
 Press Ctrl-C to stop; the data directory is kept.
-`, brokerAddr, kafkaDir, base, stateDir, account, account, account)
+`, brokerAddr, kafkaDir, nodes.String(), account, account, account)
 }

@@ -163,6 +163,8 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"dev", "extra"}, `unexpected argument "extra"`},
 		{[]string{"dev", "--partitions", "0"}, "--partitions must be between 1 and 100000"},
 		{[]string{"dev", "--partitions", "x"}, `invalid value "x" for flag -partitions`},
+		{[]string{"dev", "--nodes", "0"}, "run between 1 and 16 nodes"},
+		{[]string{"dev", "--nodes", "3", "--http", "127.0.0.1:65534"}, "no room for 3 consecutive ports"},
 		{[]string{"dev", "--kafka", "nonsense"}, `--kafka "nonsense" is not host:port`},
 		{[]string{"dev", "--kafka", ":9092"}, `--kafka ":9092" is not host:port`},
 		{[]string{"dev", "--kafka", "0.0.0.0:9092"}, "give a concrete host"},
@@ -241,7 +243,7 @@ func TestLocalURL(t *testing.T) {
 
 func TestDevBanner(t *testing.T) {
 	var b bytes.Buffer
-	printDevBanner(&b, "127.0.0.1:9092", "esker-data/kafka", "http://127.0.0.1:8080", "esker-data/state")
+	printDevBanner(&b, "127.0.0.1:9092", "esker-data/kafka", []string{"http://127.0.0.1:8080"}, []string{"esker-data/state"})
 	out := b.String()
 	for _, s := range []string{
 		"127.0.0.1:9092",

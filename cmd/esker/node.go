@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -23,7 +24,8 @@ type nodeConfig struct {
 	app         string
 	httpListen  string
 	advertise   string // "" lets esker derive it from httpListen
-	dataDir     string // the state store goes in dataDir/state
+	dataDir     string // the state store goes in dataDir/state (or dataDir/<stateName>)
+	stateName   string
 	partitions  int
 	atLeastOnce bool
 	// sessionTimeout is how long the group waits for a silent node before
@@ -42,7 +44,7 @@ func newBankNode(c nodeConfig) (*esker.Node, error) {
 	opts := []esker.Option{
 		esker.Brokers(c.brokers...),
 		esker.ApplicationID(c.app),
-		esker.StateDir(filepath.Join(c.dataDir, "state")),
+		esker.StateDir(filepath.Join(c.dataDir, cmp.Or(c.stateName, "state"))),
 		esker.HTTPListen(c.httpListen),
 		esker.Partitions(int32(c.partitions)),
 		esker.Logger(c.logger),

@@ -547,3 +547,19 @@ func (e *Engine) LocalState() map[int32]int64 {
 	}
 	return out
 }
+
+// PartitionStatus reports whether this node owns partition p (of any
+// aggregate type: tasks are co-partitioned) and whether all of its tasks
+// for p are restored.
+func (e *Engine) PartitionStatus(p int32) (owned, restored bool) {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	restored = true
+	for _, d := range e.cfg.Types {
+		if ts, ok := e.tasks[statestore.Task{Type: d.Name(), Partition: p}]; ok {
+			owned = true
+			restored = restored && ts.restored
+		}
+	}
+	return owned, owned && restored
+}
