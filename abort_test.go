@@ -89,21 +89,5 @@ func TestAbortDiscardsAndRewinds(t *testing.T) {
 
 func abortedCount(t *testing.T, n *testNode) float64 {
 	t.Helper()
-	mfs, err := n.Registry().Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != "esker_transactions_total" {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if l.GetName() == "result" && l.GetValue() == "aborted" {
-					return m.GetCounter().GetValue()
-				}
-			}
-		}
-	}
-	return 0
+	return counterWith(t, n, "esker_transactions_total", "result", "aborted")
 }

@@ -268,3 +268,26 @@ func bankAccount() esker.Registrable { return bank.Account }
 // when it resumes from a committed offset at the end of a partition: a short
 // max wait bounds that stall (real Kafka does not need it).
 func fastFetch() kgo.Opt { return kgo.FetchMaxWait(200 * time.Millisecond) }
+
+// counterWith returns the value of a counter family's sample whose label has
+// the given value (0 when there is none).
+func counterWith(t testing.TB, n *testNode, name, label, value string) float64 {
+	t.Helper()
+	mfs, err := n.Registry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == label && l.GetValue() == value {
+					return m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	return 0
+}

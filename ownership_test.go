@@ -158,21 +158,5 @@ func waitSettled(t *testing.T, nodes []*testNode) {
 
 func forwardOutcome(t *testing.T, n *testNode, outcome string) float64 {
 	t.Helper()
-	mfs, err := n.Registry().Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != "esker_forwarded_requests_total" {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if l.GetName() == "outcome" && l.GetValue() == outcome {
-					return m.GetCounter().GetValue()
-				}
-			}
-		}
-	}
-	return 0
+	return counterWith(t, n, "esker_forwarded_requests_total", "outcome", outcome)
 }
