@@ -135,14 +135,9 @@ func RunBaseline(ctx context.Context, cfg Config, shape Shape) (Result, error) {
 	res := Result{Name: NameBaseline, Baseline: true, Commands: cfg.Commands, Duration: elapsed,
 		PerSecond: float64(cfg.Commands) / elapsed.Seconds()}
 
-	cfg.progress("count", 0, 1)
-	counts, err := countRecords(ctx, cfg.Brokers, from)
-	if err != nil {
-		return Result{}, fmt.Errorf("benchmark: %w", err)
+	if err := cfg.measureShape(ctx, &res, from, BaselineEventsTopic, BaselineChangelogTopic); err != nil {
+		return Result{}, err
 	}
-	cfg.progress("count", 1, 1)
-	res.Shape = shapeOf(cfg.Commands, counts[BaselineEventsTopic], counts[BaselineChangelogTopic])
-	res.RecordsPerCommand = res.Shape.RecordsPerCommand
 
 	// Latency: produce one command, wait for the commit that consumed it.
 	if cfg.LatencyCommands > 0 {

@@ -171,14 +171,9 @@ func RunEsker(ctx context.Context, cfg Config) (Result, error) {
 		PerSecond: float64(cfg.Commands) / elapsed.Seconds()}
 
 	// Shape of what the node wrote.
-	cfg.progress("count", 0, 1)
-	counts, err := countRecords(ctx, cfg.Brokers, from)
-	if err != nil {
-		return Result{}, fmt.Errorf("benchmark: %w", err)
+	if err := cfg.measureShape(ctx, &res, from, eventsTopic, changelogTopic); err != nil {
+		return Result{}, err
 	}
-	cfg.progress("count", 1, 1)
-	res.Shape = shapeOf(cfg.Commands, counts[eventsTopic], counts[changelogTopic])
-	res.RecordsPerCommand = res.Shape.RecordsPerCommand
 
 	// Latency: sequential Submits from Concurrency goroutines.
 	if cfg.LatencyCommands > 0 {

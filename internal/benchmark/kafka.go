@@ -259,3 +259,17 @@ func shapeOf(commands int, events, changelog topicCount) Shape {
 	}
 	return s
 }
+
+// measureShape counts what a run wrote to its two output topics since from
+// and records it in res.
+func (cfg Config) measureShape(ctx context.Context, res *Result, from map[string]map[int32]int64, eventsTopic, changelogTopic string) error {
+	cfg.progress("count", 0, 1)
+	counts, err := countRecords(ctx, cfg.Brokers, from)
+	if err != nil {
+		return fmt.Errorf("benchmark: %w", err)
+	}
+	cfg.progress("count", 1, 1)
+	res.Shape = shapeOf(cfg.Commands, counts[eventsTopic], counts[changelogTopic])
+	res.RecordsPerCommand = res.Shape.RecordsPerCommand
+	return nil
+}
