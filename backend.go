@@ -139,7 +139,7 @@ func (b backend) Submit(ctx context.Context, aggregateType, id string, cmd aggre
 	}
 	// Await before producing: the outcome may commit before ProduceSync
 	// returns.
-	outcome, cancel := b.n.engine.Await(cmd.CommandID)
+	outcome, gone, cancel := b.n.engine.Await(t, cmd.CommandID)
 	defer cancel()
 	rec := engine.CommandRecord(aggregateType, id, t.Partition, cmd)
 	if err := b.n.producer.ProduceSync(ctx, rec).FirstErr(); err != nil {
@@ -155,6 +155,16 @@ func (b backend) Submit(ctx context.Context, aggregateType, id string, cmd aggre
 	select {
 	case o := <-outcome:
 		return o, nil
+	case <-gone:
+		// The partition moved (or the node stops) before this node learnt
+		// the outcome; its new owner applies the command. Unknown: the
+		// client retries with the same command id.
+		select {
+		case o := <-outcome:
+			return o, nil
+		default:
+		}
+		return aggregate.Outcome{}, interactive.ErrTimeout
 	case <-ctx.Done():
 		return aggregate.Outcome{}, interactive.ErrTimeout
 	}

@@ -258,6 +258,31 @@ func Plan(members []Member, partitions int32, standbys int) Map {
 			claims[i] = append(claims[i], p)
 		}
 	}
+	// A member over its share gives up first the partitions another member
+	// holds state for without a role (a node back from a restart, which
+	// owned them before), so that they go back to it and it restores only
+	// their tails. Ties keep the lowest partition numbers.
+	warmElsewhere := func(i, p int) bool {
+		for j := range ms {
+			if t := ms[j].Tasks[int32(p)]; j != i && t.Role == RoleNone && t.Checkpoint > 0 {
+				return true
+			}
+		}
+		return false
+	}
+	for i := range claims {
+		slices.SortStableFunc(claims[i], func(a, b int) int {
+			wa, wb := warmElsewhere(i, a), warmElsewhere(i, b)
+			switch {
+			case wa == wb:
+				return a - b
+			case !wa:
+				return -1
+			default:
+				return 1
+			}
+		})
+	}
 
 	// Shares: every member may reach floor(P/N); P mod N of them may
 	// take one more, handed out as they are used (sticky first).

@@ -138,7 +138,7 @@ func New(cfg Config) (*Engine, error) {
 		byTopic: map[string]aggregate.Definition{},
 		tasks:   map[statestore.Task]*taskState{},
 		changed: map[statestore.Task]chan struct{}{},
-		waiters: waiters{m: map[string][]chan aggregate.Outcome{}},
+		waiters: waiters{m: map[string][]*waiter{}},
 	}
 	for _, d := range cfg.Types {
 		e.types[d.Name()] = d
@@ -180,6 +180,7 @@ func (e *Engine) run(ctx context.Context) error {
 		return err
 	}
 	defer func() {
+		e.waiters.release(nil)
 		e.mu.Lock()
 		e.stopping = true
 		e.tasks = map[statestore.Task]*taskState{}
@@ -386,6 +387,15 @@ func (e *Engine) onAssigned(ctx context.Context, _ *kgo.Client, assigned map[str
 }
 
 func (e *Engine) onRevoked(_ context.Context, _ *kgo.Client, revoked map[string][]int32) {
+	lost := map[statestore.Task]bool{}
+	for topic, parts := range revoked {
+		if def, ok := e.byTopic[topic]; ok {
+			for _, p := range parts {
+				lost[statestore.Task{Type: def.Name(), Partition: p}] = true
+			}
+		}
+	}
+	defer e.waiters.release(func(t statestore.Task) bool { return lost[t] })
 	if e.cfg.Transactional {
 		e.needReset.Store(true)
 		e.pollMu.Lock()
@@ -466,16 +476,26 @@ func (e *Engine) signal(t statestore.Task) {
 	}
 }
 
-// Await registers interest in a command's outcome. The channel receives the
-// outcome once the transaction holding it commits (also for a duplicate of an
-// earlier command). Call cancel when no longer waiting.
-func (e *Engine) Await(commandID string) (<-chan aggregate.Outcome, func()) {
-	return e.waiters.add(commandID)
+// Await registers interest in the outcome of a command sent to a task. The
+// first channel receives the outcome once the transaction holding it
+// commits (also for a duplicate of an earlier command). The second is
+// closed when this node will not learn the outcome: the task was revoked
+// (its new owner processes the command) or the engine stopped; the caller
+// should answer "outcome unknown" at once instead of waiting out its
+// timeout. Call cancel when no longer waiting.
+func (e *Engine) Await(t statestore.Task, commandID string) (outcome <-chan aggregate.Outcome, gone <-chan struct{}, cancel func()) {
+	return e.waiters.add(t, commandID)
+}
+
+type waiter struct {
+	task statestore.Task
+	ch   chan aggregate.Outcome
+	gone chan struct{}
 }
 
 type waiters struct {
 	mu sync.RWMutex
-	m  map[string][]chan aggregate.Outcome
+	m  map[string][]*waiter
 }
 
 // waiting reports whether someone awaits the command's outcome: the cycle
@@ -486,17 +506,17 @@ func (w *waiters) waiting(id string) bool {
 	return len(w.m[id]) > 0
 }
 
-func (w *waiters) add(id string) (<-chan aggregate.Outcome, func()) {
-	ch := make(chan aggregate.Outcome, 1)
+func (w *waiters) add(t statestore.Task, id string) (<-chan aggregate.Outcome, <-chan struct{}, func()) {
+	wt := &waiter{task: t, ch: make(chan aggregate.Outcome, 1), gone: make(chan struct{})}
 	w.mu.Lock()
-	w.m[id] = append(w.m[id], ch)
+	w.m[id] = append(w.m[id], wt)
 	w.mu.Unlock()
-	return ch, func() {
+	return wt.ch, wt.gone, func() {
 		w.mu.Lock()
 		defer w.mu.Unlock()
 		list := w.m[id]
 		for i, c := range list {
-			if c == ch {
+			if c == wt {
 				list = append(list[:i], list[i+1:]...)
 				break
 			}
@@ -516,11 +536,33 @@ func (w *waiters) resolve(outcomes []aggregate.Outcome) {
 		return
 	}
 	for _, o := range outcomes {
-		for _, ch := range w.m[o.CommandID] {
+		for _, wt := range w.m[o.CommandID] {
 			select {
-			case ch <- o:
+			case wt.ch <- o:
 			default:
 			}
+		}
+	}
+}
+
+// release tells the waiters of the given tasks (all, when lost is nil) that
+// this node will not learn their outcomes. A waiter is released once.
+func (w *waiters) release(lost func(statestore.Task) bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for id, list := range w.m {
+		keep := list[:0]
+		for _, wt := range list {
+			if lost == nil || lost(wt.task) {
+				close(wt.gone)
+				continue
+			}
+			keep = append(keep, wt)
+		}
+		if len(keep) == 0 {
+			delete(w.m, id)
+		} else {
+			w.m[id] = keep
 		}
 	}
 }
