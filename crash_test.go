@@ -26,7 +26,7 @@ var (
 )
 
 // eskerBinary builds cmd/esker once per test run.
-func eskerBinary(t *testing.T) string {
+func eskerBinary(t testing.TB) string {
 	t.Helper()
 	buildOnce.Do(func() {
 		dir, err := os.MkdirTemp("", "esker-bin")
@@ -50,7 +50,7 @@ func eskerBinary(t *testing.T) string {
 	return binPath
 }
 
-func freePort(t *testing.T) int {
+func freePort(t testing.TB) int {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -68,7 +68,7 @@ type process struct {
 
 // startProcess runs `esker node` as a separate process and waits until it
 // is ready.
-func startProcess(t *testing.T, brokers []string, port int, dataDir string) *process {
+func startProcess(t testing.TB, brokers []string, port int, dataDir string) *process {
 	t.Helper()
 	p := &process{url: fmt.Sprintf("http://127.0.0.1:%d", port), log: &bytes.Buffer{}}
 	p.cmd = exec.Command(eskerBinary(t), "node",

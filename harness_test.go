@@ -291,3 +291,7 @@ func counterWith(t testing.TB, n *testNode, name, label, value string) float64 {
 	}
 	return 0
 }
+
+func stringsReader(s string) io.Reader { return bytes.NewBufferString(s) }
+
+func jsonDecode(r io.Reader, v any) error { return json.NewDecoder(r).Decode(v) }
