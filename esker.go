@@ -53,6 +53,10 @@ type Node struct {
 	cfg      config
 	registry *prometheus.Registry
 	metrics  *engine.Metrics
+	// Cluster metrics: the generation of the newest map, and how many maps
+	// (rebalances this node took part in) it has received.
+	generation prometheus.Gauge
+	rebalances prometheus.Counter
 
 	mu      sync.Mutex
 	types   map[string]aggregate.Definition
@@ -75,12 +79,14 @@ type Node struct {
 // setMap keeps the newest cluster map the balancer delivers (a map of an
 // older generation can arrive again; see interactive.NewBalancer).
 func (n *Node) setMap(m interactive.Map) {
+	n.rebalances.Inc()
 	for {
 		cur := n.clusterMap.Load()
 		if cur != nil && cur.Generation > m.Generation {
 			return
 		}
 		if n.clusterMap.CompareAndSwap(cur, &m) {
+			n.generation.Set(float64(m.Generation))
 			return
 		}
 	}
@@ -102,9 +108,18 @@ func NewNode(opts ...Option) (*Node, error) {
 		cfg:      cfg,
 		registry: reg,
 		metrics:  engine.NewMetrics(reg),
-		types:    map[string]aggregate.Definition{},
-		started:  make(chan struct{}),
+		generation: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "esker_assignment_generation",
+			Help: "Consumer group generation of the newest cluster map this node received.",
+		}),
+		rebalances: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "esker_rebalances_total",
+			Help: "Cluster maps (group rebalances) this node received.",
+		}),
+		types:   map[string]aggregate.Definition{},
+		started: make(chan struct{}),
 	}
+	reg.MustRegister(n.generation, n.rebalances)
 	n.handler = interactive.NewHandler(backend{n},
 		interactive.MaxBodyBytes(cfg.maxBodyBytes),
 		interactive.CommandTimeout(cfg.commandTimeout),

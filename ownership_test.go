@@ -128,6 +128,11 @@ func TestEveryNodeAnswersEveryKey(t *testing.T) {
 	if forwarded == 0 || forwarded > accounts*5 || refused != 0 {
 		t.Fatalf("forwarded %v requests, %v refused as loops", forwarded, refused)
 	}
+	for i, n := range nodes {
+		if metricSum(t, n.Node, "esker_rebalances_total") == 0 {
+			t.Fatalf("node %d counted no rebalance", i)
+		}
+	}
 }
 
 // waitSettled waits until the nodes agree on a cluster map that gives every
