@@ -727,10 +727,6 @@ func (c *cycle) commit() error {
 			return storeError{fmt.Errorf("applying a committed transaction to the store of %s: %w", tc.task, err)}
 		}
 	}
-	for _, tc := range c.order {
-		e.waiters.resolve(tc.outcomes)
-		e.signal(tc.task)
-	}
 	if m != nil {
 		m.Transactions.WithLabelValues("committed").Inc()
 		m.BatchCommands.Observe(float64(c.n))
@@ -743,6 +739,10 @@ func (c *cycle) commit() error {
 				h.Observe(time.Since(ts).Seconds())
 			}
 		}
+	}
+	for _, tc := range c.order {
+		e.waiters.resolve(tc.outcomes)
+		e.signal(tc.task)
 	}
 	return err
 }
