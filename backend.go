@@ -79,6 +79,9 @@ func (r router) TaskStatus(p int32) (interactive.TaskStatus, bool) {
 	}
 	owned, restored := r.n.engine.PartitionStatus(p)
 	if !owned {
+		if lag, ok := r.n.engine.StandbyLag(p); ok {
+			return interactive.TaskStatus{Role: interactive.RoleStandby, Restored: lag == 0, Lag: lag}, true
+		}
 		return interactive.TaskStatus{}, false
 	}
 	return interactive.TaskStatus{Role: interactive.RoleActive, Restored: restored}, true

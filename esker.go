@@ -87,6 +87,13 @@ func (n *Node) setMap(m interactive.Map) {
 		}
 		if n.clusterMap.CompareAndSwap(cur, &m) {
 			n.generation.Set(float64(m.Generation))
+			if eng := n.runningEngine(); eng != nil {
+				for id, url := range m.Members {
+					if url == n.cfg.advertisedURL {
+						eng.SetStandbys(m.StandbyPartitions(id))
+					}
+				}
+			}
 			return
 		}
 	}
@@ -196,10 +203,15 @@ func (n *Node) Run(ctx context.Context) error {
 	// The group balancer carries this node's URL and local state to the
 	// group leader and brings back the whole cluster map.
 	var eng *engine.Engine
-	balancer := interactive.NewBalancer(c.advertisedURL, 0, func() map[int32]interactive.LocalTask {
+	balancer := interactive.NewBalancer(c.advertisedURL, c.standbys, func() map[int32]interactive.LocalTask {
 		local := map[int32]interactive.LocalTask{}
+		standby := eng.StandbyPartitions()
 		for p, cp := range eng.LocalState() {
-			local[p] = interactive.LocalTask{Checkpoint: cp}
+			t := interactive.LocalTask{Checkpoint: cp}
+			if standby[p] {
+				t.Role = interactive.RoleStandby
+			}
+			local[p] = t
 		}
 		return local
 	}, n.setMap)
@@ -217,6 +229,7 @@ func (n *Node) Run(ctx context.Context) error {
 		CommandRetention:  c.commandRetention,
 		ReplicationFactor: c.replicationFactor,
 		Balancer:          balancer,
+		Standbys:          c.standbys > 0,
 		Metrics:           n.metrics,
 		Logger:            log,
 	})
@@ -275,6 +288,16 @@ func (n *Node) Run(ctx context.Context) error {
 		log.Info("esker node stopped")
 	}
 	return runErr
+}
+
+// runningEngine returns the engine once Run has created it.
+func (n *Node) runningEngine() *engine.Engine {
+	select {
+	case <-n.started:
+		return n.engine
+	default:
+		return nil
+	}
 }
 
 // Handler returns the node's HTTP API, the same handler Run serves on the

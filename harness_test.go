@@ -295,3 +295,5 @@ func counterWith(t testing.TB, n *testNode, name, label, value string) float64 {
 func stringsReader(s string) io.Reader { return bytes.NewBufferString(s) }
 
 func jsonDecode(r io.Reader, v any) error { return json.NewDecoder(r).Decode(v) }
+
+var httpClient = &http.Client{Timeout: 10 * time.Second}

@@ -54,6 +54,7 @@ type config struct {
 	kafkaOpts         []kgo.Opt
 	sessionTimeout    time.Duration
 	instanceID        string
+	standbys          int
 }
 
 func defaultConfig() config {
@@ -139,6 +140,12 @@ func KafkaOptions(opts ...kgo.Opt) Option {
 // node keeps its partitions before the group moves them. Default 10s.
 func SessionTimeout(d time.Duration) Option { return func(c *config) { c.sessionTimeout = d } }
 
+// StandbyReplicas keeps n standby copies of every partition's state on
+// other nodes (never on its active owner): they tail the changelogs, so when
+// the owner fails the node that takes over restores only the last records.
+// Default 0; capped by the node count minus one.
+func StandbyReplicas(n int) Option { return func(c *config) { c.standbys = n } }
+
 // InstanceID names this node within the application. The node's Kafka
 // transactional id is "<app>-<instance id>": it must be distinct between
 // nodes (two nodes with one id fence each other, and the node that loses
@@ -160,6 +167,9 @@ func (c *config) validate() error {
 	}
 	if c.partitions < 1 {
 		return fmt.Errorf("esker: partitions must be at least 1, got %d", c.partitions)
+	}
+	if c.standbys < 0 {
+		return fmt.Errorf("esker: standby replicas must be 0 or more, got %d", c.standbys)
 	}
 	if c.commandTimeout <= 0 || c.maxBodyBytes <= 0 || c.idempotencyWindow <= 0 {
 		return fmt.Errorf("esker: command timeout, body limit and idempotency window must be positive")

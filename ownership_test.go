@@ -79,7 +79,8 @@ func localTasksMatchMap(t *testing.T, nodes []*testNode) string {
 		for _, task := range body["tasks"].([]any) {
 			task := task.(map[string]any)
 			mine := ids[task["active"].(string)] == self
-			_, local := task["local"]
+			l, _ := task["local"].(map[string]any)
+			local := l != nil && l["role"] == "active"
 			if mine != local {
 				return fmt.Sprintf("node %d, partition %v: the map says owner=%v, the node processes it=%v", i, task["partition"], mine, local)
 			}

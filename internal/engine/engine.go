@@ -57,6 +57,9 @@ type Config struct {
 	SessionTimeout    time.Duration
 	CommandRetention  time.Duration
 	ReplicationFactor int16
+	// Standbys makes the engine keep standby copies of the partitions
+	// SetStandbys names.
+	Standbys bool
 	// Balancer, when set, replaces the default cooperative-sticky balancer.
 	Balancer kgo.GroupBalancer
 	Metrics  *Metrics
@@ -86,6 +89,13 @@ type Engine struct {
 	needReset  atomic.Bool
 	pollMu     sync.Mutex
 	cancelPoll context.CancelFunc
+
+	// Standby tasks (standby.go).
+	tailer      *changelog.Tailer
+	wantStandby map[int32]bool // guarded by mu
+	standbyMu   sync.Mutex     // guards tailing; taken after mu
+	tailing     map[int32]bool
+	standbyKick chan struct{}
 
 	sweepCursor   map[statestore.Task]string // where each task's sweep resumes; run loop only
 	beginFailures int                        // consecutive; run loop only
@@ -170,6 +180,15 @@ func (e *Engine) Run(ctx context.Context) error {
 	adm.Close()
 	if err != nil {
 		return err
+	}
+	if e.cfg.Standbys {
+		if err := e.newTailer(); err != nil {
+			return err
+		}
+		standbyCtx, stopStandbys := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() { defer close(done); e.runStandbys(standbyCtx) }()
+		defer func() { stopStandbys(); <-done }()
 	}
 	return e.run(ctx)
 }
@@ -343,6 +362,17 @@ func (e *Engine) onAssigned(ctx context.Context, _ *kgo.Client, assigned map[str
 		}
 	}
 	e.mu.Unlock()
+	// A promoted standby stops tailing before its restore (which then reads
+	// only the tail); from here on the reconciler sees it owned.
+	if e.tailer != nil {
+		promoted := map[int32]bool{}
+		for _, t := range targets {
+			promoted[t.Task.Partition] = true
+		}
+		for p := range promoted {
+			e.stopStandby(ctx, p)
+		}
+	}
 
 	for attempt := 0; len(targets) > 0; attempt++ {
 		res, err := changelog.Restore(ctx, e.cfg.Store, e.cfg.ClientOpts, targets, e.log)
@@ -396,6 +426,9 @@ func (e *Engine) onRevoked(_ context.Context, _ *kgo.Client, revoked map[string]
 		}
 	}
 	defer e.waiters.release(func(t statestore.Task) bool { return lost[t] })
+	if e.tailer != nil {
+		defer e.kickStandbys() // a revoked partition may become a standby here
+	}
 	if e.cfg.Transactional {
 		e.needReset.Store(true)
 		e.pollMu.Lock()

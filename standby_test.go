@@ -1,0 +1,107 @@
+package esker_test
+
+import (
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/esker-io/esker"
+	"github.com/esker-io/esker/aggregate"
+)
+
+// TestStandbyTakesOver: with StandbyReplicas(1), the node that does not own
+// a partition keeps a warm copy of it; when the owner stops, it takes over
+// having restored less than 1% of the partition's changelog, and answers at
+// once with the right state.
+func TestStandbyTakesOver(t *testing.T) {
+	c := newCluster(t)
+	opts := []esker.Option{esker.Partitions(2), esker.StandbyReplicas(1)}
+	a := startNode(t, c.ListenAddrs(), t.TempDir(), opts...)
+	b := startNode(t, c.ListenAddrs(), t.TempDir(), opts...)
+	nodes := []*testNode{a, b}
+	waitSettled(t, nodes)
+
+	// Accounts on a partition a owns.
+	owners := clusterOwners(httpClient, a.srv.URL)
+	var p int32 = -1
+	for q, url := range owners {
+		if url == a.srv.URL {
+			p = q
+		}
+	}
+	if p < 0 {
+		t.Fatalf("a owns nothing: %v", owners)
+	}
+	var ids []string
+	for i := 0; len(ids) < 10; i++ {
+		if id := fmt.Sprintf("sb-%d", i); aggregate.Partition(id, 2) == p {
+			ids = append(ids, id)
+		}
+	}
+	for _, id := range ids {
+		do(t, a, "POST", "/v1/aggregates/account/"+id+"/commands", cmd("Open", map[string]any{"owner": id}))
+		for j := range 20 {
+			code, body := do(t, a, "POST", "/v1/aggregates/account/"+id+"/commands", cmd("Deposit", map[string]any{"amount": j + 1}))
+			mustStatus(t, 200, code, body, "deposit")
+		}
+	}
+	// b's standby copy catches up.
+	deadline := time.Now().Add(10 * time.Second)
+	for !standbyCaughtUp(t, b, p) {
+		if time.Now().After(deadline) {
+			t.Fatal("the standby did not catch up")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	var changelogRecords int
+	for _, r := range readTopic(t, c.ListenAddrs(), "bank-account-changelog") {
+		if r.Partition == p {
+			changelogRecords++
+		}
+	}
+	before := metricSum(t, b.Node, "esker_restore_records_total")
+
+	a.stop()
+	start := time.Now()
+	for {
+		code, _ := do(t, b, "GET", "/v1/aggregates/account/"+ids[0], nil)
+		if code == 200 {
+			break
+		}
+		if time.Since(start) > 10*time.Second {
+			t.Fatalf("b never served partition %d", p)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Logf("b served partition %d %v after a stopped", p, time.Since(start).Round(time.Millisecond))
+	restored := metricSum(t, b.Node, "esker_restore_records_total") - before
+	t.Logf("on promotion it restored %v of the partition's %d changelog records", restored, changelogRecords)
+	if restored*100 >= float64(changelogRecords) {
+		t.Fatalf("the standby restored %v of the partition's %d changelog records on promotion; want < 1%%", restored, changelogRecords)
+	}
+	for _, id := range ids {
+		code, body := do(t, b, "GET", "/v1/aggregates/account/"+id, nil)
+		if code != 200 || body["version"].(float64) != 21 || body["state"].(map[string]any)["balance"].(float64) != 210 {
+			t.Fatalf("%s after take-over: %d %v", id, code, body)
+		}
+	}
+}
+
+// standbyCaughtUp reports whether the node's /v1/cluster shows a standby
+// copy of partition p with no lag.
+func standbyCaughtUp(t *testing.T, n *testNode, p int32) bool {
+	t.Helper()
+	code, body := do(t, n, "GET", "/v1/cluster", nil)
+	if code != 200 {
+		return false
+	}
+	for _, task := range body["tasks"].([]any) {
+		task := task.(map[string]any)
+		if int32(task["partition"].(float64)) != p {
+			continue
+		}
+		l, _ := task["local"].(map[string]any)
+		return l != nil && l["role"] == "standby" && l["lag"].(float64) == 0
+	}
+	return false
+}
