@@ -68,7 +68,7 @@ type process struct {
 
 // startProcess runs `esker node` as a separate process and waits until it
 // is ready.
-func startProcess(t testing.TB, brokers []string, port int, dataDir string) *process {
+func startProcess(t testing.TB, brokers []string, port int, dataDir string, extra ...string) *process {
 	t.Helper()
 	p := &process{url: fmt.Sprintf("http://127.0.0.1:%d", port), log: &bytes.Buffer{}}
 	p.cmd = exec.Command(eskerBinary(t), "node",
@@ -77,6 +77,7 @@ func startProcess(t testing.TB, brokers []string, port int, dataDir string) *pro
 		"--data", dataDir,
 		"--partitions", "4",
 		"--session-timeout", "1s")
+	p.cmd.Args = append(p.cmd.Args, extra...)
 	p.cmd.Stdout, p.cmd.Stderr = p.log, p.log
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -14,13 +14,19 @@ import (
 // owner dies: two `esker node` processes share the partitions; the owner of
 // an account is killed with SIGKILL, and the clock runs until the survivor
 // first answers a read of that account. Without standby replicas the
-// survivor restores the partition's whole changelog. Session timeout 1 s.
+// survivor restores the partition's whole changelog; with one, only the
+// tail. Session timeout 1 s.
 //
 //	go test -run '^$' -bench Failover -benchtime 5x .
 func BenchmarkFailover(b *testing.B) {
+	b.Run("no-standby", func(b *testing.B) { benchFailover(b) })
+	b.Run("standby", func(b *testing.B) { benchFailover(b, "--standby-replicas", "1") })
+}
+
+func benchFailover(b *testing.B, extra ...string) {
 	var samples []time.Duration
 	for i := 0; i < b.N; i++ {
-		samples = append(samples, failoverOnce(b))
+		samples = append(samples, failoverOnce(b, extra...))
 	}
 	slices.Sort(samples)
 	b.ReportMetric(float64(samples[len(samples)/2].Milliseconds()), "median-failover-ms")
@@ -28,14 +34,14 @@ func BenchmarkFailover(b *testing.B) {
 	b.Logf("fail-over times: %v", samples)
 }
 
-func failoverOnce(b *testing.B) time.Duration {
+func failoverOnce(b *testing.B, extra ...string) time.Duration {
 	b.StopTimer()
 	defer b.StartTimer()
 	c := newCluster(b)
 	brokers := c.ListenAddrs()
 	nodes := []*process{
-		startProcess(b, brokers, freePort(b), b.TempDir()),
-		startProcess(b, brokers, freePort(b), b.TempDir()),
+		startProcess(b, brokers, freePort(b), b.TempDir(), extra...),
+		startProcess(b, brokers, freePort(b), b.TempDir(), extra...),
 	}
 	client := &http.Client{Timeout: 5 * time.Second}
 	// Wait until the map gives every partition to one of the two nodes.

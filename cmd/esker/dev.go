@@ -36,6 +36,7 @@ need partitioner=murmur2_random.`)
 	kafkaAddr := fs.String("kafka", "127.0.0.1:9092", "`address` the embedded broker listens on and advertises (port 0 picks a free port)")
 	dataDir := fs.String("data", "esker-data", "data `directory`, kept across restarts: the broker's data in DIR/kafka, the node's state in DIR/state")
 	partitions := fs.Int("partitions", 8, "partition `count` of the topics the node creates (must match existing topics)")
+	standbys := fs.Int("standby-replicas", 0, "standby `copies` of every partition's state kept on other nodes (with --nodes > 1)")
 	nodes := fs.Int("nodes", 1, "number of bank `nodes` to run, on consecutive HTTP ports from --http's (state of node i>1 in DIR/state-i)")
 	level := fs.logLevel()
 	if code, ok := fs.parse(e, args); !ok {
@@ -99,6 +100,7 @@ need partitioner=murmur2_random.`)
 			dataDir:    *dataDir,
 			stateName:  stateName,
 			partitions: *partitions,
+			standbys:   *standbys,
 			embedded:   true,
 			logger:     logger.With("node", i+1),
 		})

@@ -31,6 +31,7 @@ type nodeConfig struct {
 	// sessionTimeout is how long the group waits for a silent node before
 	// moving its partitions (0: esker's default).
 	sessionTimeout time.Duration
+	standbys       int
 	// embedded marks the in-process kfake broker of `esker dev`: it does not
 	// wake a consumer's first long-poll fetch after a rebalance, so the node
 	// polls with a short max wait instead.
@@ -54,6 +55,9 @@ func newBankNode(c nodeConfig) (*esker.Node, error) {
 	}
 	if c.atLeastOnce {
 		opts = append(opts, esker.ProcessingGuarantee(esker.AtLeastOnce))
+	}
+	if c.standbys > 0 {
+		opts = append(opts, esker.StandbyReplicas(c.standbys))
 	}
 	if c.sessionTimeout > 0 {
 		opts = append(opts, esker.SessionTimeout(c.sessionTimeout))
@@ -103,6 +107,7 @@ Commands are processed exactly once (one Kafka transaction per batch) unless
 	app := fs.String("app", "bank", "application `id`: consumer group and changelog topic prefix, the same on every node")
 	partitions := fs.Int("partitions", 8, "partition `count` of the topics the node creates (must match existing topics)")
 	atLeastOnce := fs.Bool("at-least-once", false, "process commands at least once, without Kafka transactions")
+	standbys := fs.Int("standby-replicas", 0, "standby `copies` of every partition's state kept on other nodes, for fail-over in about a second")
 	sessionTimeout := fs.Duration("session-timeout", 10*time.Second, "consumer group session `timeout`: how long a node that stopped answering keeps its partitions")
 	level := fs.logLevel()
 	if code, ok := fs.parse(e, args); !ok {
@@ -133,6 +138,7 @@ Commands are processed exactly once (one Kafka transaction per batch) unless
 		partitions:     *partitions,
 		atLeastOnce:    *atLeastOnce,
 		sessionTimeout: *sessionTimeout,
+		standbys:       *standbys,
 		logger:         logger,
 	})
 	if err != nil {
