@@ -53,6 +53,13 @@ func TestStandbyTakesOver(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+	// The lag is exported as a metric too (updated every second).
+	for deadline := time.Now().Add(5 * time.Second); !hasGauge(t, b, "esker_standby_lag_records"); {
+		if time.Now().After(deadline) {
+			t.Fatal("no esker_standby_lag_records on the standby node")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 	var changelogRecords int
 	for _, r := range readTopic(t, c.ListenAddrs(), "bank-account-changelog") {
 		if r.Partition == p {
@@ -102,6 +109,20 @@ func standbyCaughtUp(t *testing.T, n *testNode, p int32) bool {
 		}
 		l, _ := task["local"].(map[string]any)
 		return l != nil && l["role"] == "standby" && l["lag"].(float64) == 0
+	}
+	return false
+}
+
+func hasGauge(t *testing.T, n *testNode, name string) bool {
+	t.Helper()
+	mfs, err := n.Registry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name && len(mf.GetMetric()) > 0 {
+			return true
+		}
 	}
 	return false
 }

@@ -15,6 +15,7 @@ type Metrics struct {
 	BatchCommands   prometheus.Histogram
 	RestoreRecords  *prometheus.CounterVec // type
 	RestoreDuration prometheus.Histogram
+	StandbyLag      *prometheus.GaugeVec // partition
 
 	mu        sync.Mutex
 	counters  map[[2]string]prometheus.Counter
@@ -78,12 +79,16 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "esker_restore_records_total",
 			Help: "Changelog records applied while restoring state stores, by aggregate type.",
 		}, []string{"type"}),
+		StandbyLag: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "esker_standby_lag_records",
+			Help: "Changelog records a standby copy of a partition is behind (summed over aggregate types); only partitions this node keeps as standby.",
+		}, []string{"partition"}),
 		RestoreDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "esker_restore_seconds",
 			Help:    "Duration of state store restores after a partition assignment.",
 			Buckets: prometheus.ExponentialBuckets(0.001, 4, 10),
 		}),
 	}
-	reg.MustRegister(m.Commands, m.CommandLatency, m.Transactions, m.BatchCommands, m.RestoreRecords, m.RestoreDuration)
+	reg.MustRegister(m.Commands, m.CommandLatency, m.Transactions, m.BatchCommands, m.RestoreRecords, m.RestoreDuration, m.StandbyLag)
 	return m
 }

@@ -2,6 +2,7 @@ package engine
 
 import (
 	"context"
+	"strconv"
 	"time"
 
 	"github.com/twmb/franz-go/pkg/kgo"
@@ -115,6 +116,26 @@ func (e *Engine) runStandbys(ctx context.Context) {
 		case <-tick.C:
 		}
 		e.reconcileStandbys(ctx)
+		e.reportStandbyLag()
+	}
+}
+
+// reportStandbyLag sets the standby lag gauge of the partitions tailed now
+// and drops those no longer tailed.
+func (e *Engine) reportStandbyLag() {
+	m := e.cfg.Metrics
+	if m == nil {
+		return
+	}
+	tailing := e.StandbyPartitions()
+	for p := range e.cfg.Partitions {
+		label := strconv.Itoa(int(p))
+		lag, ok := e.StandbyLag(p)
+		if tailing[p] && ok {
+			m.StandbyLag.WithLabelValues(label).Set(float64(lag))
+		} else {
+			m.StandbyLag.DeleteLabelValues(label)
+		}
 	}
 }
 
