@@ -176,6 +176,9 @@ func (b backend) Submit(ctx context.Context, aggregateType, id string, cmd aggre
 func (b backend) State(ctx context.Context, aggregateType, id string, minVersion int64, wait time.Duration) (interactive.State, error) {
 	t, err := b.task(aggregateType, id)
 	if err != nil {
+		if interactive.StaleAllowed(ctx) {
+			return b.standbyState(t, id, minVersion, err)
+		}
 		return interactive.State{}, err
 	}
 	// Without a wait, a version not reached yet answers at once.
@@ -212,6 +215,34 @@ func (b backend) State(ctx context.Context, aggregateType, id string, minVersion
 			return st, interactive.ErrTimeout
 		}
 	}
+}
+
+// standbyState answers a read that accepts staleness from this node's
+// standby copy of the partition, if it has one (else notOwned).
+func (b backend) standbyState(t statestore.Task, id string, minVersion int64, notOwned error) (interactive.State, error) {
+	eng := b.n.runningEngine()
+	if eng == nil {
+		return interactive.State{}, notOwned
+	}
+	lag, ok := eng.StandbyLag(t.Partition)
+	if !ok {
+		return interactive.State{}, notOwned
+	}
+	raw, found, err := b.getState(t, id)
+	if err != nil {
+		return interactive.State{}, err
+	}
+	if !found {
+		return interactive.State{}, interactive.ErrNotFound
+	}
+	rec, err := statestore.DecodeStateRecord(raw)
+	if err != nil {
+		return interactive.State{}, err
+	}
+	if rec.Version < minVersion {
+		return interactive.State{}, interactive.ErrTimeout
+	}
+	return interactive.State{ID: id, Version: rec.Version, State: rec.State, UpdatedAt: rec.UpdatedAt, Standby: true, Lag: lag}, nil
 }
 
 func (b backend) Events(ctx context.Context, aggregateType, id string, from int64, limit int) ([]aggregate.Event, error) {

@@ -60,6 +60,19 @@ func TestStandbyTakesOver(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+	// A read that accepts staleness is answered by the standby copy itself,
+	// saying so; a plain read goes to the owner.
+	code, body, h := doH(t, b, "GET", "/v1/aggregates/account/"+ids[0]+"?stale=true", nil)
+	if code != 200 || body["standby"] != true || body["lag"] == nil || h.Get("Esker-Served-By") != b.srv.URL {
+		t.Fatalf("stale read on the standby: %d %v served by %q", code, body, h.Get("Esker-Served-By"))
+	}
+	code, body, h = doH(t, b, "GET", "/v1/aggregates/account/"+ids[0], nil)
+	if code != 200 || body["standby"] != nil || h.Get("Esker-Served-By") != a.srv.URL {
+		t.Fatalf("plain read: %d %v served by %q", code, body, h.Get("Esker-Served-By"))
+	}
+	if code, body = do(t, b, "GET", "/v1/aggregates/account/"+ids[0]+"?stale=maybe", nil); code != 400 {
+		t.Fatalf("stale=maybe: %d %v", code, body)
+	}
 	var changelogRecords int
 	for _, r := range readTopic(t, c.ListenAddrs(), "bank-account-changelog") {
 		if r.Partition == p {

@@ -43,6 +43,25 @@ type State struct {
 	State []byte
 	// UpdatedAt is the time of the last event.
 	UpdatedAt time.Time
+	// Standby is true when a standby copy answered (the request allowed
+	// it with WithStale); Lag is then how many changelog records that copy
+	// is behind.
+	Standby bool
+	Lag     int64
+}
+
+type staleKey struct{}
+
+// WithStale marks a read that accepts an answer from a standby copy of the
+// entity's partition (GET …?stale=true).
+func WithStale(ctx context.Context) context.Context {
+	return context.WithValue(ctx, staleKey{}, true)
+}
+
+// StaleAllowed reports whether ctx carries WithStale.
+func StaleAllowed(ctx context.Context) bool {
+	v, _ := ctx.Value(staleKey{}).(bool)
+	return v
 }
 
 // Errors a Backend returns; the HTTP layer maps each to a status code.

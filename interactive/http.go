@@ -207,6 +207,10 @@ type stateResponse struct {
 	Version   int64           `json:"version"`
 	State     json.RawMessage `json:"state"`
 	UpdatedAt time.Time       `json:"updatedAt,omitzero"`
+	// Standby and Lag say a standby copy answered a ?stale=true read, and
+	// how many changelog records it is behind.
+	Standby bool   `json:"standby,omitempty"`
+	Lag     *int64 `json:"lag,omitempty"`
 }
 
 type eventsResponse struct {
@@ -428,6 +432,23 @@ func (a *api) state(w http.ResponseWriter, r *http.Request) {
 		}
 		wait = min(d, a.cfg.maxWait)
 	}
+	stale := false
+	if s := q.Get("stale"); s != "" {
+		b, err := strconv.ParseBool(s)
+		if err != nil {
+			writeError(w, http.StatusBadRequest, fmt.Sprintf("query parameter stale=%q: want true or false", s))
+			return
+		}
+		stale = b
+	}
+	if stale && !isForwarded(r) {
+		// A local copy, even a standby's, may answer without a hop; when
+		// there is none (or it is not at minVersion), the owner answers.
+		if st, err := a.b.State(WithStale(r.Context()), typ, id, minVersion, 0); err == nil {
+			a.writeState(w, r, def, id, st)
+			return
+		}
+	}
 	if a.route(w, r, typ, id, forwardRequest{timeout: a.cfg.maxWait + a.cfg.forwardSlack}) {
 		return
 	}
@@ -453,6 +474,10 @@ func (a *api) state(w http.ResponseWriter, r *http.Request) {
 		}
 		return
 	}
+	a.writeState(w, r, def, id, st)
+}
+
+func (a *api) writeState(w http.ResponseWriter, r *http.Request, def aggregate.Definition, id string, st State) {
 	state, err := stateJSON(def, st.State)
 	if err != nil {
 		a.internal(w, r, "encode state", err, "")
@@ -461,7 +486,13 @@ func (a *api) state(w http.ResponseWriter, r *http.Request) {
 	if st.ID == "" {
 		st.ID = id
 	}
-	writeJSON(w, http.StatusOK, stateResponse{ID: st.ID, Version: st.Version, State: state, UpdatedAt: st.UpdatedAt.UTC()})
+	resp := stateResponse{ID: st.ID, Version: st.Version, State: state, UpdatedAt: st.UpdatedAt.UTC()}
+	if st.Standby {
+		lag := st.Lag
+		resp.Standby, resp.Lag = true, &lag
+		w.Header().Set("Esker-Standby-Lag", strconv.FormatInt(lag, 10))
+	}
+	writeJSON(w, http.StatusOK, resp)
 }
 
 // parseWait reads ?wait=: a Go duration ("2s", "1500ms") or an integer
