@@ -370,7 +370,12 @@ func (e *Engine) onAssigned(ctx context.Context, _ *kgo.Client, assigned map[str
 			promoted[t.Task.Partition] = true
 		}
 		for p := range promoted {
-			e.stopStandby(ctx, p)
+			if err := e.stopStandby(ctx, p); err != nil {
+				// Still tailed: restoring now would race the tailer. The
+				// tasks stay unrestored (not served); ctx ends only when
+				// the client shuts down.
+				return
+			}
 		}
 	}
 

@@ -163,23 +163,24 @@ func (e *Engine) reconcileStandbys(ctx context.Context) {
 	e.standbyMu.Unlock()
 	e.mu.RUnlock()
 	for _, p := range drop {
-		e.stopStandby(ctx, p)
+		_ = e.stopStandby(ctx, p) // retried at the next reconcile
 	}
 }
 
-// stopStandby stops tailing p; when it returns, the tailer writes nothing
-// more for p.
-func (e *Engine) stopStandby(ctx context.Context, p int32) {
+// stopStandby stops tailing p; when it returns nil, the tailer writes
+// nothing more for p. An error (ctx ended first) means p is still tailed.
+func (e *Engine) stopStandby(ctx context.Context, p int32) error {
 	e.standbyMu.Lock()
 	defer e.standbyMu.Unlock()
 	if !e.tailing[p] {
-		return
+		return nil
 	}
 	if err := e.tailer.Remove(ctx, e.tasksOf(p)...); err != nil {
 		e.log.Warn("removing a standby task", "partition", p, "err", err)
-		return
+		return err
 	}
 	delete(e.tailing, p)
+	return nil
 }
 
 // ownsLocked reports whether the engine owns partition p; e.mu must be held.
