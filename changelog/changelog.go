@@ -21,6 +21,8 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/twmb/franz-go/pkg/kgo"
+
 	"github.com/esker-io/esker/statestore"
 )
 
@@ -98,4 +100,38 @@ func journalEntity(key []byte) (string, bool) {
 		return "", false
 	}
 	return string(key[2 : len(key)-9]), true
+}
+
+// applyFetched stages one partition's fetched records into b for task: the
+// records at or after next (earlier ones are already applied) and before end
+// (end < 0: no bound), skipping transaction markers, and moves the task's
+// checkpoint in the same batch. It returns the new next offset, the number
+// of data records applied, and whether end was reached. A record at or past
+// end also reaches it: compaction may have removed the records just before
+// it. Restore and the standby Tailer both apply through it, so a restored
+// store and a standby's store are written the same way.
+func applyFetched(b *statestore.Batch, task statestore.Task, records []*kgo.Record, next, end int64) (newNext, applied int64, reached bool, err error) {
+	start := next
+	for _, r := range records {
+		if end >= 0 && r.Offset >= end {
+			next = end
+			break
+		}
+		if r.Offset < next {
+			continue
+		}
+		if !r.Attrs.IsControl() {
+			if err := Apply(b, task, r.Key, r.Value); err != nil {
+				return start, 0, false, err
+			}
+			applied++
+		}
+		next = r.Offset + 1
+	}
+	if next != start {
+		if err := b.SetCheckpoint(task, next); err != nil {
+			return start, 0, false, err
+		}
+	}
+	return next, applied, end >= 0 && next >= end, nil
 }

@@ -148,27 +148,18 @@ func Restore(ctx context.Context, store *statestore.Store, clientOpts []kgo.Opt,
 			if p == nil || p.finished {
 				return
 			}
-			for _, r := range fp.Records {
-				if r.Offset >= p.end {
-					// Compaction may have removed the last records before
-					// the end: reaching past it means we are done.
-					done += p.end - p.next
-					p.next = p.end
-					break
-				}
-				if !r.Attrs.IsControl() {
-					if err := Apply(b, p.target.Task, r.Key, r.Value); err != nil && fetchErr == nil {
-						fetchErr = err
-					}
-					res.Records[p.target.Task]++
-				}
-				done += r.Offset + 1 - p.next
-				p.next = r.Offset + 1
+			if fetchErr != nil {
+				return
 			}
-			if fetchErr == nil {
-				fetchErr = b.SetCheckpoint(p.target.Task, p.next)
+			next, applied, reached, err := applyFetched(b, p.target.Task, fp.Records, p.next, p.end)
+			if err != nil {
+				fetchErr = err
+				return
 			}
-			if p.next >= p.end {
+			done += next - p.next
+			p.next = next
+			res.Records[p.target.Task] += applied
+			if reached {
 				p.finished = true
 				pending--
 			}

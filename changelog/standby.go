@@ -340,23 +340,8 @@ func (t *Tailer) apply(ctx context.Context, fetches kgo.Fetches, pollGen uint64)
 			updates = append(updates, update{s: s, next: s.next, end: s.end})
 		}
 		u := &updates[i]
-		moved := false
-		for _, r := range fp.Records {
-			if r.Offset < u.next {
-				continue // already applied
-			}
-			if !r.Attrs.IsControl() {
-				if err = Apply(b, s.task, r.Key, r.Value); err != nil {
-					return
-				}
-			}
-			u.next = r.Offset + 1
-			moved = true
-		}
-		if moved {
-			if err = b.SetCheckpoint(s.task, u.next); err != nil {
-				return
-			}
+		if u.next, _, _, err = applyFetched(b, s.task, fp.Records, u.next, -1); err != nil {
+			return
 		}
 		end := fp.HighWatermark
 		if fp.LastStableOffset >= 0 {
