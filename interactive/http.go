@@ -454,27 +454,35 @@ func (a *api) state(w http.ResponseWriter, r *http.Request) {
 	}
 
 	st, err := a.b.State(r.Context(), typ, id, minVersion, wait)
-	if err != nil {
-		var notReady *NotReadyError
-		switch {
-		case errors.As(err, &notReady):
-			writeNotReady(w, notReady, "")
-		case errors.Is(err, ErrNotFound):
-			writeError(w, http.StatusNotFound, fmt.Sprintf("%s %q has no events", typ, id))
-		case errors.Is(err, ErrTimeout):
-			body := errorBody{Error: fmt.Sprintf("%s %q did not reach version %d within %s; retry, or wait longer with ?wait=", typ, id, minVersion, wait)}
-			if st.Version > 0 {
-				v := st.Version
-				body.CurrentVersion = &v
-				body.Error = fmt.Sprintf("%s %q is at version %d and did not reach version %d within %s; retry, or wait longer with ?wait=", typ, id, v, minVersion, wait)
-			}
-			writeJSON(w, http.StatusGatewayTimeout, body)
-		default:
-			a.internal(w, r, "read state", err, "")
+	if errors.Is(err, ErrTimeout) {
+		body := errorBody{Error: fmt.Sprintf("%s %q did not reach version %d within %s; retry, or wait longer with ?wait=", typ, id, minVersion, wait)}
+		if st.Version > 0 {
+			v := st.Version
+			body.CurrentVersion = &v
+			body.Error = fmt.Sprintf("%s %q is at version %d and did not reach version %d within %s; retry, or wait longer with ?wait=", typ, id, v, minVersion, wait)
 		}
+		writeJSON(w, http.StatusGatewayTimeout, body)
+		return
+	}
+	if err != nil {
+		a.readFailed(w, r, typ, id, "read state", err)
 		return
 	}
 	a.writeState(w, r, def, id, st)
+}
+
+// readFailed answers a failed read of one entity: 503 + Retry-After when the
+// node cannot serve it now, 404 when it has no events, 500 otherwise.
+func (a *api) readFailed(w http.ResponseWriter, r *http.Request, typ, id, what string, err error) {
+	var notReady *NotReadyError
+	switch {
+	case errors.As(err, &notReady):
+		writeNotReady(w, notReady, "")
+	case errors.Is(err, ErrNotFound):
+		writeError(w, http.StatusNotFound, fmt.Sprintf("%s %q has no events", typ, id))
+	default:
+		a.internal(w, r, what, err, "")
+	}
 }
 
 func (a *api) writeState(w http.ResponseWriter, r *http.Request, def aggregate.Definition, id string, st State) {
@@ -547,15 +555,7 @@ func (a *api) events(w http.ResponseWriter, r *http.Request) {
 
 	evs, err := a.b.Events(r.Context(), typ, id, from, limit)
 	if err != nil {
-		var notReady *NotReadyError
-		switch {
-		case errors.As(err, &notReady):
-			writeNotReady(w, notReady, "")
-		case errors.Is(err, ErrNotFound):
-			writeError(w, http.StatusNotFound, fmt.Sprintf("%s %q has no events", typ, id))
-		default:
-			a.internal(w, r, "read events", err, "")
-		}
+		a.readFailed(w, r, typ, id, "read events", err)
 		return
 	}
 	out, err := eventsJSON(def, evs)

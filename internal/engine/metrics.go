@@ -22,36 +22,36 @@ type Metrics struct {
 	latencies map[string]prometheus.Observer
 }
 
+// command returns the commands counter of a type and outcome, cached: the
+// write path counts every command.
+func (m *Metrics) command(typ, outcome string) prometheus.Counter {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return cached(&m.counters, [2]string{typ, outcome}, func() prometheus.Counter {
+		return m.Commands.WithLabelValues(typ, outcome)
+	})
+}
+
 // latency returns the command latency histogram of a type, cached.
 func (m *Metrics) latency(typ string) prometheus.Observer {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	h, ok := m.latencies[typ]
-	if !ok {
-		if m.latencies == nil {
-			m.latencies = map[string]prometheus.Observer{}
-		}
-		h = m.CommandLatency.WithLabelValues(typ)
-		m.latencies[typ] = h
-	}
-	return h
+	return cached(&m.latencies, typ, func() prometheus.Observer {
+		return m.CommandLatency.WithLabelValues(typ)
+	})
 }
 
-// command returns the commands counter of a type and outcome, cached: the
-// write path counts every command.
-func (m *Metrics) command(typ, outcome string) prometheus.Counter {
-	k := [2]string{typ, outcome}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	c, ok := m.counters[k]
-	if !ok {
-		if m.counters == nil {
-			m.counters = map[[2]string]prometheus.Counter{}
-		}
-		c = m.Commands.WithLabelValues(typ, outcome)
-		m.counters[k] = c
+// cached returns (*cache)[k], making it with mk on first use.
+func cached[K comparable, V any](cache *map[K]V, k K, mk func() V) V {
+	if v, ok := (*cache)[k]; ok {
+		return v
 	}
-	return c
+	if *cache == nil {
+		*cache = map[K]V{}
+	}
+	v := mk()
+	(*cache)[k] = v
+	return v
 }
 
 // NewMetrics creates the collectors and registers them on reg.
