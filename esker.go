@@ -230,6 +230,7 @@ func (n *Node) Run(ctx context.Context) error {
 		ReplicationFactor: c.replicationFactor,
 		Balancer:          balancer,
 		Standbys:          c.standbys > 0,
+		StateCleanupDelay: max(c.stateCleanupDelay, 0),
 		Metrics:           n.metrics,
 		Logger:            log,
 	})

@@ -55,6 +55,7 @@ type config struct {
 	sessionTimeout    time.Duration
 	instanceID        string
 	standbys          int
+	stateCleanupDelay time.Duration
 }
 
 func defaultConfig() config {
@@ -72,6 +73,7 @@ func defaultConfig() config {
 		commandRetention:  7 * 24 * time.Hour,
 		logger:            slog.Default(),
 		sessionTimeout:    10 * time.Second,
+		stateCleanupDelay: 10 * time.Minute,
 	}
 }
 
@@ -145,6 +147,14 @@ func SessionTimeout(d time.Duration) Option { return func(c *config) { c.session
 // the owner fails the node that takes over restores only the last records.
 // Default 0; capped by the node count minus one.
 func StandbyReplicas(n int) Option { return func(c *config) { c.standbys = n } }
+
+// StateCleanupDelay is how long a node keeps the local state of a partition
+// it no longer owns or keeps a standby copy of (after a rebalance moved it
+// away) before deleting it. While kept, the state makes the partition's
+// return cheap: its restore reads only the tail, and the group balancer
+// prefers this node for it. 0 or less keeps such state until the partition
+// returns. Default 10 minutes.
+func StateCleanupDelay(d time.Duration) Option { return func(c *config) { c.stateCleanupDelay = d } }
 
 // InstanceID names this node within the application. The node's Kafka
 // transactional id is "<app>-<instance id>": it must be distinct between

@@ -10,6 +10,7 @@ import (
 
 	"github.com/esker-io/esker"
 	"github.com/esker-io/esker/aggregate"
+	"github.com/esker-io/esker/statestore"
 )
 
 // TestStandbyTakesOver: with StandbyReplicas(1), the node that does not own
@@ -277,4 +278,97 @@ func scrapeSum(t *testing.T, url, name string) float64 {
 		}
 	}
 	return sum
+}
+
+// TestUnusedStateIsCleanedUp: a node that gives up a partition (neither
+// active nor standby for it any more) deletes that partition's local state
+// after the state cleanup delay, and keeps the state of its own roles.
+func TestUnusedStateIsCleanedUp(t *testing.T) {
+	c := newCluster(t)
+	opts := []esker.Option{esker.Partitions(3), esker.StandbyReplicas(1), esker.StateCleanupDelay(300 * time.Millisecond)}
+	dirA := t.TempDir()
+	a := startNode(t, c.ListenAddrs(), dirA, opts...)
+	// a alone holds every partition: give each some state.
+	for i := range 30 {
+		id := fmt.Sprintf("cu-%d", i)
+		code, body := do(t, a, "POST", "/v1/aggregates/account/"+id+"/commands", cmd("Open", map[string]any{"owner": id}))
+		mustStatus(t, 200, code, body, "open")
+	}
+	b := startNode(t, c.ListenAddrs(), t.TempDir(), opts...)
+	cn := startNode(t, c.ListenAddrs(), t.TempDir(), opts...)
+	nodes := []*testNode{a, b, cn}
+	waitSettled(t, nodes)
+
+	// With 3 partitions, 3 nodes and one standby each, a is active for one
+	// partition and standby for one: the third is unused on a.
+	deadline := time.Now().Add(15 * time.Second)
+	for metricSum(t, a.Node, "esker_state_cleanups_total") < 1 {
+		if time.Now().After(deadline) {
+			t.Fatal("a deleted no unused partition's state")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	roles := nodeRoles(t, a, a.srv.URL)
+	a.stop()
+	store, err := statestore.Open(dirA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	unused := 0
+	for p := range int32(3) {
+		cp, err := store.Checkpoint(statestore.Task{Type: "account", Partition: p})
+		if err != nil {
+			t.Fatal(err)
+		}
+		role := roles[p]
+		t.Logf("partition %d: role on a %q, checkpoint %d", p, role, cp)
+		switch {
+		case role == "" && cp != 0:
+			t.Errorf("partition %d: unused on a but its state is kept (checkpoint %d)", p, cp)
+		case role != "" && cp == 0:
+			t.Errorf("partition %d: a is %s for it but its state is gone", p, role)
+		}
+		if role == "" {
+			unused++
+		}
+	}
+	if unused == 0 {
+		t.Fatalf("a has a role for every partition: %v", roles)
+	}
+}
+
+// nodeRoles returns partition → "active" or "standby" for the node with the
+// given URL, from n's cluster map.
+func nodeRoles(t *testing.T, n *testNode, url string) map[int32]string {
+	t.Helper()
+	code, body := do(t, n, "GET", "/v1/cluster", nil)
+	if code != 200 {
+		t.Fatalf("GET /v1/cluster: %d %v", code, body)
+	}
+	var id string
+	for _, m := range body["members"].([]any) {
+		if m := m.(map[string]any); m["url"] == url {
+			id = m["id"].(string)
+		}
+	}
+	out := map[int32]string{}
+	for _, task := range body["tasks"].([]any) {
+		task := task.(map[string]any)
+		p := int32(task["partition"].(float64))
+		if task["active"] == id {
+			out[p] = "active"
+		}
+		for _, s := range anySlice(task["standbys"]) {
+			if s == id {
+				out[p] = "standby"
+			}
+		}
+	}
+	return out
+}
+
+func anySlice(v any) []any {
+	s, _ := v.([]any)
+	return s
 }

@@ -32,6 +32,8 @@ type nodeConfig struct {
 	// moving its partitions (0: esker's default).
 	sessionTimeout time.Duration
 	standbys       int
+	// stateCleanupDelay: 0 keeps the node's default.
+	stateCleanupDelay time.Duration
 	// embedded marks the in-process kfake broker of `esker dev`: it does not
 	// wake a consumer's first long-poll fetch after a rebalance, so the node
 	// polls with a short max wait instead.
@@ -58,6 +60,9 @@ func newBankNode(c nodeConfig) (*esker.Node, error) {
 	}
 	if c.standbys > 0 {
 		opts = append(opts, esker.StandbyReplicas(c.standbys))
+	}
+	if c.stateCleanupDelay != 0 {
+		opts = append(opts, esker.StateCleanupDelay(c.stateCleanupDelay))
 	}
 	if c.sessionTimeout > 0 {
 		opts = append(opts, esker.SessionTimeout(c.sessionTimeout))
@@ -109,9 +114,13 @@ Commands are processed exactly once (one Kafka transaction per batch) unless
 	atLeastOnce := fs.Bool("at-least-once", false, "process commands at least once, without Kafka transactions")
 	standbys := fs.Int("standby-replicas", 0, "standby `copies` of every partition's state kept on other nodes, for fail-over in about a second")
 	sessionTimeout := fs.Duration("session-timeout", 10*time.Second, "consumer group session `timeout`: how long a node that stopped answering keeps its partitions")
+	cleanupDelay := fs.Duration("state-cleanup-delay", 10*time.Minute, "`time` the node keeps the local state of a partition it no longer owns or keeps a standby of, before deleting it (0: keep it)")
 	level := fs.logLevel()
 	if code, ok := fs.parse(e, args); !ok {
 		return code
+	}
+	if *cleanupDelay == 0 {
+		*cleanupDelay = -1 // 0 would mean "the default" below
 	}
 	seeds, err := parseBrokers(*brokers)
 	if err != nil {
@@ -130,16 +139,17 @@ Commands are processed exactly once (one Kafka transaction per batch) unless
 
 	logger := newLogger(e.stderr, *level)
 	node, err := newBankNode(nodeConfig{
-		brokers:        seeds,
-		app:            *app,
-		httpListen:     *httpListen,
-		advertise:      *advertise,
-		dataDir:        *dataDir,
-		partitions:     *partitions,
-		atLeastOnce:    *atLeastOnce,
-		sessionTimeout: *sessionTimeout,
-		standbys:       *standbys,
-		logger:         logger,
+		brokers:           seeds,
+		app:               *app,
+		httpListen:        *httpListen,
+		advertise:         *advertise,
+		dataDir:           *dataDir,
+		partitions:        *partitions,
+		atLeastOnce:       *atLeastOnce,
+		sessionTimeout:    *sessionTimeout,
+		standbys:          *standbys,
+		stateCleanupDelay: *cleanupDelay,
+		logger:            logger,
 	})
 	if err != nil {
 		return fs.fail(e, "%s", trimPrefix(err))

@@ -60,6 +60,10 @@ type Config struct {
 	// Standbys makes the engine keep standby copies of the partitions
 	// SetStandbys names.
 	Standbys bool
+	// StateCleanupDelay is how long the local state of a partition the node
+	// neither owns nor keeps a standby copy of is kept before it is
+	// deleted; 0 keeps it forever. See cleanup.go.
+	StateCleanupDelay time.Duration
 	// Balancer, when set, replaces the default cooperative-sticky balancer.
 	Balancer kgo.GroupBalancer
 	Metrics  *Metrics
@@ -96,6 +100,8 @@ type Engine struct {
 	standbyMu   sync.Mutex     // guards tailing; taken after mu
 	tailing     map[int32]bool
 	standbyKick chan struct{}
+
+	idleSince map[int32]time.Time // partitions held but unused, since when; cleanup goroutine only
 
 	sweepCursor   map[statestore.Task]string // where each task's sweep resumes; run loop only
 	beginFailures int                        // consecutive; run loop only
@@ -189,6 +195,12 @@ func (e *Engine) Run(ctx context.Context) error {
 		done := make(chan struct{})
 		go func() { defer close(done); e.runStandbys(standbyCtx) }()
 		defer func() { stopStandbys(); <-done }()
+	}
+	if e.cfg.StateCleanupDelay > 0 {
+		cleanupCtx, stopCleanup := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() { defer close(done); e.runCleanup(cleanupCtx) }()
+		defer func() { stopCleanup(); <-done }()
 	}
 	return e.run(ctx)
 }

@@ -16,6 +16,7 @@ type Metrics struct {
 	RestoreRecords  *prometheus.CounterVec // type
 	RestoreDuration prometheus.Histogram
 	StandbyLag      *prometheus.GaugeVec // partition
+	StateCleanups   prometheus.Counter
 
 	mu        sync.Mutex
 	counters  map[[2]string]prometheus.Counter
@@ -83,12 +84,16 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "esker_standby_lag_records",
 			Help: "Changelog records a standby copy of a partition is behind (summed over aggregate types); only partitions this node keeps as standby.",
 		}, []string{"partition"}),
+		StateCleanups: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "esker_state_cleanups_total",
+			Help: "Partitions whose local state was deleted after the node neither owned nor kept a standby copy of them for the state cleanup delay.",
+		}),
 		RestoreDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "esker_restore_seconds",
 			Help:    "Duration of state store restores after a partition assignment.",
 			Buckets: prometheus.ExponentialBuckets(0.001, 4, 10),
 		}),
 	}
-	reg.MustRegister(m.Commands, m.CommandLatency, m.Transactions, m.BatchCommands, m.RestoreRecords, m.RestoreDuration, m.StandbyLag)
+	reg.MustRegister(m.Commands, m.CommandLatency, m.Transactions, m.BatchCommands, m.RestoreRecords, m.RestoreDuration, m.StandbyLag, m.StateCleanups)
 	return m
 }
