@@ -129,6 +129,38 @@ func (b backend) task(aggregateType, id string) (statestore.Task, error) {
 	return t, nil
 }
 
+// restoredTask is task, except that with wait a task this node owns but is
+// still restoring is waited for (until deadline or ctx ends) rather than
+// refused: a read that may wait for a version may wait for the restore.
+func (b backend) restoredTask(ctx context.Context, aggregateType, id string, wait bool, deadline <-chan time.Time) (statestore.Task, error) {
+	for {
+		t, err := b.task(aggregateType, id)
+		var nr *interactive.NotReadyError
+		if err == nil || !wait || !errors.As(err, &nr) {
+			return t, err
+		}
+		eng, started := b.started()
+		if started != nil {
+			return t, err
+		}
+		changed := eng.Changed(t) // before the check: no missed change
+		owned, restored := eng.TaskStatus(t)
+		if !owned {
+			return t, err
+		}
+		if restored {
+			continue // restored meanwhile
+		}
+		select {
+		case <-changed:
+		case <-deadline:
+			return t, err
+		case <-ctx.Done():
+			return t, err
+		}
+	}
+}
+
 func (b backend) Submit(ctx context.Context, aggregateType, id string, cmd aggregate.Command) (aggregate.Outcome, error) {
 	if _, ok := b.Definition(aggregateType); !ok {
 		return aggregate.Outcome{}, fmt.Errorf("unknown aggregate type %q", aggregateType)
@@ -174,17 +206,17 @@ func (b backend) Submit(ctx context.Context, aggregateType, id string, cmd aggre
 }
 
 func (b backend) State(ctx context.Context, aggregateType, id string, minVersion int64, wait time.Duration) (interactive.State, error) {
-	t, err := b.task(aggregateType, id)
+	// Without a wait, a version not reached yet answers at once.
+	timer := time.NewTimer(wait)
+	defer timer.Stop()
+	deadline := timer.C
+	t, err := b.restoredTask(ctx, aggregateType, id, wait > 0, deadline)
 	if err != nil {
 		if interactive.StaleAllowed(ctx) {
 			return b.standbyState(t, id, minVersion, err)
 		}
 		return interactive.State{}, err
 	}
-	// Without a wait, a version not reached yet answers at once.
-	timer := time.NewTimer(wait)
-	defer timer.Stop()
-	deadline := timer.C
 	for {
 		changed := b.n.engine.Changed(t) // before reading: no missed change
 		raw, found, err := b.getState(t, id)

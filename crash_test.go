@@ -256,9 +256,13 @@ func TestCrashLosesNothing(t *testing.T) {
 		var st struct {
 			Version int64
 			State   struct{ Balance int64 }
+			Error   string
 		}
 		_ = json.NewDecoder(resp.Body).Decode(&st)
 		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Fatalf("%s: GET answered %d: %s\nnode log:\n%s", id, resp.StatusCode, st.Error, node.log)
+		}
 		want := int64(perAccount * (perAccount + 1) / 2)
 		if st.Version != int64(len(s.versions)) || st.State.Balance != s.balance || s.balance != want {
 			t.Fatalf("%s: node says version %d balance %d; events say version %d balance %d; want balance %d",

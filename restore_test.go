@@ -11,6 +11,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/esker-io/esker"
+	"github.com/esker-io/esker/aggregate"
 )
 
 // states reads the state of accounts acc-0..acc-(n-1) from a node.
@@ -135,5 +136,99 @@ func TestAtLeastOnce(t *testing.T) {
 	}
 	if got := len(readTopic(t, c.ListenAddrs(), "account-events")); got != 2 {
 		t.Fatalf("%d events, want 2", got)
+	}
+}
+
+// TestRestoreDoesNotStopProcessing: a node that takes over a partition whose
+// restore cannot finish yet (a transaction is open on its changelog, so its
+// stable end is not known) keeps processing the partitions it already owns,
+// answers 503 for keys of the restoring one, and serves them once the
+// restore finishes.
+func TestRestoreDoesNotStopProcessing(t *testing.T) {
+	c := newCluster(t)
+	a := startNode(t, c.ListenAddrs(), t.TempDir())
+	b := startNode(t, c.ListenAddrs(), t.TempDir())
+	waitSettled(t, []*testNode{a, b})
+	owners := clusterOwners(httpClient, a.srv.URL)
+	var onA, onB int32 = -1, -1
+	for p, url := range owners {
+		if url == a.srv.URL {
+			onA = p
+		} else {
+			onB = p
+		}
+	}
+	if onA < 0 || onB < 0 {
+		t.Fatalf("owners: %v", owners)
+	}
+	idOn := func(p int32, prefix string) string {
+		for i := 0; ; i++ {
+			if id := fmt.Sprintf("%s-%d", prefix, i); aggregate.Partition(id, 4) == p {
+				return id
+			}
+		}
+	}
+	idA, idB := idOn(onA, "ra"), idOn(onB, "rb")
+	for _, id := range []string{idA, idB} {
+		code, body := do(t, b, "POST", "/v1/aggregates/account/"+id+"/commands", cmd("Open", map[string]any{"owner": id}))
+		mustStatus(t, 200, code, body, "open")
+	}
+
+	// A transaction left open on a's partition of the changelog holds back
+	// its stable end, and so any restore of it.
+	txn, err := kgo.NewClient(kgo.SeedBrokers(c.ListenAddrs()...), kgo.TransactionalID("test-hanging"),
+		kgo.TransactionTimeout(time.Minute), kgo.RecordPartitioner(kgo.ManualPartitioner()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer txn.Close()
+	ctx := context.Background()
+	if err := txn.BeginTransaction(); err != nil {
+		t.Fatal(err)
+	}
+	if err := txn.ProduceSync(ctx, &kgo.Record{Topic: "bank-account-changelog", Partition: onA, Key: []byte("junk"), Value: []byte("never committed")}).FirstErr(); err != nil {
+		t.Fatal(err)
+	}
+
+	a.stop() // b takes a's partitions; their restore waits
+	ctWaitFor(t, 15*time.Second, "b to restore a's partitions", func() bool {
+		err := b.Ready()
+		return err != nil && strings.Contains(err.Error(), "restoring")
+	})
+	// b's own partition keeps going, and a's answers 503, never stale.
+	for i := range 5 {
+		start := time.Now()
+		code, body := do(t, b, "POST", "/v1/aggregates/account/"+idB+"/commands", cmd("Deposit", map[string]any{"amount": 1}))
+		mustStatus(t, 200, code, body, "deposit on b's own partition during the restore")
+		if took := time.Since(start); took > 2*time.Second {
+			t.Fatalf("deposit %d took %v during another partition's restore", i, took)
+		}
+		code, body = do(t, b, "GET", "/v1/aggregates/account/"+idA, nil)
+		if code != 503 || body["error"] == nil {
+			t.Fatalf("GET of the restoring partition: %d %v", code, body)
+		}
+	}
+
+	// A read that may wait for a version waits for the restore too.
+	waited := make(chan int, 1)
+	go func() {
+		code, _ := do(t, b, "GET", "/v1/aggregates/account/"+idA+"?minVersion=1&wait=20s", nil)
+		waited <- code
+	}()
+	time.Sleep(200 * time.Millisecond)
+	if err := txn.EndTransaction(ctx, kgo.TryAbort); err != nil {
+		t.Fatal(err)
+	}
+	ctWaitFor(t, 15*time.Second, "the restore to finish", func() bool {
+		code, _ := do(t, b, "GET", "/v1/aggregates/account/"+idA, nil)
+		return code == 200
+	})
+	if code := <-waited; code != 200 {
+		t.Fatalf("GET with wait during the restore: %d", code)
+	}
+	code, body := do(t, b, "POST", "/v1/aggregates/account/"+idA+"/commands", cmd("Deposit", map[string]any{"amount": 7}))
+	mustStatus(t, 200, code, body, "deposit after the restore")
+	if v := body["version"]; v != float64(2) {
+		t.Fatalf("version after restore and deposit: %v", body)
 	}
 }

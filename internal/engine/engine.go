@@ -101,6 +101,9 @@ type Engine struct {
 	tailing     map[int32]bool
 	standbyKick chan struct{}
 
+	restoreMu sync.Mutex  // guards restoring; taken before mu
+	restoring *restoreRun // the restore run in flight (restore.go)
+
 	idleSince map[int32]time.Time // partitions held but unused, since when; cleanup goroutine only
 
 	sweepCursor   map[statestore.Task]string // where each task's sweep resumes; run loop only
@@ -217,6 +220,9 @@ func (e *Engine) run(ctx context.Context) error {
 		e.tasks = map[statestore.Task]*taskState{}
 		e.mu.Unlock()
 		sess.Close()
+		e.restoreMu.Lock()
+		e.stopRestore()
+		e.restoreMu.Unlock()
 	}()
 	cl := sess.Client()
 	nextSweep := time.Now().Add(sweepInterval(e.cfg.IdempotencyWindow))
@@ -307,7 +313,11 @@ func (e *Engine) newSession(ctx context.Context) (session, error) {
 	for t := range e.byTopic {
 		topics = append(topics, t)
 	}
-	opts := append(append([]kgo.Opt{}, e.cfg.ClientOpts...),
+	// A resumed partition (restore.go) joins the fetches to its broker
+	// only when the fetch in flight returns, after at most FetchMaxWait; a
+	// short wait keeps that delay off fail-over. Client options may
+	// override it.
+	opts := append(append([]kgo.Opt{kgo.FetchMaxWait(200 * time.Millisecond)}, e.cfg.ClientOpts...),
 		kgo.ConsumerGroup(e.cfg.AppID),
 		kgo.ConsumeTopics(topics...),
 		kgo.FetchIsolationLevel(kgo.ReadCommitted()),
@@ -355,12 +365,13 @@ func (e *Engine) newSession(ctx context.Context) (session, error) {
 	return newALOSession(opts)
 }
 
-// onAssigned restores the newly assigned tasks before any of their commands
-// is processed: the client does not fetch assigned partitions, and no poll
-// returns, until this callback has returned. Restore errors are retried until
-// they succeed or the engine stops.
-func (e *Engine) onAssigned(ctx context.Context, _ *kgo.Client, assigned map[string][]int32) {
-	var targets []changelog.Target
+// onAssigned takes the newly assigned tasks: it pauses fetching their
+// commands and starts restoring them in the background (restore.go); the
+// client does not fetch assigned partitions until this callback has
+// returned, and then not paused ones until the restore resumes them.
+func (e *Engine) onAssigned(ctx context.Context, cl *kgo.Client, assigned map[string][]int32) {
+	pause := map[string][]int32{}
+	promoted := map[int32]bool{}
 	e.mu.Lock()
 	for topic, parts := range assigned {
 		def, ok := e.byTopic[topic]
@@ -368,19 +379,17 @@ func (e *Engine) onAssigned(ctx context.Context, _ *kgo.Client, assigned map[str
 			continue
 		}
 		for _, p := range parts {
-			t := statestore.Task{Type: def.Name(), Partition: p}
-			e.tasks[t] = &taskState{}
-			targets = append(targets, changelog.Target{Task: t, Topic: changelog.Topic(e.cfg.AppID, def.Name())})
+			e.tasks[statestore.Task{Type: def.Name(), Partition: p}] = &taskState{}
+			pause[topic] = append(pause[topic], p)
+			promoted[p] = true
 		}
 	}
+	e.joined = true
 	e.mu.Unlock()
+	cl.PauseFetchPartitions(pause)
 	// A promoted standby stops tailing before its restore (which then reads
 	// only the tail); from here on the reconciler sees it owned.
 	if e.tailer != nil {
-		promoted := map[int32]bool{}
-		for _, t := range targets {
-			promoted[t.Task.Partition] = true
-		}
 		for p := range promoted {
 			if err := e.stopStandby(ctx, p); err != nil {
 				// Still tailed: restoring now would race the tailer. The
@@ -390,50 +399,13 @@ func (e *Engine) onAssigned(ctx context.Context, _ *kgo.Client, assigned map[str
 			}
 		}
 	}
-
-	for attempt := 0; len(targets) > 0; attempt++ {
-		res, err := changelog.Restore(ctx, e.cfg.Store, e.cfg.ClientOpts, targets, e.log)
-		if e.cfg.Metrics != nil {
-			for t, n := range res.Records {
-				e.cfg.Metrics.RestoreRecords.WithLabelValues(t.Type).Add(float64(n))
-			}
-		}
-		if err == nil {
-			if e.cfg.Metrics != nil {
-				e.cfg.Metrics.RestoreDuration.Observe(res.Duration.Seconds())
-			}
-			var n int64
-			for _, c := range res.Records {
-				n += c
-			}
-			e.log.Info("tasks restored", "tasks", len(targets), "records", n, "duration", res.Duration.Round(time.Millisecond))
-			break
-		}
-		if ctx.Err() != nil {
-			return
-		}
-		e.log.Error("restore failed; retrying", "err", err, "attempt", attempt+1)
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(backoff(attempt)):
-		}
-	}
-
-	e.mu.Lock()
-	for _, t := range targets {
-		if ts := e.tasks[t.Task]; ts != nil {
-			ts.restored = true
-		}
-	}
-	e.joined = true
-	e.mu.Unlock()
-	for _, t := range targets {
-		e.signal(t.Task)
-	}
+	e.restoreMu.Lock()
+	defer e.restoreMu.Unlock()
+	e.stopRestore()
+	e.startRestore(ctx, cl)
 }
 
-func (e *Engine) onRevoked(_ context.Context, _ *kgo.Client, revoked map[string][]int32) {
+func (e *Engine) onRevoked(ctx context.Context, cl *kgo.Client, revoked map[string][]int32) {
 	lost := map[statestore.Task]bool{}
 	for topic, parts := range revoked {
 		if def, ok := e.byTopic[topic]; ok {
@@ -454,16 +426,18 @@ func (e *Engine) onRevoked(_ context.Context, _ *kgo.Client, revoked map[string]
 		}
 		e.pollMu.Unlock()
 	}
+	// No restore may write to a task after it is given up.
+	e.restoreMu.Lock()
+	defer e.restoreMu.Unlock()
+	e.stopRestore()
+	defer e.startRestore(ctx, cl) // the tasks still pending, if any
+	// Paused partitions stay paused until resumed, also across
+	// assignments; a revoked one must not carry its pause along.
+	cl.ResumeFetchPartitions(revoked)
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	for topic, parts := range revoked {
-		def, ok := e.byTopic[topic]
-		if !ok {
-			continue
-		}
-		for _, p := range parts {
-			delete(e.tasks, statestore.Task{Type: def.Name(), Partition: p})
-		}
+	for t := range lost {
+		delete(e.tasks, t)
 	}
 }
 

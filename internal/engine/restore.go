@@ -1,0 +1,125 @@
+package engine
+
+import (
+	"context"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/esker-io/esker/changelog"
+	"github.com/esker-io/esker/statestore"
+)
+
+// Restores run in the background, off the group's assignment callback: a
+// newly assigned task's partition is paused (no command of it is fetched)
+// until its store is restored, while the node keeps processing the tasks it
+// already has, and rebalances — which wait for the assignment callback to
+// return — are not held up by a long restore.
+//
+// One restore run at a time restores every owned task that is not restored
+// yet. Assignment and revocation cancel the run in flight and start a new one
+// for the new set of pending tasks; a cancelled run loses nothing, because a
+// restore commits its progress with the checkpoint in each batch.
+//
+// Invariant: no restore run writes to a task the engine does not own.
+// onRevoked cancels the run, and waits for it to return, before it gives
+// tasks up; so a task is never restored and tailed (as a standby) or deleted
+// (cleanup.go) at the same time.
+
+type restoreRun struct {
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// stopRestore cancels the restore run in flight, if any, and waits for it to
+// return. restoreMu must be held.
+func (e *Engine) stopRestore() {
+	if e.restoring == nil {
+		return
+	}
+	e.restoring.cancel()
+	<-e.restoring.done
+	e.restoring = nil
+}
+
+// startRestore starts a run for the owned tasks that are not restored (none
+// may be in flight; restoreMu must be held). ctx is the group client's
+// context: it ends when the client closes.
+func (e *Engine) startRestore(ctx context.Context, cl *kgo.Client) {
+	pending := map[statestore.Task]*taskState{}
+	e.mu.RLock()
+	for t, ts := range e.tasks {
+		if !ts.restored {
+			pending[t] = ts
+		}
+	}
+	e.mu.RUnlock()
+	if len(pending) == 0 {
+		return
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	run := &restoreRun{cancel: cancel, done: make(chan struct{})}
+	e.restoring = run
+	go func() {
+		defer close(run.done)
+		defer cancel()
+		e.restore(ctx, cl, pending)
+	}()
+}
+
+// restore restores the pending tasks, retrying failures with a backoff
+// until it succeeds or ctx ends; then it marks the tasks restored and
+// resumes fetching their commands.
+func (e *Engine) restore(ctx context.Context, cl *kgo.Client, pending map[statestore.Task]*taskState) {
+	targets := make([]changelog.Target, 0, len(pending))
+	for t := range pending {
+		targets = append(targets, changelog.Target{Task: t, Topic: changelog.Topic(e.cfg.AppID, t.Type)})
+	}
+	for attempt := 0; ; attempt++ {
+		res, err := changelog.Restore(ctx, e.cfg.Store, e.cfg.ClientOpts, targets, e.log)
+		if e.cfg.Metrics != nil {
+			for t, n := range res.Records {
+				e.cfg.Metrics.RestoreRecords.WithLabelValues(t.Type).Add(float64(n))
+			}
+		}
+		if err == nil {
+			if e.cfg.Metrics != nil {
+				e.cfg.Metrics.RestoreDuration.Observe(res.Duration.Seconds())
+			}
+			var n int64
+			for _, c := range res.Records {
+				n += c
+			}
+			e.log.Info("tasks restored", "tasks", len(targets), "records", n, "duration", res.Duration.Round(time.Millisecond))
+			break
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		e.log.Error("restore failed; retrying", "err", err, "attempt", attempt+1)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(backoff(attempt)):
+		}
+	}
+
+	// A task revoked meanwhile is no longer in e.tasks (and one assigned
+	// again has a new taskState): only the tasks this run restored for
+	// their current assignment become served.
+	resume := map[string][]int32{}
+	var restored []statestore.Task
+	e.mu.Lock()
+	for t, ts := range pending {
+		if e.tasks[t] == ts {
+			ts.restored = true
+			restored = append(restored, t)
+			resume[CommandsTopic(t.Type)] = append(resume[CommandsTopic(t.Type)], t.Partition)
+		}
+	}
+	e.mu.Unlock()
+	cl.ResumeFetchPartitions(resume)
+	for _, t := range restored {
+		e.signal(t)
+	}
+}
