@@ -125,6 +125,12 @@ func (b backend) task(aggregateType, id string) (statestore.Task, error) {
 			Reason:     fmt.Sprintf("partition %d of %s is restoring its state", t.Partition, aggregateType),
 			RetryAfter: time.Second,
 		}
+	case !eng.MembershipCurrent():
+		// Maybe a zombie: the group may have moved the partition already.
+		return t, &interactive.NotReadyError{
+			Reason:     "this node's group membership is not confirmed (it was paused or cut off from Kafka); it answers again once the group confirms it",
+			RetryAfter: time.Second,
+		}
 	}
 	return t, nil
 }
@@ -149,7 +155,7 @@ func (b backend) restoredTask(ctx context.Context, aggregateType, id string, wai
 			return t, err
 		}
 		if restored {
-			continue // restored meanwhile
+			return b.task(aggregateType, id) // restored meanwhile
 		}
 		select {
 		case <-changed:

@@ -206,16 +206,19 @@ func TestStandbyTakesOverAfterKill(t *testing.T) {
 
 	a.kill()
 	start := time.Now()
+	lastErr := ""
 	for {
 		resp, err := httpClient.Get(b.url + "/v1/aggregates/account/" + ids[0])
 		if err == nil {
+			body, _ := io.ReadAll(resp.Body)
 			resp.Body.Close()
 			if resp.StatusCode == 200 {
 				break
 			}
+			lastErr = fmt.Sprintf("%d %s", resp.StatusCode, body)
 		}
 		if time.Since(start) > 2*time.Second {
-			t.Fatalf("the standby did not serve partition %d within 2 s of the kill", p)
+			t.Fatalf("the standby did not serve partition %d within 2 s of the kill; last answer %s\nits log:\n%s", p, lastErr, b.log)
 		}
 		time.Sleep(5 * time.Millisecond)
 	}

@@ -694,9 +694,22 @@ func (c *cycle) commit() error {
 	}
 	c.wg.Wait()
 	failed := c.failed()
-	committed, err := c.sess.End(c.ctx, failed == nil)
+	endCtx, cancelEnd := context.WithTimeout(c.ctx, endTimeout)
+	e.setEndCancel(cancelEnd)
+	committed, err := c.sess.End(endCtx, failed == nil)
+	e.setEndCancel(nil)
+	cancelEnd()
 	if err != nil {
 		e.log.Warn("ending transaction", "err", err, "committed", committed)
+		if failed == nil {
+			// The commit was tried and failed in a way that leaves its
+			// outcome unknown: the broker may have committed it. The
+			// store must not guess: restore the cycle's tasks from the
+			// changelog (which waits until the transaction is resolved)
+			// before processing them again; commands re-read after the
+			// rewind are then found in the store if they committed.
+			e.restoreAgain(c.sess.Client(), c.order)
+		}
 	}
 	if failed != nil {
 		e.log.Warn("cycle failed; aborted and rewinding", "err", failed)

@@ -101,6 +101,13 @@ type Engine struct {
 	tailing     map[int32]bool
 	standbyKick chan struct{}
 
+	// Membership lease (lease.go): leaseUntil is a time since base.
+	base       time.Time
+	leaseUntil atomic.Int64
+	leaseKick  chan struct{}
+	endMu      sync.Mutex
+	endCancel  context.CancelFunc // cancels the End in flight (lease.go)
+
 	restoreMu sync.Mutex  // guards restoring; taken before mu
 	restoring *restoreRun // the restore run in flight (restore.go)
 
@@ -151,13 +158,15 @@ func New(cfg Config) (*Engine, error) {
 		cfg.Logger = slog.Default()
 	}
 	e := &Engine{
-		cfg:     cfg,
-		log:     cfg.Logger,
-		types:   map[string]aggregate.Definition{},
-		byTopic: map[string]aggregate.Definition{},
-		tasks:   map[statestore.Task]*taskState{},
-		changed: map[statestore.Task]chan struct{}{},
-		waiters: waiters{m: map[string][]*waiter{}},
+		cfg:       cfg,
+		log:       cfg.Logger,
+		types:     map[string]aggregate.Definition{},
+		byTopic:   map[string]aggregate.Definition{},
+		tasks:     map[statestore.Task]*taskState{},
+		changed:   map[statestore.Task]chan struct{}{},
+		waiters:   waiters{m: map[string][]*waiter{}},
+		base:      time.Now(),
+		leaseKick: make(chan struct{}, 1),
 	}
 	for _, d := range cfg.Types {
 		e.types[d.Name()] = d
@@ -225,6 +234,10 @@ func (e *Engine) run(ctx context.Context) error {
 		e.restoreMu.Unlock()
 	}()
 	cl := sess.Client()
+	leaseCtx, stopLease := context.WithCancel(ctx)
+	leaseDone := make(chan struct{})
+	go func() { defer close(leaseDone); e.runLease(leaseCtx, cl) }()
+	defer func() { stopLease(); <-leaseDone }()
 	nextSweep := time.Now().Add(sweepInterval(e.cfg.IdempotencyWindow))
 	for {
 		// Poll until records arrive, the next sweep is due, or a revocation
@@ -387,6 +400,7 @@ func (e *Engine) onAssigned(ctx context.Context, cl *kgo.Client, assigned map[st
 	e.joined = true
 	e.mu.Unlock()
 	cl.PauseFetchPartitions(pause)
+	e.kickLease()
 	// A promoted standby stops tailing before its restore (which then reads
 	// only the tail); from here on the reconciler sees it owned.
 	if e.tailer != nil {

@@ -123,3 +123,29 @@ func (e *Engine) restore(ctx context.Context, cl *kgo.Client, pending map[states
 		e.signal(t)
 	}
 }
+
+// restoreAgain makes the cycle's tasks unrestored, pauses their partitions
+// and restores them again in the background: after a transaction whose
+// outcome is unknown, the store may lack what Kafka committed. It runs on
+// the run loop, between polls, when no group callback runs.
+func (e *Engine) restoreAgain(cl *kgo.Client, tasks []*taskCycle) {
+	pause := map[string][]int32{}
+	e.mu.Lock()
+	for _, tc := range tasks {
+		if e.tasks[tc.task] != nil {
+			e.tasks[tc.task] = &taskState{}
+			topic := CommandsTopic(tc.task.Type)
+			pause[topic] = append(pause[topic], tc.task.Partition)
+		}
+	}
+	e.mu.Unlock()
+	if len(pause) == 0 {
+		return
+	}
+	e.log.Warn("a transaction's outcome is unknown; restoring its tasks from the changelogs before processing them again", "partitions", pause)
+	cl.PauseFetchPartitions(pause)
+	e.restoreMu.Lock()
+	defer e.restoreMu.Unlock()
+	e.stopRestore()
+	e.startRestore(cl.Context(), cl)
+}
