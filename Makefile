@@ -3,13 +3,23 @@
 GO   ?= go
 PKGS ?= ./...
 
-.PHONY: all test build bench lint dev clean
+.PHONY: all test fuzz chaos build bench lint dev clean
 
 all: lint test
 
 ## test: all tests with the race detector, never cached
 test:
 	$(GO) test -race -count=1 $(PKGS)
+
+## fuzz: every fuzz target for FUZZTIME each (scripts/fuzz.sh)
+FUZZTIME ?= 20s
+fuzz:
+	bash scripts/fuzz.sh $(FUZZTIME)
+
+## chaos: the fault-injection suite for CHAOS_DURATION (internal/chaostest)
+CHAOS_DURATION ?= 10m
+chaos:
+	ESKER_CHAOS_DURATION=$(CHAOS_DURATION) $(GO) test -race -count=1 -timeout 60m -run TestChaos -v ./internal/chaostest
 
 ## build: compile every package and the esker CLI into bin/esker
 build:

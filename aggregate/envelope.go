@@ -150,6 +150,13 @@ func EventFromRecord(key []byte, headers []Header, value []byte) (Event, error) 
 			if err != nil {
 				return Event{}, fmt.Errorf("header %s: %w", h.Key, err)
 			}
+			// A time near the ends of RFC 3339's years 0000-9999 can fall
+			// outside them once its offset is applied (UTC turns
+			// "0000-01-01T00:00:00+01:00" into year -1), and Headers,
+			// which writes UTC, could not write it back.
+			if y := t.UTC().Year(); y < 0 || y > 9999 {
+				return Event{}, fmt.Errorf("header %s: %q is outside the years 0000-9999 in UTC", h.Key, v)
+			}
 			e.Time = t
 		}
 	}

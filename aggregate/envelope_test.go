@@ -206,6 +206,10 @@ func TestEventFromRecordErrors(t *testing.T) {
 		{"schema version zero", func(m map[string]string) { m[aggregate.HeaderSchemaVersion] = "0" }, aggregate.HeaderSchemaVersion},
 		{"time not RFC 3339", func(m map[string]string) { m[aggregate.HeaderTime] = "yesterday" }, aggregate.HeaderTime},
 		{"time without zone", func(m map[string]string) { m[aggregate.HeaderTime] = "2024-01-01T00:00:00" }, aggregate.HeaderTime},
+		// Found by FuzzEventFromRecord: times that are before year 0 or
+		// after 9999 in UTC decoded, and Headers could not write them back.
+		{"time before year 0 in UTC", func(m map[string]string) { m[aggregate.HeaderTime] = "0000-01-01T00:00:00+01:00" }, aggregate.HeaderTime},
+		{"time after 9999 in UTC", func(m map[string]string) { m[aggregate.HeaderTime] = "9999-12-31T23:59:59-01:00" }, aggregate.HeaderTime},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

@@ -23,6 +23,7 @@ import (
 
 	"github.com/twmb/franz-go/pkg/kgo"
 
+	"github.com/esker-io/esker/aggregate"
 	"github.com/esker-io/esker/statestore"
 )
 
@@ -69,6 +70,12 @@ func Apply(b *statestore.Batch, t statestore.Task, key, value []byte) error {
 		id, ok := journalEntity(key)
 		if !ok {
 			return fmt.Errorf("changelog: task %s: malformed journal key %q", t, key)
+		}
+		// The write path only writes journals of valid entity ids. One
+		// holding a 0x00 would also sit in the key range of another
+		// entity's journals ("a\x00b" among "a"'s) and join its stream.
+		if err := aggregate.ValidateEntityID(id); err != nil {
+			return fmt.Errorf("changelog: task %s: journal key %q: %w", t, key, err)
 		}
 		j, err := statestore.DecodeJournal(id, value)
 		if err != nil {

@@ -297,3 +297,41 @@ func TestApplyErrors(t *testing.T) {
 		})
 	}
 }
+
+// TestApplyRejectsJournalOfInvalidEntityID: a journal key whose entity id
+// holds a 0x00 lies in the key range of another entity's journals ("a\x00b"
+// sorts among "a"'s), so applying it would put its events in that entity's
+// stream. Apply refuses journal keys of ids the write path cannot produce.
+// Found by FuzzApply.
+func TestApplyRejectsJournalOfInvalidEntityID(t *testing.T) {
+	s := newStore(t)
+	apply(t, s, task, journalKV(t, "a", journal("a", 1, 2)))
+	forged := journal("x", 7, 1)
+	forged.Events[0].Type = "Forged"
+	b := s.NewBatch()
+	defer b.Discard()
+	if err := changelog.Apply(b, task, statestore.JournalKey("a\x00b", 7), forged.Encode()); err == nil {
+		must(t, b.Commit())
+	} else if !strings.Contains(err.Error(), "entity id") {
+		t.Fatalf("error %q does not mention the entity id", err)
+	}
+	got, err := s.Events(task, "a", 1, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range got {
+		if e.Type == "Forged" {
+			t.Fatalf("a journal of entity %q is in the stream of %q: %+v", "a\x00b", "a", got)
+		}
+	}
+	if len(got) != 2 {
+		t.Fatalf("%d events of a, want 2", len(got))
+	}
+	for _, id := range []string{"", "a\x00b", "\xff", "tab\there"} {
+		b := s.NewBatch()
+		if err := changelog.Apply(b, task, statestore.JournalKey(id, 1), forged.Encode()); err == nil {
+			t.Errorf("Apply of a journal of the invalid entity id %q: no error", id)
+		}
+		b.Discard()
+	}
+}

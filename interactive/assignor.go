@@ -763,7 +763,8 @@ func encodeMap(m Map) []byte {
 // active or pending member, both active and pending set) it checks that the
 // standard part is consistent with the map: no topic listed twice, no
 // partition listed twice or outside the map, every topic lists the same
-// partitions, and all of them are Active for one and the same member.
+// partitions, and they are all the partitions one and the same member is
+// Active for.
 func DecodeAssignment(b []byte) (assigned map[string][]int32, m Map, err error) {
 	var a kmsg.ConsumerMemberAssignment
 	if err := a.ReadFrom(b); err != nil {
@@ -807,6 +808,15 @@ func DecodeAssignment(b []byte) (assigned map[string][]int32, m Map, err error) 
 		}
 		if len(ps) > 0 {
 			assigned[t.Topic] = ps
+		}
+	}
+	// The member consumes what the standard part lists, while every node
+	// routes by the map: listing only some of the member's Active
+	// partitions would leave the others routed to it and consumed by
+	// nobody. EncodeAssignment lists them all.
+	if owner != "" {
+		if want := m.ActivePartitions(owner); !slices.Equal(first, want) {
+			return bad("partitions %v assigned, but the map makes member %q active for %v", first, owner, want)
 		}
 	}
 	return assigned, m, nil

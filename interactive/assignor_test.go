@@ -9,7 +9,6 @@ import (
 	"math/rand/v2"
 	"reflect"
 	"slices"
-	"sort"
 	"testing"
 
 	"github.com/twmb/franz-go/pkg/kmsg"
@@ -936,6 +935,10 @@ func TestDecodeAssignmentRejects(t *testing.T) {
 		"partitions of two members":   assignmentBytes([]kmsg.ConsumerMemberAssignmentTopic{topic("t", 0, 1)}, good),
 		"partition with no active": assignmentBytes([]kmsg.ConsumerMemberAssignmentTopic{topic("t", 0)},
 			cat(hdr, uv(1), uv(0), uv(0), uv(0))),
+		// Found by FuzzDecodeAssignment: a member listed for only some of
+		// the partitions the map makes it active for (here a: 0 and 2).
+		"some of the member's partitions": assignmentBytes([]kmsg.ConsumerMemberAssignmentTopic{topic("t", 0)},
+			cat(hdr, uv(3), okPart, cat(uv(2), uv(0), uv(0)), okPart)),
 	}
 	if _, _, err := DecodeAssignment(assignmentBytes([]kmsg.ConsumerMemberAssignmentTopic{topic("t", 0)}, good)); err != nil {
 		t.Fatalf("the hand-built base case does not decode: %v", err)
@@ -1027,27 +1030,60 @@ func TestDecodeGarbage(t *testing.T) {
 func FuzzDecodeMetadata(f *testing.F) {
 	f.Add(EncodeMetadata([]string{"a"}, Metadata{URL: "u", Tasks: map[int32]LocalTask{1: {RoleActive, 2}}}))
 	f.Add(EncodeMetadata(nil, Metadata{}))
+	f.Add(EncodeMetadata([]string{"shop-commands", "bank-commands", "bank-commands"}, Metadata{URL: "http://h1:8080", Generation: 7,
+		Tasks: map[int32]LocalTask{0: {RoleActive, 1000}, 3: {RoleStandby, 5}, 9: {RoleNone, 0}, math.MaxInt32: {RoleActive, math.MaxInt64}}}))
+	f.Add([]byte{})
+	f.Add([]byte{0, 3})
 	f.Fuzz(func(t *testing.T, b []byte) {
-		topics, md, err := DecodeMetadata(b)
+		var topics []string
+		var md Metadata
+		var err error
+		checkAllocs(t, len(b), func() { topics, md, err = DecodeMetadata(b) })
 		if err != nil {
+			if !errors.Is(err, ErrBadEncoding) {
+				t.Fatalf("error %v does not wrap ErrBadEncoding", err)
+			}
 			return
 		}
-		if !sort.StringsAreSorted(topics) {
-			t.Fatalf("topics not sorted: %v", topics)
+		if !slices.Equal(topics, normTopics(topics)) {
+			t.Fatalf("topics not sorted and deduplicated: %v", topics)
 		}
-		_, md2, err := DecodeMetadata(EncodeMetadata(topics, md))
-		if err != nil || !reflect.DeepEqual(md, md2) {
-			t.Fatalf("round trip: %+v %+v %v", md, md2, err)
+		for p, task := range md.Tasks {
+			if p < 0 || task.Role > RoleStandby || task.Checkpoint < 0 {
+				t.Fatalf("decoded an impossible task %d: %+v", p, task)
+			}
+		}
+		enc := EncodeMetadata(topics, md)
+		topics2, md2, err := DecodeMetadata(enc)
+		if err != nil || !slices.Equal(topics, topics2) || !reflect.DeepEqual(md, md2) {
+			t.Fatalf("round trip: %v %+v, then %v %+v, %v", topics, md, topics2, md2, err)
+		}
+		// The user data is canonical: what was accepted is exactly what
+		// EncodeMetadata writes for the decoded value.
+		var in, out kmsg.ConsumerMemberMetadata
+		if in.ReadFrom(b) != nil || out.ReadFrom(enc) != nil || !bytes.Equal(in.UserData, out.UserData) {
+			t.Fatalf("accepted non-canonical user data % x (canonical: % x)", in.UserData, out.UserData)
 		}
 	})
 }
 
 func FuzzDecodeAssignment(f *testing.F) {
 	f.Add(EncodeAssignment([]string{"a", "b"}, "m-1", sampleMap()))
+	f.Add(EncodeAssignment([]string{"a", "b"}, "m-3", sampleMap()))
 	f.Add(EncodeAssignment(nil, "", Map{}))
+	f.Add(assignmentFor([]string{"a"}, "m-1", Map{Partitions: []Placement{{Active: "m-1"}}}, encodeMap(sampleMap()))) // m-1 is also active for 3
+	f.Add(EncodeAssignment([]string{"shop-commands"}, "m-2", Map{Generation: -1, Members: map[string]string{"m-2": "http://h2:8080"},
+		Partitions: []Placement{{}, {Active: "m-2"}, {Pending: "m-2"}}}))
+	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, b []byte) {
-		_, m, err := DecodeAssignment(b)
+		var assigned map[string][]int32
+		var m Map
+		var err error
+		checkAllocs(t, len(b), func() { assigned, m, err = DecodeAssignment(b) })
 		if err != nil {
+			if !errors.Is(err, ErrBadEncoding) {
+				t.Fatalf("error %v does not wrap ErrBadEncoding", err)
+			}
 			return
 		}
 		var a kmsg.ConsumerMemberAssignment
@@ -1056,6 +1092,28 @@ func FuzzDecodeAssignment(f *testing.F) {
 		}
 		if !bytes.Equal(a.UserData, encodeMap(m)) {
 			t.Fatalf("accepted a non-canonical map")
+		}
+		// The assignment is the member's Active partitions in the map,
+		// and encodes back to the same.
+		owner := ""
+		var topics []string
+		for topic, ps := range assigned {
+			topics = append(topics, topic)
+			if len(ps) == 0 || !slices.IsSorted(ps) {
+				t.Fatalf("topic %q: partitions %v", topic, ps)
+			}
+			owner = m.Partitions[ps[0]].Active
+		}
+		if owner != "" {
+			for _, ps := range assigned {
+				if want := m.ActivePartitions(owner); !slices.Equal(ps, want) {
+					t.Fatalf("assigned %v, but the map makes %q active for %v", ps, owner, want)
+				}
+			}
+		}
+		assigned2, m2, err := DecodeAssignment(EncodeAssignment(topics, owner, m))
+		if err != nil || !reflect.DeepEqual(assigned, assigned2) || !reflect.DeepEqual(m, m2) {
+			t.Fatalf("round trip: %v %+v, then %v %+v, %v", assigned, m, assigned2, m2, err)
 		}
 	})
 }

@@ -3,6 +3,7 @@ package statestore
 import (
 	"encoding/binary"
 	"errors"
+	"math"
 	"time"
 
 	"github.com/esker-io/esker/aggregate"
@@ -46,12 +47,12 @@ func DecodeStateRecord(b []byte) (StateRecord, error) {
 		return StateRecord{}, errors.New("statestore: unknown state record format")
 	}
 	d := decoder{b: b[1:]}
-	v := d.uvarint()
+	v := d.version()
 	ts := d.varint()
 	if d.err != nil {
 		return StateRecord{}, d.err
 	}
-	return StateRecord{Version: int64(v), UpdatedAt: time.Unix(0, ts).UTC(), State: d.b}, nil
+	return StateRecord{Version: v, UpdatedAt: time.Unix(0, ts).UTC(), State: d.b}, nil
 }
 
 // CommandRecord is a command's outcome as remembered for idempotency. An
@@ -94,14 +95,30 @@ func DecodeCommandRecord(b []byte) (CommandRecord, error) {
 	r := CommandRecord{
 		CommandID: d.string(),
 		EntityID:  d.string(),
-		From:      int64(d.uvarint()),
-		To:        int64(d.uvarint()),
+		From:      d.version(),
+		To:        d.version(),
 		At:        d.varint(),
 		Rejected:  d.string(),
-		Conflict:  d.byte() == 1,
-		Current:   int64(d.uvarint()),
 	}
-	return r, d.err
+	// Encode writes the conflict flag as 0 or 1; any other byte means the
+	// record is corrupt, not "no conflict".
+	switch d.byte() {
+	case 0:
+	case 1:
+		r.Conflict = true
+	default:
+		d.fail()
+	}
+	r.Current = d.version()
+	// The record is exactly its encoding: trailing bytes mean corruption
+	// (or a format this version does not know) and must not be ignored.
+	if d.err == nil && len(d.b) != 0 {
+		d.err = errCorrupt
+	}
+	if d.err != nil {
+		return CommandRecord{}, d.err
+	}
+	return r, nil
 }
 
 // Journal is what one transaction wrote for one entity: its events, in
@@ -156,24 +173,24 @@ func DecodeJournal(entityID string, b []byte) (Journal, error) {
 	}
 	d := decoder{b: b[1:]}
 	var j Journal
-	n := d.count()
+	n := d.count(minEventBytes)
 	if n > 0 {
 		j.Events = make([]aggregate.Event, n)
 	}
 	for i := 0; i < n && d.err == nil; i++ {
 		e := &j.Events[i]
 		e.EntityID = entityID
-		e.Version = int64(d.uvarint())
+		e.Version = d.version()
 		e.EventID = d.string()
 		e.Type = d.string()
-		e.SchemaVersion = int(d.uvarint())
+		e.SchemaVersion = int(d.version())
 		e.CommandID = d.string()
 		e.CorrelationID = d.string()
 		e.CausationID = d.string()
 		e.Time = time.Unix(0, d.varint()).UTC()
 		e.Data = d.bytes()
 	}
-	n = d.count()
+	n = d.count(minJournalCommandBytes)
 	if n > 0 {
 		j.Commands = make([]CommandRecord, n)
 	}
@@ -181,16 +198,28 @@ func DecodeJournal(entityID string, b []byte) (Journal, error) {
 		j.Commands[i] = CommandRecord{
 			CommandID: d.string(),
 			EntityID:  entityID,
-			From:      int64(d.uvarint()),
-			To:        int64(d.uvarint()),
+			From:      d.version(),
+			To:        d.version(),
 			At:        d.varint(),
 		}
 	}
 	if d.err == nil && len(d.b) != 0 {
 		d.err = errCorrupt
 	}
-	return j, d.err
+	if d.err != nil {
+		return Journal{}, d.err
+	}
+	return j, nil
 }
+
+// The fewest bytes one element of a journal's lists takes in the encoding:
+// an event is nine varints or lengths (version, event id, type, schema
+// version, command id, correlation id, causation id, time, data), a command
+// four (command id, from, to, at).
+const (
+	minEventBytes          = 9
+	minJournalCommandBytes = 4
+)
 
 func appendString(b []byte, s string) []byte {
 	b = binary.AppendUvarint(b, uint64(len(s)))
@@ -207,6 +236,12 @@ func appendBytes(b []byte, p []byte) []byte {
 type decoder struct {
 	b   []byte
 	err error
+}
+
+func (d *decoder) fail() {
+	if d.err == nil {
+		d.err = errCorrupt
+	}
 }
 
 func (d *decoder) uvarint() uint64 {
@@ -235,12 +270,29 @@ func (d *decoder) varint() int64 {
 	return v
 }
 
-// count reads a length that must fit in what remains (one byte per item at
-// least), so corrupt input cannot make us allocate a huge slice.
-func (d *decoder) count() int {
+// version reads a version (or another non-negative int64) written as a
+// uvarint. Encoders only write values up to 2^63-1; a larger one would turn
+// negative, so it means corruption.
+func (d *decoder) version() int64 {
+	v := d.uvarint()
+	if v > math.MaxInt64 {
+		d.fail()
+		return 0
+	}
+	return int64(v)
+}
+
+// count reads the length of a list whose items take at least minBytes each
+// in the encoding. A length the remaining bytes cannot hold is rejected
+// before anything is allocated for it: counting one byte per item would let
+// a corrupt length allocate far more than the input's size (an Event is 160
+// bytes in memory).
+func (d *decoder) count(minBytes int) int {
 	n := d.uvarint()
-	if n > uint64(len(d.b)) {
+	if d.err == nil && n > uint64(len(d.b)/minBytes) {
 		d.err = errCorrupt
+	}
+	if d.err != nil {
 		return 0
 	}
 	return int(n)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"reflect"
+	"runtime"
 	"testing"
 	"time"
 
@@ -63,6 +64,8 @@ func TestDecodeStateRecordErrors(t *testing.T) {
 		"missing time":      {1, 5},
 		"truncated time":    {1, 5, 0x80, 0x80},
 		"time overflow":     append([]byte{1, 5}, bytes.Repeat([]byte{0xff}, 11)...),
+		// A uvarint above 2^63-1 would decode to a negative version.
+		"version above int64": binary.AppendUvarint([]byte{1}, 1<<63),
 	}
 	for name, b := range cases {
 		if _, err := statestore.DecodeStateRecord(b); err == nil {
@@ -104,6 +107,17 @@ func TestDecodeCommandRecordErrors(t *testing.T) {
 		"unknown format":           {9},
 		"string longer than input": {1, 100, 'a'},
 		"truncated length":         {1, 0x80},
+		// Found by FuzzCommandRecordRoundTrip: trailing bytes were ignored.
+		"trailing byte": append(statestore.CommandRecord{CommandID: "c", At: 1}.Encode(), 0),
+		// A conflict flag other than 0 or 1 read as "no conflict".
+		"conflict flag 2": {1, 1, 'c', 0, 0, 0, 2, 0, 2, 0},
+		// Found by FuzzDecodeCommandRecord: versions above 2^63-1 decoded
+		// as negative numbers.
+		"from above int64":    binary.AppendUvarint([]byte{1, 0, 0}, 1<<63),
+		"current above int64": binary.AppendUvarint([]byte{1, 0, 0, 0, 0, 0, 0, 0}, 1<<63),
+	}
+	if _, err := statestore.DecodeCommandRecord([]byte{1, 1, 'c', 0, 0, 0, 2, 0, 1, 0}); err != nil {
+		t.Fatalf("the valid neighbour of the corrupt cases: %v", err)
 	}
 	for name, b := range cases {
 		if _, err := statestore.DecodeCommandRecord(b); err == nil {
@@ -186,16 +200,43 @@ func TestDecodeJournalErrors(t *testing.T) {
 	huge := []byte{1}
 	huge = binary.AppendUvarint(huge, 1<<60) // event count far beyond the input
 	cases := map[string][]byte{
-		"empty":            nil,
-		"unknown format":   append([]byte{7}, enc[1:]...),
-		"old JSON format":  []byte(`{"events":[],"commands":[]}`),
-		"trailing garbage": append(append([]byte{}, enc...), 0),
-		"huge count":       huge,
-		"format only":      {1},
+		"empty":               nil,
+		"unknown format":      append([]byte{7}, enc[1:]...),
+		"old JSON format":     []byte(`{"events":[],"commands":[]}`),
+		"trailing garbage":    append(append([]byte{}, enc...), 0),
+		"huge count":          huge,
+		"format only":         {1},
+		"version above int64": append(binary.AppendUvarint([]byte{1, 1}, 1<<63), 0, 0, 0, 0, 0, 0, 0, 0, 0),
 	}
 	for name, b := range cases {
 		if _, err := statestore.DecodeJournal("a", b); err == nil {
 			t.Errorf("%s: no error", name)
 		}
+	}
+}
+
+// TestDecodeJournalCountIsBoundedByItsSize: a list length is checked against
+// the least space its items take (9 bytes an event, 4 a command), so a
+// corrupt length cannot make the decoder allocate 160 bytes of Event per
+// input byte. Found by FuzzDecodeJournal's allocation check.
+func TestDecodeJournalCountIsBoundedByItsSize(t *testing.T) {
+	const n = 1 << 16
+	// n zero bytes hold n/9 empty events, not n.
+	b := append(binary.AppendUvarint([]byte{1}, n), make([]byte, n)...)
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	_, err := statestore.DecodeJournal("a", b)
+	runtime.ReadMemStats(&after)
+	if err == nil {
+		t.Fatal("a count beyond the input decoded")
+	}
+	if got := after.TotalAlloc - before.TotalAlloc; got > 4*n {
+		t.Fatalf("decoding %d bytes allocated %d bytes", len(b), got)
+	}
+	// The same bytes with a count that fits decode.
+	b = append(binary.AppendUvarint([]byte{1}, n/9), make([]byte, n/9*9+1)...)
+	j, err := statestore.DecodeJournal("a", b)
+	if err != nil || len(j.Events) != n/9 {
+		t.Fatalf("%d events, %v", len(j.Events), err)
 	}
 }

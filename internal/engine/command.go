@@ -86,5 +86,11 @@ func ParseCommand(r *kgo.Record) (aggregate.Command, error) {
 	if c.Type == "" {
 		return c, errors.New(`command envelope has no "type"`)
 	}
+	// The same rule as for the header: a negative expected version names
+	// no version an entity can be at, so it is malformed input, not a
+	// version conflict.
+	if c.ExpectedVersion != nil && *c.ExpectedVersion < 0 {
+		return c, fmt.Errorf(`command envelope: "expectedVersion" %d is not a version`, *c.ExpectedVersion)
+	}
 	return c, nil
 }

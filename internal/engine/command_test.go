@@ -40,6 +40,9 @@ func TestParseCommandEnvelopeAndErrors(t *testing.T) {
 		"empty type":       {Headers: []kgo.RecordHeader{{Key: HeaderCommandType}}},
 		"bad version":      {Headers: []kgo.RecordHeader{{Key: HeaderCommandType, Value: []byte("A")}, {Key: HeaderExpectedVersion, Value: []byte("x")}}},
 		"negative version": {Headers: []kgo.RecordHeader{{Key: HeaderCommandType, Value: []byte("A")}, {Key: HeaderExpectedVersion, Value: []byte("-1")}}},
+		// Found by FuzzParseCommand: the envelope form took a negative
+		// expected version, which the header form refuses.
+		"negative envelope version": {Value: []byte(`{"type":"A","expectedVersion":-1}`)},
 	} {
 		if _, err := ParseCommand(r); err == nil {
 			t.Errorf("%s: no error", name)
