@@ -469,8 +469,8 @@ func (e *Engine) TaskStatus(t statestore.Task) (owned, restored bool) {
 	return ok, ok && ts.restored
 }
 
-// Ready returns nil when the node has joined the group and every task it
-// owns is restored.
+// Ready returns nil when the node has joined the group, every task it owns
+// is restored, and its membership lease is current (lease.go).
 func (e *Engine) Ready() error {
 	e.mu.RLock()
 	defer e.mu.RUnlock()
@@ -485,6 +485,9 @@ func (e *Engine) Ready() error {
 	}
 	if n > 0 {
 		return fmt.Errorf("restoring %d of %d tasks from their changelogs", n, len(e.tasks))
+	}
+	if !e.MembershipCurrent() {
+		return errors.New("waiting for the group to confirm this node's membership")
 	}
 	return nil
 }
