@@ -4,10 +4,12 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/esker-io/esker"
 	"github.com/esker-io/esker/aggregate"
 )
 
@@ -117,5 +119,37 @@ func TestPausedNodeServesNoStaleRead(t *testing.T) {
 		_ = a.cmd.Process.Signal(syscall.SIGQUIT) // its goroutines, into its log
 		time.Sleep(time.Second)
 		t.Fatalf("the resumed node never answered again; its log:\n%s", a.log)
+	}
+}
+
+// TestDuplicateInstanceIDStops: two nodes started with one instance id
+// (hence one transactional id) fence each other; a fenced node first
+// assumes it was a zombie and rejoins, but fenced again and again it stops
+// with an error that names the cause.
+func TestDuplicateInstanceIDStops(t *testing.T) {
+	c := newCluster(t)
+	a := startNode(t, c.ListenAddrs(), t.TempDir(), esker.InstanceID("same"))
+	b := startNode(t, c.ListenAddrs(), t.TempDir(), esker.InstanceID("same"))
+	deadline := time.After(90 * time.Second)
+	for i := 0; ; i++ {
+		for _, n := range []*testNode{a, b} {
+			select {
+			case err := <-n.done:
+				if err == nil || !strings.Contains(err.Error(), "same instance id") {
+					t.Fatalf("Run returned %v; want an error about the shared instance id", err)
+				}
+				t.Logf("a node stopped: %v", err)
+				n.done <- err // for stop
+				return
+			default:
+			}
+			id := fmt.Sprintf("dup-%d", i%16)
+			do(t, n, "POST", "/v1/aggregates/account/"+id+"/commands", cmd("Open", map[string]any{"owner": id}))
+		}
+		select {
+		case <-deadline:
+			t.Fatal("two nodes with one instance id kept running")
+		default:
+		}
 	}
 }

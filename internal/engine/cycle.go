@@ -118,6 +118,13 @@ func (e *Engine) cycle(sess session, fetches kgo.Fetches) error {
 	return fatal(c.commit(), e.cfg.TransactionalID)
 }
 
+// fencedError: another producer with this node's transactional id was
+// initialized. Run rejoins with a new session (see run).
+type fencedError struct{ err error }
+
+func (f fencedError) Error() string { return "producer fenced: " + f.err.Error() }
+func (f fencedError) Unwrap() error { return f.err }
+
 // storeError is a local store failure the node cannot continue after.
 type storeError struct{ error }
 
@@ -131,8 +138,8 @@ func fatal(err error, transactionalID string) error {
 		return nil
 	case errors.As(err, &se):
 		return se
-	case errors.Is(err, kerr.ProducerFenced):
-		return fmt.Errorf("the transactional id %q was fenced: another node runs with the same instance id (give every node its own InstanceID, advertised URL or state directory): %w", transactionalID, err)
+	case errors.Is(err, kerr.ProducerFenced), errors.Is(err, kerr.InvalidProducerEpoch):
+		return fencedError{err}
 	case errors.Is(err, kerr.TransactionalIDAuthorizationFailed), errors.Is(err, kerr.ClusterAuthorizationFailed):
 		return fmt.Errorf("the node may not use transactional id %q: grant it Write on that transactional id: %w", transactionalID, err)
 	}

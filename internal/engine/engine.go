@@ -28,6 +28,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -217,7 +218,37 @@ func (e *Engine) Run(ctx context.Context) error {
 	return e.run(ctx)
 }
 
+// run runs sessions until ctx ends or one fails for good. A session whose
+// producer was fenced — another node took its partitions over while it was
+// paused or cut off, and fenced its open transaction (fence.go) — is
+// replaced by a new one that rejoins the group. A node fenced again and
+// again shares its transactional id with another node: that stops it.
 func (e *Engine) run(ctx context.Context) error {
+	defer func() {
+		e.mu.Lock()
+		e.stopping = true
+		e.mu.Unlock()
+	}()
+	var fenced []time.Time
+	for {
+		err := e.runSession(ctx)
+		var f fencedError
+		if !errors.As(err, &f) {
+			return err
+		}
+		now := time.Now()
+		fenced = slices.DeleteFunc(append(fenced, now), func(t time.Time) bool { return now.Sub(t) > time.Minute })
+		if len(fenced) >= 3 {
+			return fmt.Errorf("the transactional id %q was fenced %d times within a minute: another node runs with the same instance id (give every node its own InstanceID, advertised URL or state directory): %w",
+				e.cfg.TransactionalID, len(fenced), f.err)
+		}
+		e.log.Warn("this node's producer was fenced: the group gave its partitions to another node while it was paused or cut off; rejoining with a new session", "err", f.err)
+	}
+}
+
+// runSession runs one transactional (or at-least-once) session: it joins
+// the group and processes cycles until ctx ends or a cycle fails.
+func (e *Engine) runSession(ctx context.Context) error {
 	sess, err := e.newSession(ctx)
 	if err != nil {
 		return err
@@ -225,13 +256,13 @@ func (e *Engine) run(ctx context.Context) error {
 	defer func() {
 		e.waiters.release(nil)
 		e.mu.Lock()
-		e.stopping = true
 		e.tasks = map[statestore.Task]*taskState{}
 		e.mu.Unlock()
 		sess.Close()
 		e.restoreMu.Lock()
 		e.stopRestore()
 		e.restoreMu.Unlock()
+		e.leaseUntil.Store(0) // the next session is a new member
 	}()
 	cl := sess.Client()
 	leaseCtx, stopLease := context.WithCancel(ctx)

@@ -17,6 +17,7 @@ type Metrics struct {
 	RestoreDuration prometheus.Histogram
 	StandbyLag      *prometheus.GaugeVec // partition
 	StateCleanups   prometheus.Counter
+	Fenced          prometheus.Counter
 
 	mu        sync.Mutex
 	counters  map[[2]string]prometheus.Counter
@@ -88,12 +89,16 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "esker_state_cleanups_total",
 			Help: "Partitions whose local state was deleted after the node neither owned nor kept a standby copy of them for the state cleanup delay.",
 		}),
+		Fenced: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "esker_fenced_transactions_total",
+			Help: "Open transactions of dropped nodes that this node fenced (aborted) to take over their partitions without waiting for the transaction timeout.",
+		}),
 		RestoreDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "esker_restore_seconds",
 			Help:    "Duration of state store restores after a partition assignment.",
 			Buckets: prometheus.ExponentialBuckets(0.001, 4, 10),
 		}),
 	}
-	reg.MustRegister(m.Commands, m.CommandLatency, m.Transactions, m.BatchCommands, m.RestoreRecords, m.RestoreDuration, m.StandbyLag, m.StateCleanups)
+	reg.MustRegister(m.Commands, m.CommandLatency, m.Transactions, m.BatchCommands, m.RestoreRecords, m.RestoreDuration, m.StandbyLag, m.StateCleanups, m.Fenced)
 	return m
 }

@@ -72,9 +72,12 @@ func (e *Engine) startRestore(ctx context.Context, cl *kgo.Client) {
 // resumes fetching their commands.
 func (e *Engine) restore(ctx context.Context, cl *kgo.Client, pending map[statestore.Task]*taskState) {
 	targets := make([]changelog.Target, 0, len(pending))
+	tasks := make([]statestore.Task, 0, len(pending))
 	for t := range pending {
 		targets = append(targets, changelog.Target{Task: t, Topic: changelog.Topic(e.cfg.AppID, t.Type)})
+		tasks = append(tasks, t)
 	}
+	e.fenceStaleTransactions(ctx, tasks)
 	for attempt := 0; ; attempt++ {
 		res, err := changelog.Restore(ctx, e.cfg.Store, e.cfg.ClientOpts, targets, e.log)
 		if e.cfg.Metrics != nil {
