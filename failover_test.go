@@ -46,20 +46,28 @@ func BenchmarkFailover(b *testing.B) {
 
 func benchFailover(b *testing.B, history int, load bool, extra ...string) {
 	var samples []time.Duration
+	var fenced, restored float64
 	for i := 0; i < b.N; i++ {
-		samples = append(samples, failoverOnce(b, history, load, extra...))
+		took, f, r := failoverOnce(b, history, load, extra...)
+		samples = append(samples, took)
+		fenced += f
+		restored += r
 	}
+	b.ReportMetric(fenced/float64(b.N), "fenced-txns/op")
+	b.ReportMetric(restored/float64(b.N), "restored-records/op")
 	slices.Sort(samples)
 	b.ReportMetric(float64(samples[len(samples)/2].Milliseconds()), "median-failover-ms")
 	b.ReportMetric(float64(samples[len(samples)-1].Milliseconds()), "max-failover-ms")
 	b.Logf("fail-over times: %v", samples)
 }
 
-// failoverOnce runs one fail-over. history accounts are opened first (by
-// producing their commands straight to the commands topic), spread over the
-// partitions; with load, a producer keeps sending deposits to accounts of
-// the killed node's partitions until the survivor answers.
-func failoverOnce(b *testing.B, history int, load bool, extra ...string) time.Duration {
+// failoverOnce runs one fail-over and returns its duration, how many open
+// transactions the survivor fenced, and how many changelog records it
+// restored. history accounts are opened first (by producing their commands
+// straight to the commands topic), spread over the partitions; with load, a
+// producer keeps sending deposits to accounts of the killed node's
+// partitions until the survivor answers.
+func failoverOnce(b *testing.B, history int, load bool, extra ...string) (time.Duration, float64, float64) {
 	b.StopTimer()
 	defer b.StartTimer()
 	c := newCluster(b)
@@ -120,6 +128,7 @@ func failoverOnce(b *testing.B, history int, load bool, extra ...string) time.Du
 		time.Sleep(500 * time.Millisecond) // the owner is mid-transaction when it dies
 	}
 	defer stopLoad()
+	restoredBefore := scrapeSum(b, nodes[1].url, "esker_restore_records_total")
 	nodes[0].kill()
 	start := time.Now()
 	for {
@@ -127,7 +136,9 @@ func failoverOnce(b *testing.B, history int, load bool, extra ...string) time.Du
 		if err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == 200 {
-				return time.Since(start)
+				took := time.Since(start)
+				return took, scrapeSum(b, nodes[1].url, "esker_fenced_transactions_total"),
+					scrapeSum(b, nodes[1].url, "esker_restore_records_total") - restoredBefore
 			}
 		}
 		if time.Since(start) > 60*time.Second {

@@ -256,7 +256,7 @@ func processStandbyCaughtUp(url string, p int32) bool {
 }
 
 // scrapeSum adds up a metric's samples from a node's /metrics text.
-func scrapeSum(t *testing.T, url, name string) float64 {
+func scrapeSum(t testing.TB, url, name string) float64 {
 	t.Helper()
 	resp, err := httpClient.Get(url + "/metrics")
 	if err != nil {
