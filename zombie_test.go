@@ -135,11 +135,11 @@ func TestDuplicateInstanceIDStops(t *testing.T) {
 		for _, n := range []*testNode{a, b} {
 			select {
 			case err := <-n.done:
+				n.done <- err // for stop, at cleanup
 				if err == nil || !strings.Contains(err.Error(), "same instance id") {
 					t.Fatalf("Run returned %v; want an error about the shared instance id", err)
 				}
 				t.Logf("a node stopped: %v", err)
-				n.done <- err // for stop
 				return
 			default:
 			}

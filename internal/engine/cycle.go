@@ -99,9 +99,11 @@ func (e *Engine) cycle(sess session, fetches kgo.Fetches) error {
 		_, endErr := sess.End(ctx, false)
 		if e.beginFailures++; e.beginFailures >= 10 {
 			// The producer is broken for good (franz-go reports a fatal
-			// producer id error this way): holding the partitions while
-			// processing nothing helps no one.
-			return fmt.Errorf("cannot begin transactions (%d failures in a row): %w", e.beginFailures, err)
+			// producer id error this way, for example after another
+			// producer with this transactional id fenced it): a new
+			// session gets a new producer id (see run).
+			e.beginFailures = 0
+			return fencedError{fmt.Errorf("cannot begin transactions (10 failures in a row): %w", err)}
 		}
 		return fatal(errors.Join(err, endErr), e.cfg.TransactionalID)
 	}
@@ -119,7 +121,8 @@ func (e *Engine) cycle(sess session, fetches kgo.Fetches) error {
 }
 
 // fencedError: another producer with this node's transactional id was
-// initialized. Run rejoins with a new session (see run).
+// initialized, or the producer is otherwise unusable. Run rejoins with a new
+// session and producer id (see run).
 type fencedError struct{ err error }
 
 func (f fencedError) Error() string { return "producer fenced: " + f.err.Error() }

@@ -239,7 +239,7 @@ func (e *Engine) run(ctx context.Context) error {
 		now := time.Now()
 		fenced = slices.DeleteFunc(append(fenced, now), func(t time.Time) bool { return now.Sub(t) > time.Minute })
 		if len(fenced) >= 3 {
-			return fmt.Errorf("the transactional id %q was fenced %d times within a minute: another node runs with the same instance id (give every node its own InstanceID, advertised URL or state directory): %w",
+			return fmt.Errorf("the producer of transactional id %q was fenced %d times within a minute: most likely another node runs with the same instance id (give every node its own InstanceID, advertised URL or state directory): %w",
 				e.cfg.TransactionalID, len(fenced), f.err)
 		}
 		e.log.Warn("this node's producer was fenced: the group gave its partitions to another node while it was paused or cut off; rejoining with a new session", "err", f.err)
