@@ -232,3 +232,55 @@ func TestRestoreDoesNotStopProcessing(t *testing.T) {
 		t.Fatalf("version after restore and deposit: %v", body)
 	}
 }
+
+// TestConsumptionResetDoesNotDecideAgain: when the group's consumption of
+// the commands topic is reset below what was processed (here by hand; in
+// production by an offset reset after data loss, an unclean leader election
+// or expired committed offsets), the commands are not decided again: a
+// withdrawal rejected for lack of funds is not applied now that the account
+// has them. The task's command offset travels on the changelog, so a node
+// with a fresh store knows it too.
+func TestConsumptionResetDoesNotDecideAgain(t *testing.T) {
+	c := newCluster(t)
+	a := startNode(t, c.ListenAddrs(), t.TempDir())
+	code, body := do(t, a, "POST", "/v1/aggregates/account/rs/commands", cmd("Open", map[string]any{"owner": "r"}))
+	mustStatus(t, 200, code, body, "open")
+	code, body = do(t, a, "POST", "/v1/aggregates/account/rs/commands", cmd("Withdraw", map[string]any{"amount": 50}))
+	mustStatus(t, 422, code, body, "withdraw without funds")
+	code, body = do(t, a, "POST", "/v1/aggregates/account/rs/commands", cmd("Deposit", map[string]any{"amount": 100}))
+	mustStatus(t, 200, code, body, "deposit")
+	a.stop()
+
+	// Rewind the group to the start of the commands topic.
+	cl, err := kgo.NewClient(kgo.SeedBrokers(c.ListenAddrs()...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	adm := kadm.NewClient(cl)
+	var rewind kadm.Offsets
+	for p := range int32(4) {
+		rewind.Add(kadm.Offset{Topic: "account-commands", Partition: p, At: 0})
+	}
+	if err := adm.CommitAllOffsets(context.Background(), "bank", rewind); err != nil {
+		t.Fatal(err)
+	}
+
+	b := startNode(t, c.ListenAddrs(), t.TempDir()) // fresh store: restored from the changelog
+	// Once a later command is answered, the replayed ones were handled.
+	code, body = do(t, b, "POST", "/v1/aggregates/account/rs/commands", cmd("Deposit", map[string]any{"amount": 1}))
+	mustStatus(t, 200, code, body, "deposit after the rewind")
+	if v := body["version"]; v != float64(3) {
+		t.Fatalf("version after the rewind: %v (the replayed commands were decided again)", body)
+	}
+	var types []string
+	for _, r := range readTopic(t, c.ListenAddrs(), "account-events") {
+		types = append(types, header(r, aggregate.HeaderEventType))
+	}
+	if strings.Join(types, ",") != "Opened,Deposited,Deposited" {
+		t.Fatalf("events after the rewind: %v", types)
+	}
+	if n := counterWith(t, b, "esker_commands_total", "outcome", "replayed"); n != 3 {
+		t.Fatalf("replayed commands skipped: %v, want 3", n)
+	}
+}

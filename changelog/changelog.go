@@ -1,7 +1,7 @@
 // Package changelog writes and restores the compacted changelog topics that
 // back the state stores ("<app>-<type>-changelog", one partition per task).
 //
-// Two kinds of record travel on a changelog, keyed by task-relative store
+// Three kinds of record travel on a changelog, keyed by task-relative store
 // keys and valued with the store's own record formats (package statestore):
 //
 //	's' 0x00 <id>                 the entity's state (statestore.StateRecord);
@@ -9,6 +9,10 @@
 //	'j' 0x00 <id> 0x00 <version>  a journal (statestore.Journal): the events one
 //	                              transaction wrote for one entity and the ids
 //	                              of the commands that wrote them.
+//
+//	'm' 0x00 "commands"           the task's command offset: the offset after
+//	                              the last command whose effects the store
+//	                              holds (8 bytes, big-endian); one key per task.
 //
 // A journal key is unique, so compaction never drops one: the journals are
 // the entity's stream index and the idempotency memory. Apply stores both
@@ -18,6 +22,7 @@
 package changelog
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 
@@ -58,6 +63,13 @@ func Apply(b *statestore.Batch, t statestore.Task, key, value []byte) error {
 		return fmt.Errorf("changelog: task %s: malformed key %q", t, key)
 	}
 	switch key[0] {
+	case statestore.KindMeta:
+		// The only metadata a changelog carries is the command offset
+		// (the checkpoint is local: it is the changelog's own offset).
+		if !bytes.Equal(key, statestore.CommandOffsetKey) || len(value) != 8 {
+			return fmt.Errorf("changelog: task %s: malformed metadata record %q", t, key)
+		}
+		return b.Set(t, key, value)
 	case statestore.KindState:
 		if value == nil {
 			return b.Delete(t, key)

@@ -128,6 +128,12 @@ func CommandKey(commandID string) []byte { return append([]byte{KindCommand, 0},
 
 var checkpointKey = []byte{KindMeta, 0, 'c', 'h', 'e', 'c', 'k', 'p', 'o', 'i', 'n', 't'}
 
+// CommandOffsetKey is the key of a task's command offset: the offset after
+// the last command the task's store holds the effects of. Unlike the
+// checkpoint it travels on the changelog (changelog.Apply), so every copy of
+// the task knows which commands it has processed.
+var CommandOffsetKey = []byte{KindMeta, 0, 'c', 'o', 'm', 'm', 'a', 'n', 'd', 's'}
+
 func join(prefix, key []byte) []byte {
 	out := make([]byte, 0, len(prefix)+len(key))
 	return append(append(out, prefix...), key...)
@@ -156,6 +162,18 @@ func (s *Store) Checkpoint(t Task) (int64, error) {
 	}
 	if len(v) != 8 {
 		return 0, fmt.Errorf("statestore: task %s: corrupt checkpoint", t)
+	}
+	return int64(binary.BigEndian.Uint64(v)), nil
+}
+
+// CommandOffset returns the task's command offset (0 when none is stored).
+func (s *Store) CommandOffset(t Task) (int64, error) {
+	v, ok, err := s.Get(t, CommandOffsetKey)
+	if err != nil || !ok {
+		return 0, err
+	}
+	if len(v) != 8 {
+		return 0, fmt.Errorf("statestore: task %s: corrupt command offset", t)
 	}
 	return int64(binary.BigEndian.Uint64(v)), nil
 }

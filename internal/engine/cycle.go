@@ -2,6 +2,7 @@ package engine
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"runtime"
@@ -61,6 +62,8 @@ type taskCycle struct {
 	outcomes    []aggregate.Outcome                 // only those someone awaits
 	timestamps  []time.Time                         // command record timestamps, for latency
 	changelogTo atomic.Int64                        // highest changelog offset written; -1 none
+	processedTo int64                               // the store's command offset at the start of the cycle
+	nextCommand int64                               // the command offset after this cycle
 	counts      map[string]int                      // outcomes, by kind
 	onEvent     func(*kgo.Record, error)            // produce promises
 	onChangelog func(*kgo.Record, error)
@@ -165,11 +168,16 @@ func (c *cycle) process(fetches kgo.Fetches) {
 			return // revoked; the session aborts this cycle anyway
 		}
 		tc := c.taskCycle(task, def)
+		records := tc.skipProcessed(p)
+		if len(records) == 0 {
+			return
+		}
 		if len(tc.pending) == 0 {
 			busy = append(busy, tc)
 		}
-		tc.pending = append(tc.pending, p.Records...)
-		c.n += len(p.Records)
+		tc.pending = append(tc.pending, records...)
+		tc.nextCommand = records[len(records)-1].Offset + 1
+		c.n += len(records)
 	})
 	parallel(busy, func(tc *taskCycle) {
 		cmds := tc.prepare()
@@ -212,10 +220,49 @@ func (c *cycle) taskCycle(task statestore.Task, def aggregate.Definition) *taskC
 			commands: map[string]statestore.CommandRecord{},
 		}
 		tc.changelogTo.Store(-1)
+		next, err := c.e.cfg.Store.CommandOffset(task)
+		if err != nil {
+			c.fail(fmt.Errorf("read the command offset of %s: %w", task, err))
+		}
+		tc.processedTo, tc.nextCommand = next, next
 		c.tasks[task] = tc
 		c.order = append(c.order, tc)
 	}
 	return tc
+}
+
+// skipProcessed drops the records of p whose effects the task's store
+// already holds: below its command offset. The group's committed offsets
+// normally start consumption there, but a consumer can be reset below them
+// (an offset reset after detected data loss, an unclean leader election,
+// expired committed offsets): without this, commands would be decided again
+// — rejected ones might now be accepted, and accepted ones older than the
+// idempotency window applied twice. A partition whose end is below the
+// command offset was recreated or truncated: its offsets no longer name the
+// commands the store counted, so the guard is dropped (loudly).
+func (tc *taskCycle) skipProcessed(p kgo.FetchTopicPartition) []*kgo.Record {
+	if tc.processedTo <= 0 {
+		return p.Records
+	}
+	if p.HighWatermark >= 0 && p.HighWatermark < tc.processedTo {
+		tc.c.e.log.Error("the commands partition ends below the offset this task has processed: recreated or truncated; processing its records as new",
+			"task", tc.task.String(), "end", p.HighWatermark, "processed_to", tc.processedTo)
+		tc.processedTo = 0
+		return p.Records
+	}
+	i := 0
+	for i < len(p.Records) && p.Records[i].Offset < tc.processedTo {
+		i++
+	}
+	if i > 0 {
+		tc.c.e.log.Warn("skipped commands this task had processed already (consumption was reset below its command offset)",
+			"task", tc.task.String(), "skipped", i, "from", p.Records[0].Offset, "processed_to", tc.processedTo)
+		if tc.counts == nil {
+			tc.counts = map[string]int{}
+		}
+		tc.counts["replayed"] += i
+	}
+	return p.Records[i:]
 }
 
 func (c *cycle) fail(err error) {
@@ -615,6 +662,13 @@ func (tc *taskCycle) produce(r *kgo.Record, isChangelog bool) {
 // one journal per touched entity, and stages the same writes in its batch.
 func (tc *taskCycle) stageChangelog() {
 	topic := changelog.Topic(tc.c.e.cfg.AppID, tc.task.Type)
+	if tc.nextCommand > tc.processedTo {
+		v := binary.BigEndian.AppendUint64(nil, uint64(tc.nextCommand))
+		tc.produce(&kgo.Record{Topic: topic, Partition: tc.task.Partition, Key: statestore.CommandOffsetKey, Value: v}, true)
+		if err := changelog.Apply(tc.batch, tc.task, statestore.CommandOffsetKey, v); err != nil {
+			tc.c.fail(err)
+		}
+	}
 	for _, ent := range tc.order {
 		if !ent.dirty && len(ent.journal.Commands) == 0 {
 			continue
