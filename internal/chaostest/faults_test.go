@@ -222,6 +222,11 @@ type nemesis struct {
 	// handles are the broker faults installed now, removed on heal.
 	handles map[*kfake.FaultHandle]bool
 	wg      sync.WaitGroup
+
+	// brokerDeck is a shuffled deck of broker fault kinds, drawn from the
+	// top and reshuffled when empty, so a run with at least as many broker
+	// faults as kinds injects every kind.
+	brokerDeck []int
 }
 
 func newNemesis(c *cluster, kinds []faultKind, seed uint64, sessionTimeout time.Duration, partitions int, app string, stats *faultStats, logf func(string, ...any)) *nemesis {
@@ -271,7 +276,11 @@ func (nm *nemesis) plan() faultPlan {
 		p.hold = nm.between(2*nm.sessionTimeout, 8*nm.sessionTimeout)
 	case faultBroker:
 		specs := brokerFaultSpecs(nm.app)
-		p.spec = specs[nm.rng.IntN(len(specs))]
+		if len(nm.brokerDeck) == 0 {
+			nm.brokerDeck = nm.rng.Perm(len(specs))
+		}
+		p.spec = specs[nm.brokerDeck[0]]
+		nm.brokerDeck = nm.brokerDeck[1:]
 		p.count = 1 + nm.rng.IntN(5)
 		p.hold = nm.between(500*time.Millisecond, 4*time.Second)
 	case faultLeaders:
