@@ -4,11 +4,11 @@ import (
 	"bytes"
 	"encoding/binary"
 	"reflect"
-	"runtime"
 	"testing"
 	"time"
 
 	"github.com/esker-io/esker/aggregate"
+	"github.com/esker-io/esker/internal/fuzzcheck"
 	"github.com/esker-io/esker/statestore"
 )
 
@@ -25,24 +25,9 @@ import (
 // command 4 and 88), never what a length field claims.
 func allocBudget(n int) uint64 { return 32*uint64(n) + 4<<10 }
 
-// checkAllocs runs fn, a decoding of n bytes, and fails t if it allocates
-// more than allocBudget(n). The count is process-wide and the fuzzing
-// worker's own goroutines allocate now and then, so a run over budget is
-// measured again: a decoder that over-allocates does it every time.
-func checkAllocs(t *testing.T, n int, fn func()) {
-	t.Helper()
-	var got uint64
-	for range 3 {
-		var before, after runtime.MemStats
-		runtime.ReadMemStats(&before)
-		fn()
-		runtime.ReadMemStats(&after)
-		if got = after.TotalAlloc - before.TotalAlloc; got <= allocBudget(n) {
-			return
-		}
-	}
-	t.Fatalf("decoding %d bytes allocated %d bytes", n, got)
-}
+// checkAllocs fails t if fn, a decoding of n bytes, allocates more than
+// allocBudget(n).
+func checkAllocs(t *testing.T, n int, fn func()) { fuzzcheck.Allocs(t, n, allocBudget, fn) }
 
 func FuzzDecodeStateRecord(f *testing.F) {
 	for _, r := range []statestore.StateRecord{
