@@ -77,16 +77,7 @@ func failoverOnce(b *testing.B, history int, load bool, extra ...string) (time.D
 		startProcess(b, brokers, freePort(b), b.TempDir(), extra...),
 	}
 	client := &http.Client{Timeout: 5 * time.Second}
-	// Wait until the map gives every partition to one of the two nodes.
-	var owners map[int32]string
-	deadline := time.Now().Add(30 * time.Second)
-	for owners == nil || len(owners) < 4 {
-		if time.Now().After(deadline) {
-			b.Fatalf("cluster did not settle: %v", owners)
-		}
-		time.Sleep(20 * time.Millisecond)
-		owners = clusterOwners(client, nodes[0].url)
-	}
+	owners := waitOwners(b, client, nodes[0].url)
 	// Accounts on partitions the first node owns, with some history.
 	var ids []string
 	for i := 0; len(ids) < 8; i++ {
@@ -204,6 +195,21 @@ func keepSending(producer *kgo.Client, accounts []string) (stop func()) {
 		}
 	}()
 	return func() { cancel(); <-done }
+}
+
+// waitOwners waits until the node at url has a map that gives each of the 4
+// partitions an owner, and returns partition → owner URL.
+func waitOwners(t testing.TB, client *http.Client, url string) map[int32]string {
+	t.Helper()
+	var owners map[int32]string
+	for deadline := time.Now().Add(30 * time.Second); len(owners) < 4; {
+		if time.Now().After(deadline) {
+			t.Fatalf("cluster did not settle: %v", owners)
+		}
+		time.Sleep(20 * time.Millisecond)
+		owners = clusterOwners(client, url)
+	}
+	return owners
 }
 
 // clusterOwners returns partition → owner URL from a node's cluster map.

@@ -153,14 +153,7 @@ func TestStandbyTakesOverAfterKill(t *testing.T) {
 	brokers := c.ListenAddrs()
 	a := startProcess(t, brokers, freePort(t), t.TempDir(), "--standby-replicas", "1")
 	b := startProcess(t, brokers, freePort(t), t.TempDir(), "--standby-replicas", "1")
-	var owners map[int32]string
-	for deadline := time.Now().Add(20 * time.Second); len(owners) < 4; {
-		if time.Now().After(deadline) {
-			t.Fatalf("cluster did not settle: %v", owners)
-		}
-		time.Sleep(20 * time.Millisecond)
-		owners = clusterOwners(httpClient, a.url)
-	}
+	owners := waitOwners(t, httpClient, a.url)
 	var p int32 = -1
 	for q, url := range owners {
 		if url == a.url {

@@ -24,14 +24,7 @@ func TestPausedNodeServesNoStaleRead(t *testing.T) {
 	brokers := c.ListenAddrs()
 	a := startProcess(t, brokers, freePort(t), t.TempDir(), "--standby-replicas", "1")
 	b := startProcess(t, brokers, freePort(t), t.TempDir(), "--standby-replicas", "1")
-	var owners map[int32]string
-	for deadline := time.Now().Add(20 * time.Second); len(owners) < 4; {
-		if time.Now().After(deadline) {
-			t.Fatalf("cluster did not settle: %v", owners)
-		}
-		time.Sleep(20 * time.Millisecond)
-		owners = clusterOwners(httpClient, a.url)
-	}
+	owners := waitOwners(t, httpClient, a.url)
 	var id string
 	for i := 0; id == ""; i++ {
 		if cand := fmt.Sprintf("z-%d", i); owners[aggregate.Partition(cand, 4)] == a.url {
