@@ -59,7 +59,18 @@ func TestRejectionAndConflictWriteNothing(t *testing.T) {
 	code, body := do(t, n, "POST", "/v1/aggregates/account/a/commands", cmd("Open", map[string]any{"owner": "Ada"}))
 	mustStatus(t, 200, code, body, "open")
 	events := len(readTopic(t, c.ListenAddrs(), "account-events"))
-	changes := len(readTopic(t, c.ListenAddrs(), "bank-account-changelog"))
+	// Entity records on the changelog; the task's command offset (one
+	// compacted key per task) moves with every cycle, rejections included.
+	entityRecords := func() int {
+		n := 0
+		for _, r := range readTopic(t, c.ListenAddrs(), "bank-account-changelog") {
+			if len(r.Key) > 0 && r.Key[0] != 'm' {
+				n++
+			}
+		}
+		return n
+	}
+	changes := entityRecords()
 
 	code, body = do(t, n, "POST", "/v1/aggregates/account/a/commands", cmd("Withdraw", map[string]any{"amount": 100}))
 	mustStatus(t, 422, code, body, "overdraw")
@@ -78,8 +89,8 @@ func TestRejectionAndConflictWriteNothing(t *testing.T) {
 	if got := len(readTopic(t, c.ListenAddrs(), "account-events")); got != events {
 		t.Fatalf("rejections wrote %d events", got-events)
 	}
-	if got := len(readTopic(t, c.ListenAddrs(), "bank-account-changelog")); got != changes {
-		t.Fatalf("rejections wrote %d changelog records", got-changes)
+	if got := entityRecords(); got != changes {
+		t.Fatalf("rejections wrote %d changelog records of entities", got-changes)
 	}
 	code, body = do(t, n, "GET", "/v1/aggregates/account/never-opened", nil)
 	mustStatus(t, 404, code, body, "state of an entity without events")
