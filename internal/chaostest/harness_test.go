@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -465,10 +466,10 @@ func (n *nodeProc) waitReady(ctx context.Context) error {
 }
 
 // logScan looks for what a node must never print: race reports, panics,
-// and a processing cycle that ran into its deadline (esker's cycle has a
-// one-minute context; "ending transaction" with "context deadline
-// exceeded" means it was stuck that long). It returns anomalies with the
-// log line as evidence.
+// and a transaction end that waited longer than the engine's bound on it
+// ("ending transaction … context deadline exceeded waited=…"); an end given
+// up within the bound is reported as non-fatal. It returns anomalies with
+// the log line as evidence.
 func (n *nodeProc) logScan() []Anomaly {
 	raw, err := os.ReadFile(n.logPath)
 	if err != nil {
@@ -483,11 +484,25 @@ func (n *nodeProc) logScan() []Anomaly {
 		case strings.HasPrefix(l, "panic:") || strings.HasPrefix(l, "fatal error:"):
 			out = append(out, Anomaly{Kind: KindPanic, Detail: fmt.Sprintf("%s:%d %s", n.logPath, i+1, excerpt(lines, i, 4))})
 		case strings.Contains(l, `msg="ending transaction"`) && strings.Contains(l, "context deadline exceeded"):
-			out = append(out, Anomaly{Kind: KindStalledCycle, Detail: fmt.Sprintf("%s:%d %s", n.logPath, i+1, excerpt(lines, i, 3))})
+			kind := KindEndGivenUp
+			if m := waitedRE.FindStringSubmatch(l); m == nil {
+				kind = KindStalledCycle // no duration: an engine without the bound
+			} else if d, err := time.ParseDuration(m[1]); err != nil || d > maxEndWait {
+				kind = KindStalledCycle
+			}
+			out = append(out, Anomaly{Kind: kind, Detail: fmt.Sprintf("%s:%d %s", n.logPath, i+1, excerpt(lines, i, 3))})
 		}
 	}
 	return out
 }
+
+// waitedRE finds how long a transaction end waited in the engine's
+// "ending transaction" warning; maxEndWait is the engine's bound on it (10
+// s) plus slack for a loaded machine.
+var (
+	waitedRE   = regexp.MustCompile(`waited=([0-9.]+[a-zµ]+)`)
+	maxEndWait = 15 * time.Second
+)
 
 // tail returns the last lines of the node's log.
 func (n *nodeProc) tail(lines int) string {

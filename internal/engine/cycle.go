@@ -758,13 +758,14 @@ func (c *cycle) commit() error {
 	}
 	c.wg.Wait()
 	failed := c.failed()
-	endCtx, cancelEnd := context.WithTimeout(c.ctx, endTimeout)
+	endCtx, cancelEnd := context.WithTimeout(c.ctx, e.endTimeout())
 	e.setEndCancel(cancelEnd)
+	endStart := time.Now()
 	committed, err := c.sess.End(endCtx, failed == nil)
 	e.setEndCancel(nil)
 	cancelEnd()
 	if err != nil {
-		e.log.Warn("ending transaction", "err", err, "committed", committed)
+		e.log.Warn("ending transaction", "err", err, "committed", committed, "waited", time.Since(endStart).Round(time.Millisecond))
 		if failed == nil {
 			// The commit was tried and failed in a way that leaves its
 			// outcome unknown: the broker may have committed it. The

@@ -123,11 +123,16 @@ func (e *Engine) heartbeat(ctx context.Context, cl *kgo.Client, timeout time.Dur
 	}
 }
 
-// endTimeout bounds how long a cycle waits for its transaction to end. It
-// is a backstop: the broker aborts a transaction after the transaction
-// timeout (10 s) anyway, and a node the group dropped cancels the wait at
-// once (heartbeat above).
-const endTimeout = 15 * time.Second
+// endTimeout bounds how long a cycle waits for its transaction to end:
+// about a session timeout (at least 2 s, at most 10 s, the transaction
+// timeout). Ending a transaction waits for a group heartbeat that confirms
+// the membership; one not confirmed within a session timeout is doubtful,
+// and giving up is safe: the outcome is then unknown and the cycle's tasks
+// are restored from their changelogs (restoreAgain). A node the group
+// dropped cancels the wait at once (heartbeat above).
+func (e *Engine) endTimeout() time.Duration {
+	return min(max(e.sessionTimeout(), 2*time.Second), 10*time.Second)
+}
 
 func (e *Engine) setEndCancel(cancel context.CancelFunc) {
 	e.endMu.Lock()
