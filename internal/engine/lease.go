@@ -71,7 +71,10 @@ func (e *Engine) runLease(ctx context.Context, cl *kgo.Client) {
 		case <-tick.C:
 		case <-e.leaseKick:
 		}
-		renewed := e.heartbeat(ctx, cl, every)
+		// A slow answer still renews the lease from its send time, so
+		// wait up to half a session timeout for it: a loaded machine
+		// must not lapse the lease of a node the group still counts in.
+		renewed := e.heartbeat(ctx, cl, e.sessionTimeout()/2)
 		switch current := e.MembershipCurrent(); {
 		case !current && !lapsed && !renewed:
 			lapsed = true
