@@ -76,7 +76,6 @@ func startTypesNode(t testing.TB, brokers []string, stateDir string, types []esk
 		esker.Partitions(4),
 		esker.SessionTimeout(3 * time.Second),
 		esker.Logger(testLogger()),
-		esker.KafkaOptions(fastFetch()),
 	}, opts...)
 	n, err := esker.NewNode(all...)
 	if err != nil {
@@ -263,11 +262,6 @@ func mustStatus(t testing.TB, want int, code int, body map[string]any, what stri
 }
 
 func bankAccount() esker.Registrable { return bank.Account }
-
-// fastFetch works around kfake not waking a consumer's first long-poll fetch
-// when it resumes from a committed offset at the end of a partition: a short
-// max wait bounds that stall (real Kafka does not need it).
-func fastFetch() kgo.Opt { return kgo.FetchMaxWait(200 * time.Millisecond) }
 
 // counterWith returns the value of a counter family's sample whose label has
 // the given value (0 when there is none).

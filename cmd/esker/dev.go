@@ -101,7 +101,6 @@ need partitioner=murmur2_random.`)
 			stateName:  stateName,
 			partitions: *partitions,
 			standbys:   *standbys,
-			embedded:   true,
 			logger:     logger.With("node", i+1),
 		})
 		if err != nil {

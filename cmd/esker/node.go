@@ -12,8 +12,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/twmb/franz-go/pkg/kgo"
-
 	"github.com/esker-io/esker"
 	"github.com/esker-io/esker/examples/bank"
 )
@@ -34,11 +32,7 @@ type nodeConfig struct {
 	standbys       int
 	// stateCleanupDelay: 0 keeps the node's default.
 	stateCleanupDelay time.Duration
-	// embedded marks the in-process kfake broker of `esker dev`: it does not
-	// wake a consumer's first long-poll fetch after a rebalance, so the node
-	// polls with a short max wait instead.
-	embedded bool
-	logger   *slog.Logger
+	logger            *slog.Logger
 }
 
 // newBankNode returns a node with the bank demo's account aggregate
@@ -66,9 +60,6 @@ func newBankNode(c nodeConfig) (*esker.Node, error) {
 	}
 	if c.sessionTimeout > 0 {
 		opts = append(opts, esker.SessionTimeout(c.sessionTimeout))
-	}
-	if c.embedded {
-		opts = append(opts, esker.KafkaOptions(kgo.FetchMaxWait(200*time.Millisecond)))
 	}
 	node, err := esker.NewNode(opts...)
 	if err != nil {

@@ -257,10 +257,7 @@ func (tc *taskCycle) skipProcessed(p kgo.FetchTopicPartition) []*kgo.Record {
 	if i > 0 {
 		tc.c.e.log.Warn("skipped commands this task had processed already (consumption was reset below its command offset)",
 			"task", tc.task.String(), "skipped", i, "from", p.Records[0].Offset, "processed_to", tc.processedTo)
-		if tc.counts == nil {
-			tc.counts = map[string]int{}
-		}
-		tc.counts["replayed"] += i
+		tc.countN("replayed", i)
 	}
 	return p.Records[i:]
 }
@@ -498,11 +495,13 @@ func orDefault(s, def string) string {
 
 // count tallies an outcome; the tallies reach the metrics only if the
 // cycle commits, so a re-processed command is counted once.
-func (tc *taskCycle) count(outcome string) {
+func (tc *taskCycle) count(outcome string) { tc.countN(outcome, 1) }
+
+func (tc *taskCycle) countN(outcome string, n int) {
 	if tc.counts == nil {
 		tc.counts = map[string]int{}
 	}
-	tc.counts[outcome]++
+	tc.counts[outcome] += n
 }
 
 // eventRecord builds an event's record; the headers carry the envelope (see

@@ -414,7 +414,7 @@ func (e *Engine) newSession(ctx context.Context) (session, error) {
 // client does not fetch assigned partitions until this callback has
 // returned, and then not paused ones until the restore resumes them.
 func (e *Engine) onAssigned(ctx context.Context, cl *kgo.Client, assigned map[string][]int32) {
-	pause := map[string][]int32{}
+	var added []statestore.Task
 	promoted := map[int32]bool{}
 	e.mu.Lock()
 	for topic, parts := range assigned {
@@ -423,14 +423,15 @@ func (e *Engine) onAssigned(ctx context.Context, cl *kgo.Client, assigned map[st
 			continue
 		}
 		for _, p := range parts {
-			e.tasks[statestore.Task{Type: def.Name(), Partition: p}] = &taskState{}
-			pause[topic] = append(pause[topic], p)
+			t := statestore.Task{Type: def.Name(), Partition: p}
+			e.tasks[t] = &taskState{}
+			added = append(added, t)
 			promoted[p] = true
 		}
 	}
 	e.joined = true
 	e.mu.Unlock()
-	cl.PauseFetchPartitions(pause)
+	cl.PauseFetchPartitions(commandPartitions(added))
 	e.kickLease()
 	// A promoted standby stops tailing before its restore (which then reads
 	// only the tail); from here on the reconciler sees it owned.
@@ -444,10 +445,7 @@ func (e *Engine) onAssigned(ctx context.Context, cl *kgo.Client, assigned map[st
 			}
 		}
 	}
-	e.restoreMu.Lock()
-	defer e.restoreMu.Unlock()
-	e.stopRestore()
-	e.startRestore(ctx, cl)
+	e.restartRestore(ctx, cl)
 }
 
 func (e *Engine) onRevoked(ctx context.Context, cl *kgo.Client, revoked map[string][]int32) {

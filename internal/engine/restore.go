@@ -110,18 +110,16 @@ func (e *Engine) restore(ctx context.Context, cl *kgo.Client, pending map[states
 	// A task revoked meanwhile is no longer in e.tasks (and one assigned
 	// again has a new taskState): only the tasks this run restored for
 	// their current assignment become served.
-	resume := map[string][]int32{}
 	var restored []statestore.Task
 	e.mu.Lock()
 	for t, ts := range pending {
 		if e.tasks[t] == ts {
 			ts.restored = true
 			restored = append(restored, t)
-			resume[CommandsTopic(t.Type)] = append(resume[CommandsTopic(t.Type)], t.Partition)
 		}
 	}
 	e.mu.Unlock()
-	cl.ResumeFetchPartitions(resume)
+	cl.ResumeFetchPartitions(commandPartitions(restored))
 	for _, t := range restored {
 		e.signal(t)
 	}
@@ -132,23 +130,40 @@ func (e *Engine) restore(ctx context.Context, cl *kgo.Client, pending map[states
 // outcome is unknown, the store may lack what Kafka committed. It runs on
 // the run loop, between polls, when no group callback runs.
 func (e *Engine) restoreAgain(cl *kgo.Client, tasks []*taskCycle) {
-	pause := map[string][]int32{}
+	var again []statestore.Task
 	e.mu.Lock()
 	for _, tc := range tasks {
 		if e.tasks[tc.task] != nil {
 			e.tasks[tc.task] = &taskState{}
-			topic := CommandsTopic(tc.task.Type)
-			pause[topic] = append(pause[topic], tc.task.Partition)
+			again = append(again, tc.task)
 		}
 	}
 	e.mu.Unlock()
-	if len(pause) == 0 {
+	if len(again) == 0 {
 		return
 	}
+	pause := commandPartitions(again)
 	e.log.Warn("a transaction's outcome is unknown; restoring its tasks from the changelogs before processing them again", "partitions", pause)
 	cl.PauseFetchPartitions(pause)
+	e.restartRestore(cl.Context(), cl)
+}
+
+// restartRestore cancels the restore run in flight and starts one for every
+// owned task not restored yet.
+func (e *Engine) restartRestore(ctx context.Context, cl *kgo.Client) {
 	e.restoreMu.Lock()
 	defer e.restoreMu.Unlock()
 	e.stopRestore()
-	e.startRestore(cl.Context(), cl)
+	e.startRestore(ctx, cl)
+}
+
+// commandPartitions returns the commands topic partitions of the tasks, in
+// the form franz-go's pause and resume calls take.
+func commandPartitions(tasks []statestore.Task) map[string][]int32 {
+	out := map[string][]int32{}
+	for _, t := range tasks {
+		topic := CommandsTopic(t.Type)
+		out[topic] = append(out[topic], t.Partition)
+	}
+	return out
 }
