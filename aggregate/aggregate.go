@@ -120,6 +120,19 @@ func (t *Type[S, C, E]) Fold(state S, events ...E) S {
 	return state
 }
 
+// DecodeEvent decodes a stored event's payload into its registered Go type,
+// for consumers of "<type>-events" (projections, side effects, sinks). An
+// unregistered event type returns an error wrapping ErrUnknownEvent; a
+// payload that does not fit its type, one wrapping ErrMalformed.
+func (t *Type[S, C, E]) DecodeEvent(ev Event) (E, error) {
+	v, err := t.Untyped().DecodeEvent(ev.Type, ev.SchemaVersion, ev.Data)
+	if err != nil {
+		var zero E
+		return zero, err
+	}
+	return v.(E), nil
+}
+
 // Untyped returns the type-erased view the engine uses.
 func (t *Type[S, C, E]) Untyped() Definition { return untyped[S, C, E]{t} }
 

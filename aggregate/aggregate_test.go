@@ -585,3 +585,17 @@ func TestNewPanics(t *testing.T) {
 	mustPanic(t, "decide and an evolve", func() { aggregate.New[acct, cmd, evt]("account", nil, evolve) })
 	mustPanic(t, "decide and an evolve", func() { aggregate.New[acct, cmd, evt]("account", decide, nil) })
 }
+
+func TestTypedDecodeEvent(t *testing.T) {
+	a := newAccount()
+	got, err := a.DecodeEvent(aggregate.Event{Type: "Deposited", SchemaVersion: 1, Data: []byte(`{"amount":3}`)})
+	if d, ok := got.(Deposited); err != nil || !ok || d.Amount != 3 {
+		t.Fatalf("DecodeEvent: %#v, %v", got, err)
+	}
+	if _, err := a.DecodeEvent(aggregate.Event{Type: "Nope", Data: []byte(`{}`)}); !errors.Is(err, aggregate.ErrUnknownEvent) {
+		t.Fatalf("unknown type: %v", err)
+	}
+	if _, err := a.DecodeEvent(aggregate.Event{Type: "Deposited", Data: []byte(`{"amount":"x"}`)}); !errors.Is(err, aggregate.ErrMalformed) {
+		t.Fatalf("malformed: %v", err)
+	}
+}
