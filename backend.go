@@ -87,7 +87,8 @@ func (r router) TaskStatus(p int32) (interactive.TaskStatus, bool) {
 	return interactive.TaskStatus{Role: interactive.RoleActive, Restored: restored}, true
 }
 
-// backend adapts the engine and the store to interactive.Backend.
+// backend adapts the engine and the store to interactive.Backend (and
+// interactive.Projections: projections.go).
 type backend struct{ n *Node }
 
 func (b backend) Definition(t string) (aggregate.Definition, bool) {

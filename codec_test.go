@@ -45,7 +45,7 @@ func TestCustomCodec(t *testing.T) {
 
 	c := newCluster(t)
 	run := func(dir string) *testNode {
-		return startTypesNode(t, c.ListenAddrs(), dir, []esker.Registrable{tallies},
+		return startTypesNode(t, c.ListenAddrs(), dir, []any{tallies},
 			esker.ApplicationID("tallies"), esker.Partitions(2))
 	}
 	n := run(t.TempDir())

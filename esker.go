@@ -38,6 +38,7 @@ import (
 	"github.com/esker-io/esker/aggregate"
 	"github.com/esker-io/esker/interactive"
 	"github.com/esker-io/esker/internal/engine"
+	"github.com/esker-io/esker/projection"
 	"github.com/esker-io/esker/statestore"
 )
 
@@ -61,6 +62,9 @@ type Node struct {
 	mu      sync.Mutex
 	types   map[string]aggregate.Definition
 	order   []aggregate.Definition
+	// projections run as tasks of the engine (AddProjection).
+	projections map[string]projection.Definition
+	projOrder   []projection.Definition
 	running bool
 	handler http.Handler
 
@@ -150,8 +154,41 @@ func (n *Node) Register(t Registrable) error {
 	if _, dup := n.types[def.Name()]; dup {
 		return fmt.Errorf("esker: aggregate type %q registered twice", def.Name())
 	}
+	if _, dup := n.projections[def.Name()]; dup {
+		return fmt.Errorf("esker: aggregate type %q has the name of a projection", def.Name())
+	}
 	n.types[def.Name()] = def
 	n.order = append(n.order, def)
+	return nil
+}
+
+// Projection is a projection a Node can run: any *projection.Projection.
+type Projection interface {
+	Definition() projection.Definition
+}
+
+// AddProjection adds a projection: the node runs it as tasks of its engine,
+// beside the aggregates, and serves its rows at /v1/projections/{name}. Every
+// node of the application must add the same projections. It fails after Run
+// has started and on a name already used by a projection or aggregate type.
+func (n *Node) AddProjection(p Projection) error {
+	def := p.Definition()
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.running {
+		return errors.New("esker: AddProjection after Run")
+	}
+	if _, dup := n.projections[def.Name()]; dup {
+		return fmt.Errorf("esker: projection %q added twice", def.Name())
+	}
+	if _, dup := n.types[def.Name()]; dup {
+		return fmt.Errorf("esker: projection %q has the name of an aggregate type", def.Name())
+	}
+	if n.projections == nil {
+		n.projections = map[string]projection.Definition{}
+	}
+	n.projections[def.Name()] = def
+	n.projOrder = append(n.projOrder, def)
 	return nil
 }
 
@@ -167,9 +204,9 @@ func (n *Node) Run(ctx context.Context) error {
 		n.mu.Unlock()
 		return errors.New("esker: Run called twice")
 	}
-	if len(n.order) == 0 {
+	if len(n.order)+len(n.projOrder) == 0 {
 		n.mu.Unlock()
-		return errors.New("esker: no aggregate type registered; call Register before Run")
+		return errors.New("esker: no aggregate type or projection registered; call Register or AddProjection before Run")
 	}
 	n.running = true
 	n.mu.Unlock()
@@ -219,6 +256,7 @@ func (n *Node) Run(ctx context.Context) error {
 		AppID:             c.appID,
 		ClientOpts:        clientOpts,
 		Types:             n.order,
+		Projections:       n.projOrder,
 		Store:             store,
 		Transactional:     c.guarantee == ExactlyOnce,
 		TransactionalID:   c.appID + "-" + c.instanceID,

@@ -54,12 +54,19 @@ func testLogger() *slog.Logger {
 // server, and waits until it is ready.
 func startNode(t testing.TB, brokers []string, stateDir string, opts ...esker.Option) *testNode {
 	t.Helper()
-	return startTypesNode(t, brokers, stateDir, []esker.Registrable{bank.Account}, opts...)
+	return startTypesNode(t, brokers, stateDir, []any{bank.Account}, opts...)
 }
 
-// startTypesNode is startNode with other aggregate types; opts come after
-// the test defaults (application "bank", 4 partitions), so they override them.
-func startTypesNode(t testing.TB, brokers []string, stateDir string, types []esker.Registrable, opts ...esker.Option) *testNode {
+// startBankNode runs a node with the bank's account type and projections.
+func startBankNode(t testing.TB, brokers []string, stateDir string, opts ...esker.Option) *testNode {
+	t.Helper()
+	return startTypesNode(t, brokers, stateDir, []any{bank.Account, bank.Owners, bank.DailyTotals}, opts...)
+}
+
+// startTypesNode is startNode with other aggregate types and projections
+// (esker.Registrable or esker.Projection); opts come after the test defaults
+// (application "bank", 4 partitions), so they override them.
+func startTypesNode(t testing.TB, brokers []string, stateDir string, types []any, opts ...esker.Option) *testNode {
 	t.Helper()
 	// The test server exists before the node, so the node can advertise
 	// its URL (nodes route requests to each other by it).
@@ -82,7 +89,16 @@ func startTypesNode(t testing.TB, brokers []string, stateDir string, types []esk
 		t.Fatal(err)
 	}
 	for _, typ := range types {
-		if err := n.Register(typ); err != nil {
+		var err error
+		switch x := typ.(type) {
+		case esker.Registrable:
+			err = n.Register(x)
+		case esker.Projection:
+			err = n.AddProjection(x)
+		default:
+			t.Fatalf("cannot add %T to a node", typ)
+		}
+		if err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -28,7 +28,7 @@ func TestOversizedRecords(t *testing.T) {
 		func(s blob, e blobEvent) blob { s.S += e.(Appended).S; return s },
 	).Commands(Append{}).Events(Appended{})
 	c := newCluster(t)
-	tn := startTypesNode(t, c.ListenAddrs(), t.TempDir(), []esker.Registrable{blobs},
+	tn := startTypesNode(t, c.ListenAddrs(), t.TempDir(), []any{blobs},
 		esker.ApplicationID("blobs"), esker.Partitions(1), esker.MaxBodyBytes(4<<20))
 
 	code, body := do(t, tn, "POST", "/v1/aggregates/blob/b/commands", cmd("Append", map[string]any{"S": strings.Repeat("x", 950_000)}))

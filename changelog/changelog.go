@@ -32,9 +32,9 @@ import (
 	"github.com/esker-io/esker/statestore"
 )
 
-// Topic returns the changelog topic of an aggregate type.
-func Topic(appID, aggregateType string) string {
-	return appID + "-" + aggregateType + "-changelog"
+// Topic returns the changelog topic of an aggregate type or projection.
+func Topic(appID, name string) string {
+	return appID + "-" + name + "-changelog"
 }
 
 // StateRecord returns the changelog key and value of an entity's state.
@@ -64,13 +64,14 @@ func Apply(b *statestore.Batch, t statestore.Task, key, value []byte) error {
 	}
 	switch key[0] {
 	case statestore.KindMeta:
-		// The only metadata a changelog carries is the command offset
-		// (the checkpoint is local: it is the changelog's own offset).
-		if !bytes.Equal(key, statestore.CommandOffsetKey) || len(value) != 8 {
+		// The only metadata a changelog carries are the command offset
+		// and a projection's input offsets (the checkpoint is local: it is
+		// the changelog's own offset).
+		if !bytes.Equal(key, statestore.CommandOffsetKey) && !statestore.IsInputOffsetKey(key) || len(value) != 8 {
 			return fmt.Errorf("changelog: task %s: malformed metadata record %q", t, key)
 		}
 		return b.Set(t, key, value)
-	case statestore.KindState:
+	case statestore.KindState, statestore.KindRow:
 		if value == nil {
 			return b.Delete(t, key)
 		}

@@ -13,6 +13,12 @@
 //	                                                    transaction wrote (the stream index)
 //	'c' 0x00 <command id>                               command outcome (idempotency)
 //	'm' 0x00 "checkpoint"                               next changelog offset to restore from
+//	'm' 0x00 "commands"                                 next command offset (travels on the changelog)
+//	'm' 0x00 "in" 0x00 <topic>                          a projection's next input offset (on the changelog)
+//	'r' 0x00 <entity id>                                a group-by projection's entity row
+//
+// A projection task (same prefix, the projection's name as <type>) keeps its
+// rows as 's' records: the row key in place of the entity id.
 //
 // State records and journals are stored exactly as they travel on the
 // changelog, so the write path and a restore produce identical stores.
@@ -106,7 +112,27 @@ const (
 	KindJournal = 'j'
 	KindCommand = 'c'
 	KindMeta    = 'm'
+	KindRow     = 'r'
 )
+
+// RowKey is the task-relative key of a group-by projection's entity row.
+func RowKey(id string) []byte { return append([]byte{KindRow, 0}, id...) }
+
+// inputOffsetPrefix starts the keys of a projection task's input offsets.
+var inputOffsetPrefix = []byte{KindMeta, 0, 'i', 'n', 0}
+
+// InputOffsetKey is the key of a projection task's input offset in topic:
+// the offset after the last record of that topic (on the task's partition)
+// the store holds the effects of. Like the command offset it travels on the
+// changelog.
+func InputOffsetKey(topic string) []byte {
+	return append(bytes.Clone(inputOffsetPrefix), topic...)
+}
+
+// IsInputOffsetKey reports whether key is an InputOffsetKey.
+func IsInputOffsetKey(key []byte) bool {
+	return len(key) > len(inputOffsetPrefix) && bytes.HasPrefix(key, inputOffsetPrefix)
+}
 
 // StateKey is the task-relative key of an entity's state.
 func StateKey(id string) []byte { return append([]byte{KindState, 0}, id...) }
@@ -176,6 +202,77 @@ func (s *Store) CommandOffset(t Task) (int64, error) {
 		return 0, fmt.Errorf("statestore: task %s: corrupt command offset", t)
 	}
 	return int64(binary.BigEndian.Uint64(v)), nil
+}
+
+// InputOffset returns a projection task's input offset in topic (0 when
+// none is stored).
+func (s *Store) InputOffset(t Task, topic string) (int64, error) {
+	v, ok, err := s.Get(t, InputOffsetKey(topic))
+	if err != nil || !ok {
+		return 0, err
+	}
+	if len(v) != 8 {
+		return 0, fmt.Errorf("statestore: task %s: corrupt input offset of %s", t, topic)
+	}
+	return int64(binary.BigEndian.Uint64(v)), nil
+}
+
+// StateEntry is one state record with its key, as Scan returns it.
+type StateEntry struct {
+	ID     string
+	Record StateRecord
+}
+
+// Scan returns the task's state records whose ids start with prefix and
+// sort after after (both may be empty), in id order, at most limit of them
+// (limit ≤ 0: no limit). The cost is proportional to the records returned.
+func (s *Store) Scan(t Task, prefix, after string, limit int) ([]StateEntry, error) {
+	tp := t.Prefix()
+	lower := join(tp, StateKey(prefix))
+	upper := join(tp, []byte{KindState, 1})
+	if end, ok := prefixEnd(lower); ok && prefix != "" {
+		upper = end
+	}
+	opts := &pebble.IterOptions{LowerBound: lower, UpperBound: upper}
+	it, err := s.db.NewIter(opts)
+	if err != nil {
+		return nil, err
+	}
+	defer it.Close()
+	valid := it.First()
+	if after != "" {
+		// The first key strictly after "after": its key with a 0x00 appended.
+		valid = it.SeekGE(append(join(tp, StateKey(after)), 0))
+	}
+	var out []StateEntry
+	for ; valid; valid = it.Next() {
+		v, err := it.ValueAndErr()
+		if err != nil {
+			return nil, err
+		}
+		rec, err := DecodeStateRecord(v)
+		if err != nil {
+			return nil, fmt.Errorf("statestore: task %s: state of %q: %w", t, it.Key()[len(tp)+2:], err)
+		}
+		rec.State = bytes.Clone(rec.State)
+		out = append(out, StateEntry{ID: string(it.Key()[len(tp)+2:]), Record: rec})
+		if limit > 0 && len(out) >= limit {
+			break
+		}
+	}
+	return out, it.Error()
+}
+
+// prefixEnd returns the smallest key after every key starting with p.
+func prefixEnd(p []byte) ([]byte, bool) {
+	end := bytes.Clone(p)
+	for i := len(end) - 1; i >= 0; i-- {
+		if end[i] < 0xff {
+			end[i]++
+			return end[:i+1], true
+		}
+	}
+	return nil, false
 }
 
 // Events returns the entity's events with version ≥ from, in version

@@ -1,8 +1,12 @@
 // Package bank is esker's demo domain: bank accounts.
 //
 // An account is opened for an owner, takes deposits and withdrawals (amounts
-// in cents, never overdrawn) and can be closed once its balance is zero.
-// Closing is final.
+// in cents, never overdrawn), can change owner, and can be closed once its
+// balance is zero. Closing is final.
+//
+// Two projections read the accounts' events (projections.go): Owners (per
+// owner: accounts and total balance, a group-by) and DailyTotals (per day:
+// deposits and withdrawals, re-keyed by date).
 //
 // Names: AccountState is the state of one account, Command and Event are the
 // interfaces of its commands and events, and Account is the aggregate type
@@ -39,10 +43,12 @@ type AccountState struct {
 	Closed bool `json:"closed"`
 }
 
-// Command is a command on an account: Open, Deposit, Withdraw or Close.
+// Command is a command on an account: Open, Deposit, Withdraw, ChangeOwner
+// or Close.
 type Command interface{ isCommand() }
 
-// Event is an event of an account: Opened, Deposited, Withdrawn or Closed.
+// Event is an event of an account: Opened, Deposited, Withdrawn,
+// OwnerChanged or Closed.
 type Event interface{ isEvent() }
 
 // MaxOwnerLength is the longest owner name Open accepts, in characters.
@@ -64,21 +70,32 @@ type Withdraw struct {
 	Amount int64 `json:"amount"`
 }
 
+// ChangeOwner gives an open account to another owner.
+type ChangeOwner struct {
+	Owner string `json:"owner"`
+}
+
 // Close closes an account whose balance is zero.
 type Close struct{}
 
-func (Open) isCommand()     {}
-func (Deposit) isCommand()  {}
-func (Withdraw) isCommand() {}
-func (Close) isCommand()    {}
+func (Open) isCommand()        {}
+func (Deposit) isCommand()     {}
+func (Withdraw) isCommand()    {}
+func (ChangeOwner) isCommand() {}
+func (Close) isCommand()       {}
 
 // Validate checks the owner name; it runs at the edge (HTTP) and again in
 // Decide.
-func (c Open) Validate() error {
-	if strings.TrimSpace(c.Owner) == "" {
+func (c Open) Validate() error { return validateOwner(c.Owner) }
+
+// Validate checks the new owner's name.
+func (c ChangeOwner) Validate() error { return validateOwner(c.Owner) }
+
+func validateOwner(owner string) error {
+	if strings.TrimSpace(owner) == "" {
 		return errors.New("owner is required")
 	}
-	if n := utf8.RuneCountInString(c.Owner); n > MaxOwnerLength {
+	if n := utf8.RuneCountInString(owner); n > MaxOwnerLength {
 		return fmt.Errorf("owner is %d characters; the limit is %d", n, MaxOwnerLength)
 	}
 	return nil
@@ -115,13 +132,19 @@ type Withdrawn struct {
 	Amount int64 `json:"amount"`
 }
 
+// OwnerChanged records that an account was given to another owner.
+type OwnerChanged struct {
+	Owner string `json:"owner"`
+}
+
 // Closed records that an account was closed.
 type Closed struct{}
 
-func (Opened) isEvent()    {}
-func (Deposited) isEvent() {}
-func (Withdrawn) isEvent() {}
-func (Closed) isEvent()    {}
+func (Opened) isEvent()       {}
+func (Deposited) isEvent()    {}
+func (Withdrawn) isEvent()    {}
+func (OwnerChanged) isEvent() {}
+func (Closed) isEvent()       {}
 
 // Rejections returned by Decide. Messages reach the client as they are
 // (HTTP 422), so they say what is wrong in words a person can act on.
@@ -163,6 +186,11 @@ func Decide(s AccountState, cmd Command) ([]Event, error) {
 			return nil, fmt.Errorf("insufficient funds: balance %d, withdrawal %d", s.Balance, c.Amount)
 		}
 		return []Event{Withdrawn{Amount: c.Amount}}, nil
+	case ChangeOwner:
+		if c.Owner == s.Owner {
+			return nil, nil // already theirs: nothing happens
+		}
+		return []Event{OwnerChanged{Owner: c.Owner}}, nil
 	case Close:
 		if s.Balance != 0 {
 			return nil, fmt.Errorf("cannot close an account with a balance of %d; withdraw it first", s.Balance)
@@ -184,6 +212,8 @@ func Evolve(s AccountState, ev Event) AccountState {
 		s.Balance += e.Amount
 	case Withdrawn:
 		s.Balance -= e.Amount
+	case OwnerChanged:
+		s.Owner = e.Owner
 	case Closed:
 		s.Open = false
 		s.Closed = true
@@ -193,5 +223,5 @@ func Evolve(s AccountState, ev Event) AccountState {
 
 // Account is the "account" aggregate type: register it on an esker.Node.
 var Account = aggregate.New[AccountState, Command, Event]("account", Decide, Evolve).
-	Commands(Open{}, Deposit{}, Withdraw{}, Close{}).
-	Events(Opened{}, Deposited{}, Withdrawn{}, Closed{})
+	Commands(Open{}, Deposit{}, Withdraw{}, ChangeOwner{}, Close{}).
+	Events(Opened{}, Deposited{}, Withdrawn{}, OwnerChanged{}, Closed{})

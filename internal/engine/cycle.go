@@ -41,19 +41,41 @@ type cycle struct {
 	order []*taskCycle
 	n     int // commands processed
 
+	projections     map[statestore.Task]*projCycle // projection.go
+	projectionOrder []*projCycle
+	bases           []*taskBase // every task of the cycle, in order
+
 	wg  sync.WaitGroup // produce promises in flight
 	mu  sync.Mutex
 	err error // first produce or staging failure: the cycle must abort
 }
 
-// taskCycle is one task's part of a cycle.
+// taskBase is what every task of a cycle has, whatever it runs: its store
+// batch, its changelog and the produce promises that track it.
+type taskBase struct {
+	c              *cycle
+	task           statestore.Task
+	batch          *statestore.Batch
+	changelogTopic string
+	changelogTo    atomic.Int64             // highest changelog offset written; -1 none
+	counts         map[string]int           // outcomes, by kind
+	onEvent        func(*kgo.Record, error) // produce promises
+	onChangelog    func(*kgo.Record, error)
+}
+
+func (c *cycle) newBase(task statestore.Task) *taskBase {
+	b := &taskBase{c: c, task: task, batch: c.e.cfg.Store.NewBatch(), changelogTopic: changelog.Topic(c.e.cfg.AppID, task.Type)}
+	b.changelogTo.Store(-1)
+	c.bases = append(c.bases, b)
+	return b
+}
+
+// taskCycle is one aggregate task's part of a cycle.
 type taskCycle struct {
-	c           *cycle
-	task        statestore.Task
+	*taskBase
 	def         aggregate.Definition
 	eventsTopic string
 	contentType []byte
-	batch       *statestore.Batch
 	pending     []*kgo.Record
 	known       map[string][]byte // stored outcomes of this cycle's command ids
 	entities    map[string]*entity
@@ -61,12 +83,8 @@ type taskCycle struct {
 	commands    map[string]statestore.CommandRecord // staged outcomes, by command id
 	outcomes    []aggregate.Outcome                 // only those someone awaits
 	timestamps  []time.Time                         // command record timestamps, for latency
-	changelogTo atomic.Int64                        // highest changelog offset written; -1 none
 	processedTo int64                               // the store's command offset at the start of the cycle
 	nextCommand int64                               // the command offset after this cycle
-	counts      map[string]int                      // outcomes, by kind
-	onEvent     func(*kgo.Record, error)            // produce promises
-	onChangelog func(*kgo.Record, error)
 }
 
 // entity is an entity's state within a cycle: loaded from the store on first
@@ -161,6 +179,7 @@ func (c *cycle) process(fetches kgo.Fetches) {
 		}
 		def := c.e.byTopic[p.Topic]
 		if def == nil {
+			c.projectionRecords(p)
 			return
 		}
 		task := statestore.Task{Type: def.Name(), Partition: p.Partition}
@@ -186,10 +205,11 @@ func (c *cycle) process(fetches kgo.Fetches) {
 		}
 		tc.pending = tc.pending[:0]
 	})
+	c.processProjections()
 }
 
 // parallel runs fn for every task, on at most GOMAXPROCS goroutines.
-func parallel(tasks []*taskCycle, fn func(*taskCycle)) {
+func parallel[T any](tasks []T, fn func(T)) {
 	if len(tasks) == 1 {
 		fn(tasks[0])
 		return
@@ -213,13 +233,11 @@ func (c *cycle) taskCycle(task statestore.Task, def aggregate.Definition) *taskC
 	tc, ok := c.tasks[task]
 	if !ok {
 		tc = &taskCycle{
-			c: c, task: task, def: def,
+			taskBase: c.newBase(task), def: def,
 			eventsTopic: EventsTopic(task.Type), contentType: []byte(def.ContentType()),
-			batch:    c.e.cfg.Store.NewBatch(),
 			entities: map[string]*entity{},
 			commands: map[string]statestore.CommandRecord{},
 		}
-		tc.changelogTo.Store(-1)
 		next, err := c.e.cfg.Store.CommandOffset(task)
 		if err != nil {
 			c.fail(fmt.Errorf("read the command offset of %s: %w", task, err))
@@ -494,10 +512,10 @@ func orDefault(s, def string) string {
 }
 
 // count tallies an outcome; the tallies reach the metrics only if the
-// cycle commits, so a re-processed command is counted once.
-func (tc *taskCycle) count(outcome string) { tc.countN(outcome, 1) }
+// cycle commits, so a re-processed record is counted once.
+func (tc *taskBase) count(outcome string) { tc.countN(outcome, 1) }
 
-func (tc *taskCycle) countN(outcome string, n int) {
+func (tc *taskBase) countN(outcome string, n int) {
 	if tc.counts == nil {
 		tc.counts = map[string]int{}
 	}
@@ -625,7 +643,7 @@ func (tc *taskCycle) replay(rec statestore.CommandRecord) aggregate.Outcome {
 	return o
 }
 
-func (tc *taskCycle) produce(r *kgo.Record, isChangelog bool) {
+func (tc *taskBase) produce(r *kgo.Record, isChangelog bool) {
 	c := tc.c
 	c.wg.Add(1)
 	if tc.onEvent == nil {
@@ -660,7 +678,7 @@ func (tc *taskCycle) produce(r *kgo.Record, isChangelog bool) {
 // stageChangelog produces the task's changelog records, one state record and
 // one journal per touched entity, and stages the same writes in its batch.
 func (tc *taskCycle) stageChangelog() {
-	topic := changelog.Topic(tc.c.e.cfg.AppID, tc.task.Type)
+	topic := tc.changelogTopic
 	if tc.nextCommand > tc.processedTo {
 		v := binary.BigEndian.AppendUint64(nil, uint64(tc.nextCommand))
 		tc.produce(&kgo.Record{Topic: topic, Partition: tc.task.Partition, Key: statestore.CommandOffsetKey, Value: v}, true)
@@ -748,6 +766,7 @@ func splitJournal(j *statestore.Journal, budget int) []*statestore.Journal {
 func (c *cycle) commit() error {
 	e := c.e
 	parallel(c.order, (*taskCycle).stageChangelog)
+	parallel(c.projectionOrder, (*projCycle).stageChangelog)
 	// Every record must be acknowledged before deciding: franz-go commits a
 	// transaction even when one of its records failed (the producer id
 	// stays usable), so the decision to commit is ours.
@@ -772,7 +791,11 @@ func (c *cycle) commit() error {
 			// changelog (which waits until the transaction is resolved)
 			// before processing them again; commands re-read after the
 			// rewind are then found in the store if they committed.
-			e.restoreAgain(c.sess.Client(), c.order)
+			tasks := make([]statestore.Task, len(c.bases))
+			for i, b := range c.bases {
+				tasks[i] = b.task
+			}
+			e.restoreAgain(c.sess.Client(), tasks)
 		}
 	}
 	if failed != nil {
@@ -783,7 +806,7 @@ func (c *cycle) commit() error {
 	}
 	m := e.cfg.Metrics
 	if !committed {
-		for _, tc := range c.order {
+		for _, tc := range c.bases {
 			tc.batch.Discard()
 		}
 		if m != nil {
@@ -791,7 +814,7 @@ func (c *cycle) commit() error {
 		}
 		return err
 	}
-	for _, tc := range c.order {
+	for _, tc := range c.bases {
 		if off := tc.changelogTo.Load(); off >= 0 {
 			if err := tc.batch.SetCheckpoint(tc.task, off+1); err != nil {
 				e.log.Error("stage checkpoint", "task", tc.task, "err", err)
@@ -816,10 +839,20 @@ func (c *cycle) commit() error {
 				h.Observe(time.Since(ts).Seconds())
 			}
 		}
+		for _, pc := range c.projectionOrder {
+			for outcome, n := range pc.counts {
+				m.projectionEvents(pc.task.Type, outcome).Add(float64(n))
+			}
+		}
+	}
+	for _, pc := range c.projectionOrder {
+		pc.committed()
 	}
 	for _, tc := range c.order {
 		e.waiters.resolve(tc.outcomes)
-		e.signal(tc.task)
+	}
+	for _, b := range c.bases {
+		e.signal(b.task)
 	}
 	return err
 }

@@ -1,8 +1,10 @@
 // Package engine is esker's one processing loop: it consumes the commands of
 // the tasks (aggregate type × partition) this node owns, decides and folds,
 // writes events and changelog records, and commits them with the consumed
-// offsets in one Kafka transaction per cycle. It restores a task's store from
-// its changelog before processing it.
+// offsets in one Kafka transaction per cycle. Projections are tasks of the
+// same loop (projection × partition, projection.go): they fold the events
+// of their sources into rows in the same transaction. It restores a task's
+// store from its changelog before processing it.
 //
 // A cycle (see Engine.Run):
 //
@@ -38,6 +40,7 @@ import (
 
 	"github.com/esker-io/esker/aggregate"
 	"github.com/esker-io/esker/changelog"
+	"github.com/esker-io/esker/projection"
 	"github.com/esker-io/esker/statestore"
 )
 
@@ -47,7 +50,9 @@ type Config struct {
 	// ClientOpts are the base franz-go options (seed brokers, TLS, SASL).
 	ClientOpts []kgo.Opt
 	Types      []aggregate.Definition
-	Store      *statestore.Store
+	// Projections run as tasks of the same loop (projection.go).
+	Projections []projection.Definition
+	Store       *statestore.Store
 	// Transactional selects exactly-once (true) or at-least-once.
 	Transactional bool
 	// TransactionalID must be unique per node and stable across its restarts.
@@ -77,6 +82,14 @@ type Engine struct {
 	log     *slog.Logger
 	types   map[string]aggregate.Definition // by aggregate type name
 	byTopic map[string]aggregate.Definition // by commands topic
+
+	projections map[string]projection.Definition // by name
+	// readers names, per input topic of a projection (a source or a
+	// repartition topic), the projections that read it.
+	readers map[string][]string
+	// taskTypes lists every task type: aggregate type and projection names.
+	taskTypes []string
+	progress  *progress // projections' catch-up (progress.go)
 
 	mu       sync.RWMutex
 	tasks    map[statestore.Task]*taskState
@@ -152,8 +165,8 @@ type taskState struct {
 
 // New validates cfg and returns an engine; Run starts it.
 func New(cfg Config) (*Engine, error) {
-	if cfg.Store == nil || len(cfg.Types) == 0 || cfg.Partitions < 1 {
-		return nil, errors.New("engine: store, types and partitions are required")
+	if cfg.Store == nil || len(cfg.Types)+len(cfg.Projections) == 0 || cfg.Partitions < 1 {
+		return nil, errors.New("engine: store, types or projections, and partitions are required")
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
@@ -172,7 +185,28 @@ func New(cfg Config) (*Engine, error) {
 	for _, d := range cfg.Types {
 		e.types[d.Name()] = d
 		e.byTopic[CommandsTopic(d.Name())] = d
+		e.taskTypes = append(e.taskTypes, d.Name())
 	}
+	e.projections = map[string]projection.Definition{}
+	e.readers = map[string][]string{}
+	for _, p := range cfg.Projections {
+		name := p.Name()
+		if _, dup := e.types[name]; dup {
+			return nil, fmt.Errorf("engine: projection %q has the name of an aggregate type; task names must be unique", name)
+		}
+		if _, dup := e.projections[name]; dup {
+			return nil, fmt.Errorf("engine: projection %q registered twice", name)
+		}
+		e.projections[name] = p
+		e.taskTypes = append(e.taskTypes, name)
+		for _, topic := range e.inputTopics(p) {
+			if _, clash := e.byTopic[topic]; clash {
+				return nil, fmt.Errorf("engine: projection %q reads %s, a commands topic", name, topic)
+			}
+			e.readers[topic] = append(e.readers[topic], name)
+		}
+	}
+	e.progress = newProgress(e)
 	return e, nil
 }
 
@@ -195,7 +229,8 @@ func (e *Engine) Run(ctx context.Context) error {
 		return err
 	}
 	adm := kadm.NewClient(admCl)
-	err = EnsureTopics(ctx, adm, Topics(e.cfg.AppID, e.TypeNames(), e.cfg.CommandRetention), e.cfg.Partitions, e.cfg.ReplicationFactor)
+	specs := append(Topics(e.cfg.AppID, e.TypeNames(), e.cfg.CommandRetention), e.projectionTopics()...)
+	err = EnsureTopics(ctx, adm, specs, e.cfg.Partitions, e.cfg.ReplicationFactor)
 	adm.Close()
 	if err != nil {
 		return err
@@ -208,6 +243,12 @@ func (e *Engine) Run(ctx context.Context) error {
 		done := make(chan struct{})
 		go func() { defer close(done); e.runStandbys(standbyCtx) }()
 		defer func() { stopStandbys(); <-done }()
+	}
+	if len(e.projections) > 0 {
+		progressCtx, stopProgress := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() { defer close(done); e.progress.run(progressCtx) }()
+		defer func() { stopProgress(); <-done }()
 	}
 	if e.cfg.StateCleanupDelay > 0 {
 		cleanupCtx, stopCleanup := context.WithCancel(context.Background())
@@ -353,8 +394,11 @@ func (e *Engine) sweep() (unfinished bool) {
 }
 
 func (e *Engine) newSession(ctx context.Context) (session, error) {
-	topics := make([]string, 0, len(e.byTopic))
+	topics := make([]string, 0, len(e.byTopic)+len(e.readers))
 	for t := range e.byTopic {
+		topics = append(topics, t)
+	}
+	for t := range e.readers {
 		topics = append(topics, t)
 	}
 	// A resumed partition (restore.go) joins the fetches to its broker
@@ -418,20 +462,21 @@ func (e *Engine) onAssigned(ctx context.Context, cl *kgo.Client, assigned map[st
 	promoted := map[int32]bool{}
 	e.mu.Lock()
 	for topic, parts := range assigned {
-		def, ok := e.byTopic[topic]
-		if !ok {
-			continue
-		}
-		for _, p := range parts {
-			t := statestore.Task{Type: def.Name(), Partition: p}
-			e.tasks[t] = &taskState{}
-			added = append(added, t)
-			promoted[p] = true
+		for _, name := range e.taskTypesOf(topic) {
+			for _, p := range parts {
+				t := statestore.Task{Type: name, Partition: p}
+				if _, ok := e.tasks[t]; ok {
+					continue // a projection reading several assigned topics
+				}
+				e.tasks[t] = &taskState{}
+				added = append(added, t)
+				promoted[p] = true
+			}
 		}
 	}
 	e.joined = true
 	e.mu.Unlock()
-	cl.PauseFetchPartitions(commandPartitions(added))
+	cl.PauseFetchPartitions(e.inputPartitions(added))
 	e.kickLease()
 	// A promoted standby stops tailing before its restore (which then reads
 	// only the tail); from here on the reconciler sees it owned.
@@ -451,9 +496,9 @@ func (e *Engine) onAssigned(ctx context.Context, cl *kgo.Client, assigned map[st
 func (e *Engine) onRevoked(ctx context.Context, cl *kgo.Client, revoked map[string][]int32) {
 	lost := map[statestore.Task]bool{}
 	for topic, parts := range revoked {
-		if def, ok := e.byTopic[topic]; ok {
+		for _, name := range e.taskTypesOf(topic) {
 			for _, p := range parts {
-				lost[statestore.Task{Type: def.Name(), Partition: p}] = true
+				lost[statestore.Task{Type: name, Partition: p}] = true
 			}
 		}
 	}
@@ -645,8 +690,8 @@ func (e *Engine) LocalState() map[int32]int64 {
 	out := map[int32]int64{}
 	for p := range e.cfg.Partitions {
 		var sum int64
-		for _, d := range e.cfg.Types {
-			cp, err := e.cfg.Store.Checkpoint(statestore.Task{Type: d.Name(), Partition: p})
+		for _, name := range e.taskTypes {
+			cp, err := e.cfg.Store.Checkpoint(statestore.Task{Type: name, Partition: p})
 			if err != nil {
 				e.log.Warn("reading a checkpoint for the group balancer", "partition", p, "err", err)
 				continue
@@ -661,14 +706,14 @@ func (e *Engine) LocalState() map[int32]int64 {
 }
 
 // PartitionStatus reports whether this node owns partition p (of any
-// aggregate type: tasks are co-partitioned) and whether all of its tasks
-// for p are restored.
+// aggregate type or projection: tasks are co-partitioned) and whether all
+// of its tasks for p are restored.
 func (e *Engine) PartitionStatus(p int32) (owned, restored bool) {
 	e.mu.RLock()
 	defer e.mu.RUnlock()
 	restored = true
-	for _, d := range e.cfg.Types {
-		if ts, ok := e.tasks[statestore.Task{Type: d.Name(), Partition: p}]; ok {
+	for _, name := range e.taskTypes {
+		if ts, ok := e.tasks[statestore.Task{Type: name, Partition: p}]; ok {
 			owned = true
 			restored = restored && ts.restored
 		}

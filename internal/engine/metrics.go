@@ -18,6 +18,9 @@ type Metrics struct {
 	StandbyLag      *prometheus.GaugeVec // partition
 	StateCleanups   prometheus.Counter
 	Fenced          prometheus.Counter
+	// Projections (projection.go, progress.go).
+	ProjectionEvents *prometheus.CounterVec // projection, outcome
+	ProjectionLag    *prometheus.GaugeVec   // projection
 
 	mu        sync.Mutex
 	counters  map[[2]string]prometheus.Counter
@@ -31,6 +34,16 @@ func (m *Metrics) command(typ, outcome string) prometheus.Counter {
 	defer m.mu.Unlock()
 	return cached(&m.counters, [2]string{typ, outcome}, func() prometheus.Counter {
 		return m.Commands.WithLabelValues(typ, outcome)
+	})
+}
+
+// projectionEvents returns the events counter of a projection and outcome,
+// cached.
+func (m *Metrics) projectionEvents(name, outcome string) prometheus.Counter {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return cached(&m.counters, [2]string{"projection:" + name, outcome}, func() prometheus.Counter {
+		return m.ProjectionEvents.WithLabelValues(name, outcome)
 	})
 }
 
@@ -93,12 +106,20 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "esker_fenced_transactions_total",
 			Help: "Open transactions of dropped nodes that this node fenced (aborted) to take over their partitions without waiting for the transaction timeout.",
 		}),
+		ProjectionEvents: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "esker_projection_events_total",
+			Help: "Input records of projections, by projection and outcome (folded; rekeyed: sent through the repartition topic; skipped: undecodable or unkeyed; failed: the fold panicked or returned an error).",
+		}, []string{"projection", "outcome"}),
+		ProjectionLag: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "esker_projection_lag_records",
+			Help: "Records of a projection's inputs on this node's partitions not folded yet (summed over its tasks here).",
+		}, []string{"projection"}),
 		RestoreDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "esker_restore_seconds",
 			Help:    "Duration of state store restores after a partition assignment.",
 			Buckets: prometheus.ExponentialBuckets(0.001, 4, 10),
 		}),
 	}
-	reg.MustRegister(m.Commands, m.CommandLatency, m.Transactions, m.BatchCommands, m.RestoreRecords, m.RestoreDuration, m.StandbyLag, m.StateCleanups, m.Fenced)
+	reg.MustRegister(m.Commands, m.CommandLatency, m.Transactions, m.BatchCommands, m.RestoreRecords, m.RestoreDuration, m.StandbyLag, m.StateCleanups, m.Fenced, m.ProjectionEvents, m.ProjectionLag)
 	return m
 }

@@ -2,6 +2,7 @@ package engine
 
 import (
 	"context"
+	"slices"
 	"time"
 
 	"github.com/twmb/franz-go/pkg/kgo"
@@ -118,8 +119,26 @@ func (e *Engine) restore(ctx context.Context, cl *kgo.Client, pending map[states
 			restored = append(restored, t)
 		}
 	}
+	// A topic partition several tasks read (an events topic two
+	// projections fold) resumes once all of them are restored: its records
+	// must not reach a cycle before every reader can take them.
+	resume := e.inputPartitions(restored)
+	for topic, parts := range resume {
+		parts = slices.DeleteFunc(parts, func(p int32) bool {
+			for _, name := range e.taskTypesOf(topic) {
+				if ts := e.tasks[statestore.Task{Type: name, Partition: p}]; ts == nil || !ts.restored {
+					return true
+				}
+			}
+			return false
+		})
+		resume[topic] = parts
+	}
 	e.mu.Unlock()
-	cl.ResumeFetchPartitions(commandPartitions(restored))
+	if err := e.seekProjectionStarts(ctx, cl, restored); err != nil {
+		e.log.Warn("setting the start offsets of new projections; they start from the beginning", "err", err)
+	}
+	cl.ResumeFetchPartitions(resume)
 	for _, t := range restored {
 		e.signal(t)
 	}
@@ -129,20 +148,20 @@ func (e *Engine) restore(ctx context.Context, cl *kgo.Client, pending map[states
 // and restores them again in the background: after a transaction whose
 // outcome is unknown, the store may lack what Kafka committed. It runs on
 // the run loop, between polls, when no group callback runs.
-func (e *Engine) restoreAgain(cl *kgo.Client, tasks []*taskCycle) {
+func (e *Engine) restoreAgain(cl *kgo.Client, tasks []statestore.Task) {
 	var again []statestore.Task
 	e.mu.Lock()
-	for _, tc := range tasks {
-		if e.tasks[tc.task] != nil {
-			e.tasks[tc.task] = &taskState{}
-			again = append(again, tc.task)
+	for _, t := range tasks {
+		if e.tasks[t] != nil {
+			e.tasks[t] = &taskState{}
+			again = append(again, t)
 		}
 	}
 	e.mu.Unlock()
 	if len(again) == 0 {
 		return
 	}
-	pause := commandPartitions(again)
+	pause := e.inputPartitions(again)
 	e.log.Warn("a transaction's outcome is unknown; restoring its tasks from the changelogs before processing them again", "partitions", pause)
 	cl.PauseFetchPartitions(pause)
 	e.restartRestore(cl.Context(), cl)
@@ -157,13 +176,21 @@ func (e *Engine) restartRestore(ctx context.Context, cl *kgo.Client) {
 	e.startRestore(ctx, cl)
 }
 
-// commandPartitions returns the commands topic partitions of the tasks, in
-// the form franz-go's pause and resume calls take.
-func commandPartitions(tasks []statestore.Task) map[string][]int32 {
+// inputPartitions returns the partitions the tasks consume (an aggregate's
+// commands, a projection's sources and repartition topic), in the form
+// franz-go's pause and resume calls take.
+func (e *Engine) inputPartitions(tasks []statestore.Task) map[string][]int32 {
 	out := map[string][]int32{}
 	for _, t := range tasks {
-		topic := CommandsTopic(t.Type)
-		out[topic] = append(out[topic], t.Partition)
+		topics := []string{CommandsTopic(t.Type)}
+		if p, ok := e.projections[t.Type]; ok {
+			topics = e.inputTopics(p)
+		}
+		for _, topic := range topics {
+			if !slices.Contains(out[topic], t.Partition) {
+				out[topic] = append(out[topic], t.Partition)
+			}
+		}
 	}
 	return out
 }

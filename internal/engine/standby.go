@@ -56,8 +56,8 @@ func (e *Engine) StandbyLag(p int32) (lag int64, ok bool) {
 	if e.tailer == nil {
 		return 0, false
 	}
-	for _, d := range e.cfg.Types {
-		l, known := e.tailer.Lag(statestore.Task{Type: d.Name(), Partition: p})
+	for _, name := range e.taskTypes {
+		l, known := e.tailer.Lag(statestore.Task{Type: name, Partition: p})
 		if !known {
 			return 0, false
 		}
@@ -74,20 +74,20 @@ func (e *Engine) kickStandbys() {
 }
 
 func (e *Engine) targets(p int32) []changelog.Target {
-	out := make([]changelog.Target, 0, len(e.cfg.Types))
-	for _, d := range e.cfg.Types {
+	out := make([]changelog.Target, 0, len(e.taskTypes))
+	for _, name := range e.taskTypes {
 		out = append(out, changelog.Target{
-			Task:  statestore.Task{Type: d.Name(), Partition: p},
-			Topic: changelog.Topic(e.cfg.AppID, d.Name()),
+			Task:  statestore.Task{Type: name, Partition: p},
+			Topic: changelog.Topic(e.cfg.AppID, name),
 		})
 	}
 	return out
 }
 
 func (e *Engine) tasksOf(p int32) []statestore.Task {
-	out := make([]statestore.Task, 0, len(e.cfg.Types))
-	for _, d := range e.cfg.Types {
-		out = append(out, statestore.Task{Type: d.Name(), Partition: p})
+	out := make([]statestore.Task, 0, len(e.taskTypes))
+	for _, name := range e.taskTypes {
+		out = append(out, statestore.Task{Type: name, Partition: p})
 	}
 	return out
 }
@@ -185,8 +185,8 @@ func (e *Engine) stopStandby(ctx context.Context, p int32) error {
 
 // ownsLocked reports whether the engine owns partition p; e.mu must be held.
 func (e *Engine) ownsLocked(p int32) bool {
-	for _, d := range e.cfg.Types {
-		if _, ok := e.tasks[statestore.Task{Type: d.Name(), Partition: p}]; ok {
+	for _, name := range e.taskTypes {
+		if _, ok := e.tasks[statestore.Task{Type: name, Partition: p}]; ok {
 			return true
 		}
 	}

@@ -1,0 +1,524 @@
+package engine
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"strconv"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/esker-io/esker/aggregate"
+	"github.com/esker-io/esker/changelog"
+	"github.com/esker-io/esker/projection"
+	"github.com/esker-io/esker/statestore"
+)
+
+// Projection tasks. A projection × partition is a task of the same cycle as
+// the aggregates: it consumes its sources' partition (and its repartition
+// topic's, when it re-keys), folds each event into the row of its key, and
+// writes the changed rows and its input offsets to its changelog and store
+// in the cycle's transaction. A change for a row of another partition is
+// produced to the repartition topic in the same transaction and folded by
+// the task that owns that partition when the transaction has committed.
+//
+// Invariant: a task's store holds exactly the effects of its input records
+// below its input offsets (statestore.InputOffsetKey), which travel on its
+// changelog with the rows: consumption reset below them skips the records
+// already folded (skipProcessed), so no event is folded twice.
+
+// RepartitionTopic names the topic through which a re-keying projection
+// sends changes to the partition of their row.
+func RepartitionTopic(appID, projectionName string) string {
+	return appID + "-" + projectionName + "-repartition"
+}
+
+// inputTopics lists the topics a projection's tasks consume.
+func (e *Engine) inputTopics(p projection.Definition) []string {
+	var out []string
+	for _, s := range p.Sources() {
+		if !slices.Contains(out, s.Topic()) {
+			out = append(out, s.Topic())
+		}
+	}
+	if p.Rekeys() {
+		out = append(out, RepartitionTopic(e.cfg.AppID, p.Name()))
+	}
+	return out
+}
+
+// taskTypesOf returns the task types that consume a topic: the aggregate
+// type of a commands topic, or the projections reading it.
+func (e *Engine) taskTypesOf(topic string) []string {
+	if d, ok := e.byTopic[topic]; ok {
+		return []string{d.Name()}
+	}
+	return e.readers[topic]
+}
+
+// projectionTopics returns the topics the projections write: their
+// changelogs and repartition topics.
+func (e *Engine) projectionTopics() []TopicSpec {
+	var specs []TopicSpec
+	for _, p := range e.cfg.Projections {
+		specs = append(specs, TopicSpec{changelog.Topic(e.cfg.AppID, p.Name()), map[string]string{"cleanup.policy": "compact"}})
+		if p.Rekeys() {
+			// A change is needed only until the owner of its row has
+			// folded it, which is at once unless the group is down.
+			specs = append(specs, TopicSpec{RepartitionTopic(e.cfg.AppID, p.Name()), map[string]string{
+				"cleanup.policy": "delete",
+				"retention.ms":   strconv.FormatInt(e.cfg.CommandRetention.Milliseconds(), 10),
+			}})
+		}
+	}
+	return specs
+}
+
+// ProjectionNames returns the registered projections' names.
+func (e *Engine) ProjectionNames() []string {
+	out := make([]string, 0, len(e.cfg.Projections))
+	for _, p := range e.cfg.Projections {
+		out = append(out, p.Name())
+	}
+	return out
+}
+
+// projCycle is one projection task's part of a cycle.
+type projCycle struct {
+	*taskBase
+	def         projection.Definition
+	repartition string // the repartition topic; "" when the projection does not re-key
+	pending     []*kgo.Record
+	rows        map[string]*projRow
+	rowOrder    []*projRow
+	entities    map[string]*entityRow // group-by rows, by entity id
+	entityOrder []*entityRow
+	stored      map[string]int64 // input offsets in the store at the start of the cycle, by topic
+	next        map[string]int64 // input offsets after this cycle, by topic
+	ends        map[string]int64 // high watermarks seen, by topic (for the lag)
+	handled     int
+}
+
+type projRow struct {
+	key       string
+	state     any
+	version   int64 // changes folded into the row
+	updatedAt time.Time
+	dirty     bool
+}
+
+type entityRow struct {
+	id    string
+	row   []byte // JSON; nil: none yet
+	dirty bool
+}
+
+func (c *cycle) projCycle(task statestore.Task, def projection.Definition) *projCycle {
+	if pc, ok := c.projections[task]; ok {
+		return pc
+	}
+	pc := &projCycle{
+		taskBase: c.newBase(task), def: def,
+		rows:   map[string]*projRow{},
+		stored: map[string]int64{}, next: map[string]int64{}, ends: map[string]int64{},
+	}
+	if def.Rekeys() {
+		pc.repartition = RepartitionTopic(c.e.cfg.AppID, def.Name())
+	}
+	if def.GroupBy() {
+		pc.entities = map[string]*entityRow{}
+	}
+	if c.projections == nil {
+		c.projections = map[statestore.Task]*projCycle{}
+	}
+	c.projections[task] = pc
+	c.projectionOrder = append(c.projectionOrder, pc)
+	return pc
+}
+
+// projectionRecords hands one fetched partition of a projection input to
+// the tasks of every projection that reads it.
+func (c *cycle) projectionRecords(p kgo.FetchTopicPartition) {
+	for _, name := range c.e.readers[p.Topic] {
+		task := statestore.Task{Type: name, Partition: p.Partition}
+		if owned, _ := c.e.TaskStatus(task); !owned {
+			continue // revoked; the session aborts this cycle anyway
+		}
+		pc := c.projCycle(task, c.e.projections[name])
+		records := pc.skipProcessed(p)
+		pc.ends[p.Topic] = p.HighWatermark
+		if len(records) == 0 {
+			continue
+		}
+		pc.pending = append(pc.pending, records...)
+		pc.next[p.Topic] = records[len(records)-1].Offset + 1
+	}
+}
+
+// processProjections folds the pending records of every projection task,
+// the tasks in parallel.
+func (c *cycle) processProjections() {
+	var busy []*projCycle
+	for _, pc := range c.projectionOrder {
+		if len(pc.pending) > 0 {
+			busy = append(busy, pc)
+		}
+	}
+	parallel(busy, func(pc *projCycle) {
+		for _, r := range pc.pending {
+			pc.handle(r)
+		}
+		pc.handled += len(pc.pending)
+		pc.pending = pc.pending[:0]
+	})
+}
+
+// skipProcessed drops the records the task's store has folded already (see
+// the invariant above and taskCycle.skipProcessed).
+func (pc *projCycle) skipProcessed(p kgo.FetchTopicPartition) []*kgo.Record {
+	stored, ok := pc.stored[p.Topic]
+	if !ok {
+		var err error
+		if stored, err = pc.c.e.cfg.Store.InputOffset(pc.task, p.Topic); err != nil {
+			pc.c.fail(fmt.Errorf("read the input offset of %s in %s: %w", pc.task, p.Topic, err))
+		}
+		pc.stored[p.Topic] = stored
+	}
+	if stored <= 0 {
+		return p.Records
+	}
+	if p.HighWatermark >= 0 && p.HighWatermark < stored {
+		pc.c.e.log.Error("a projection input ends below the offset this task has folded: recreated or truncated; folding its records as new",
+			"task", pc.task.String(), "topic", p.Topic, "end", p.HighWatermark, "folded_to", stored)
+		pc.stored[p.Topic] = 0
+		return p.Records
+	}
+	i := 0
+	for i < len(p.Records) && p.Records[i].Offset < stored {
+		i++
+	}
+	if i > 0 {
+		pc.c.e.log.Warn("skipped records this projection task had folded already (consumption was reset below its input offset)",
+			"task", pc.task.String(), "topic", p.Topic, "skipped", i, "folded_to", stored)
+		pc.countN("replayed", i)
+	}
+	return p.Records[i:]
+}
+
+// handle folds one input record: a source event, or a change another task
+// sent through the repartition topic. A record that cannot be decoded or
+// folded is skipped, logged and counted: it would fail the same way on
+// every retry, and blocking the projection on it would stop every row of
+// the partition.
+func (pc *projCycle) handle(r *kgo.Record) {
+	if r.Topic == pc.repartition {
+		ch, err := decodeChange(r)
+		if err == nil && ch.Event != nil {
+			err = pc.def.Decode(ch.Event)
+		}
+		if err != nil {
+			pc.skip(r, "cannot decode a repartitioned change", err)
+			return
+		}
+		pc.apply(ch)
+		return
+	}
+	ev := eventOf(r)
+	if err := pc.def.Decode(&ev); err != nil {
+		pc.skip(r, "cannot decode an event", err)
+		return
+	}
+	var er *entityRow
+	var prev []byte
+	if pc.entities != nil {
+		var err error
+		if er, err = pc.entityRow(ev.EntityID); err != nil {
+			pc.c.fail(err)
+			return
+		}
+		prev = er.row
+	}
+	changes, newRow, changed, err := pc.def.Route(ev, prev)
+	if err != nil {
+		pc.count("failed")
+		pc.c.e.log.Error("projection failed on an event; skipped", "projection", pc.def.Name(), "topic", r.Topic, "partition", r.Partition, "offset", r.Offset, "err", err)
+		return
+	}
+	if changed {
+		er.row, er.dirty = newRow, true
+	}
+	if len(changes) == 0 && !changed {
+		pc.count("skipped")
+		return
+	}
+	for _, ch := range changes {
+		part := aggregate.Partition(ch.Key, pc.c.e.cfg.Partitions)
+		if pc.repartition == "" || part == pc.task.Partition {
+			pc.apply(ch)
+			continue
+		}
+		value, err := encodeChange(ch)
+		if err != nil {
+			pc.skip(r, "cannot encode a change", err)
+			continue
+		}
+		pc.produce(&kgo.Record{Topic: pc.repartition, Partition: part, Key: []byte(ch.Key), Value: value, Timestamp: pc.c.now}, false)
+		pc.count("rekeyed")
+	}
+}
+
+func (pc *projCycle) skip(r *kgo.Record, what string, err error) {
+	pc.count("skipped")
+	pc.c.e.log.Warn("projection skipped a record: "+what, "projection", pc.def.Name(), "topic", r.Topic, "partition", r.Partition, "offset", r.Offset, "err", err)
+}
+
+// apply folds one change into its row.
+func (pc *projCycle) apply(ch projection.Change) {
+	if err := aggregate.ValidateEntityID(ch.Key); err != nil {
+		pc.count("skipped")
+		pc.c.e.log.Warn("projection skipped a change with an invalid row key", "projection", pc.def.Name(), "key", ch.Key, "err", err)
+		return
+	}
+	row, err := pc.row(ch.Key)
+	if err != nil {
+		var decodeErr stateDecodeError
+		if errors.As(err, &decodeErr) {
+			pc.count("failed")
+			pc.c.e.log.Error("a projection row does not decode; change skipped", "projection", pc.def.Name(), "key", ch.Key, "err", err)
+			return
+		}
+		pc.c.fail(err) // a store read error may pass: abort and retry
+		return
+	}
+	state, err := pc.def.Apply(row.state, ch)
+	if err != nil {
+		pc.count("failed")
+		pc.c.e.log.Error("projection fold failed; change skipped", "projection", pc.def.Name(), "key", ch.Key, "err", err)
+		return
+	}
+	row.state, row.dirty = state, true
+	row.version++
+	row.updatedAt = pc.c.now
+	if ch.Event != nil && !ch.Event.Time.IsZero() {
+		row.updatedAt = ch.Event.Time
+	}
+	pc.count("folded")
+}
+
+// row returns the cycle's view of a row, loading it on first touch.
+func (pc *projCycle) row(key string) (*projRow, error) {
+	if row, ok := pc.rows[key]; ok {
+		return row, nil
+	}
+	row := &projRow{key: key, state: pc.def.NewState()}
+	raw, found, err := pc.c.e.cfg.Store.Get(pc.task, statestore.StateKey(key))
+	if err != nil {
+		return nil, err
+	}
+	if found {
+		rec, err := statestore.DecodeStateRecord(raw)
+		if err != nil {
+			return nil, stateDecodeError{err}
+		}
+		if row.state, err = pc.def.DecodeState(rec.State); err != nil {
+			return nil, stateDecodeError{err}
+		}
+		row.version, row.updatedAt = rec.Version, rec.UpdatedAt
+	}
+	pc.rows[key] = row
+	pc.rowOrder = append(pc.rowOrder, row)
+	return row, nil
+}
+
+// entityRow returns the cycle's view of a group-by entity row.
+func (pc *projCycle) entityRow(id string) (*entityRow, error) {
+	if er, ok := pc.entities[id]; ok {
+		return er, nil
+	}
+	raw, found, err := pc.c.e.cfg.Store.Get(pc.task, statestore.RowKey(id))
+	if err != nil {
+		return nil, fmt.Errorf("read the row of %q in %s: %w", id, pc.task, err)
+	}
+	er := &entityRow{id: id}
+	if found {
+		er.row = raw
+	}
+	pc.entities[id] = er
+	pc.entityOrder = append(pc.entityOrder, er)
+	return er, nil
+}
+
+// stageChangelog produces the task's changed rows, entity rows and input
+// offsets to its changelog and stages the same writes in its batch.
+func (pc *projCycle) stageChangelog() {
+	topic := pc.changelogTopic
+	write := func(key, value []byte) {
+		pc.produce(&kgo.Record{Topic: topic, Partition: pc.task.Partition, Key: key, Value: value}, true)
+		if err := changelog.Apply(pc.batch, pc.task, key, value); err != nil {
+			pc.c.fail(err)
+		}
+	}
+	for t, next := range pc.next {
+		if next > pc.stored[t] {
+			write(statestore.InputOffsetKey(t), binary.BigEndian.AppendUint64(nil, uint64(next)))
+		}
+	}
+	for _, er := range pc.entityOrder {
+		if er.dirty {
+			write(statestore.RowKey(er.id), er.row)
+		}
+	}
+	for _, row := range pc.rowOrder {
+		if !row.dirty {
+			continue
+		}
+		state, err := pc.def.EncodeState(row.state)
+		if err != nil {
+			pc.c.fail(fmt.Errorf("encode row %q of projection %s: %w", row.key, pc.def.Name(), err))
+			return
+		}
+		if len(state) > maxRecordBytes {
+			pc.c.fail(fmt.Errorf("row %q of projection %s is %d bytes encoded; Kafka records are limited to about %d bytes: keep projection rows small", row.key, pc.def.Name(), len(state), maxRecordBytes))
+			return
+		}
+		k, v := changelog.StateRecord(row.key, statestore.StateRecord{Version: row.version, UpdatedAt: row.updatedAt, State: state})
+		write(k, v)
+	}
+}
+
+// committed reports the task's progress once its transaction committed.
+func (pc *projCycle) committed() {
+	var lag int64
+	for t, end := range pc.ends {
+		next, ok := pc.next[t]
+		if !ok {
+			next = pc.stored[t]
+		}
+		if end > next {
+			lag += end - next
+		}
+	}
+	pc.c.e.progress.report(pc.task, lag, pc.handled)
+}
+
+// eventOf builds a projection event from a record: esker's envelope when
+// the record carries it, otherwise the key as entity id and the value as
+// data.
+func eventOf(r *kgo.Record) projection.Event {
+	hs := make([]aggregate.Header, len(r.Headers))
+	for i, h := range r.Headers {
+		hs[i] = aggregate.Header{Key: h.Key, Value: h.Value}
+	}
+	ev, err := aggregate.EventFromRecord(r.Key, hs, r.Value)
+	if err != nil {
+		ev = aggregate.Event{EntityID: string(r.Key), Time: r.Timestamp, Data: r.Value}
+	}
+	return projection.Event{Event: ev, Topic: r.Topic, Partition: r.Partition, Offset: r.Offset}
+}
+
+// wireChange is a change on a repartition topic (JSON; the row key is the
+// record key).
+type wireChange struct {
+	Event *wireEvent      `json:"event,omitempty"`
+	Old   json.RawMessage `json:"old,omitempty"`
+	New   json.RawMessage `json:"new,omitempty"`
+}
+
+type wireEvent struct {
+	Topic         string    `json:"topic"`
+	Partition     int32     `json:"partition"`
+	Offset        int64     `json:"offset"`
+	EntityID      string    `json:"entityId"`
+	Version       int64     `json:"version,omitempty"`
+	EventID       string    `json:"eventId,omitempty"`
+	Type          string    `json:"type,omitempty"`
+	SchemaVersion int       `json:"schemaVersion,omitempty"`
+	CommandID     string    `json:"commandId,omitempty"`
+	CorrelationID string    `json:"correlationId,omitempty"`
+	CausationID   string    `json:"causationId,omitempty"`
+	Time          time.Time `json:"time"`
+	Data          []byte    `json:"data"` // any codec's bytes (base64 in JSON)
+}
+
+func encodeChange(ch projection.Change) ([]byte, error) {
+	w := wireChange{Old: ch.Old, New: ch.New}
+	if ev := ch.Event; ev != nil {
+		w.Event = &wireEvent{Topic: ev.Topic, Partition: ev.Partition, Offset: ev.Offset,
+			EntityID: ev.EntityID, Version: ev.Version, EventID: ev.EventID, Type: ev.Type, SchemaVersion: ev.SchemaVersion,
+			CommandID: ev.CommandID, CorrelationID: ev.CorrelationID, CausationID: ev.CausationID, Time: ev.Time, Data: ev.Data}
+	}
+	return json.Marshal(w)
+}
+
+func decodeChange(r *kgo.Record) (projection.Change, error) {
+	var w wireChange
+	if err := json.Unmarshal(r.Value, &w); err != nil {
+		return projection.Change{}, err
+	}
+	ch := projection.Change{Key: string(r.Key), Old: w.Old, New: w.New}
+	if w.Event == nil && w.Old == nil && w.New == nil {
+		return ch, errors.New("empty change")
+	}
+	if ev := w.Event; ev != nil {
+		ch.Event = &projection.Event{Topic: ev.Topic, Partition: ev.Partition, Offset: ev.Offset, Event: aggregate.Event{
+			EntityID: ev.EntityID, Version: ev.Version, EventID: ev.EventID, Type: ev.Type, SchemaVersion: ev.SchemaVersion,
+			CommandID: ev.CommandID, CorrelationID: ev.CorrelationID, CausationID: ev.CausationID, Time: ev.Time, Data: ev.Data}}
+	}
+	return ch, nil
+}
+
+// seekProjectionStarts moves the consumption of restored projection tasks
+// that have never folded a source record to their projection's start
+// position (Latest, At). Earliest needs nothing: a group without committed
+// offsets starts at the beginning. It runs before their partitions resume.
+func (e *Engine) seekProjectionStarts(ctx context.Context, cl *kgo.Client, restored []statestore.Task) error {
+	set := map[string]map[int32]kgo.EpochOffset{}
+	for _, t := range restored {
+		p, ok := e.projections[t.Type]
+		if !ok {
+			continue
+		}
+		start := p.Start()
+		at, isAt := start.Time()
+		if !start.IsLatest() && !isAt {
+			continue
+		}
+		for _, s := range p.Sources() {
+			stored, err := e.cfg.Store.InputOffset(t, s.Topic())
+			if err != nil {
+				return err
+			}
+			if stored > 0 {
+				continue
+			}
+			adm := kadm.NewClient(cl)
+			var listed kadm.ListedOffsets
+			if isAt {
+				listed, err = adm.ListOffsetsAfterMilli(ctx, at.UnixMilli(), s.Topic())
+			} else {
+				listed, err = adm.ListEndOffsets(ctx, s.Topic())
+			}
+			if err != nil {
+				return err
+			}
+			lo, ok := listed.Lookup(s.Topic(), t.Partition)
+			if !ok || lo.Err != nil {
+				return fmt.Errorf("list offsets of %s/%d: %v", s.Topic(), t.Partition, lo.Err)
+			}
+			if set[s.Topic()] == nil {
+				set[s.Topic()] = map[int32]kgo.EpochOffset{}
+			}
+			set[s.Topic()][t.Partition] = kgo.EpochOffset{Epoch: -1, Offset: lo.Offset}
+			e.log.Info("projection starts at its configured position", "projection", p.Name(), "topic", s.Topic(), "partition", t.Partition, "offset", lo.Offset)
+		}
+	}
+	if len(set) > 0 {
+		cl.SetOffsets(set)
+	}
+	return nil
+}

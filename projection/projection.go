@@ -1,0 +1,272 @@
+package projection
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"regexp"
+	"time"
+
+	"github.com/esker-io/esker/aggregate"
+)
+
+// Event is one input record as a projection's functions see it: the event's
+// envelope, where it sits in Kafka, and its payload decoded by its Source.
+type Event struct {
+	aggregate.Event
+	Topic     string
+	Partition int32
+	Offset    int64
+	// Value is the decoded payload: the aggregate's Go event type for a
+	// source made with Events (use a type switch), or what the decode
+	// function of a Topic source returned.
+	Value any
+}
+
+// Fold folds one event into the state of a projection row. It must be pure:
+// it runs again when a transaction aborts, and on every replica that
+// rebuilds the projection.
+type Fold[S any] func(state S, ev Event) S
+
+// Source is an input topic of a projection and how its records are decoded.
+type Source struct {
+	topic  string
+	decode func(ev *Event) error
+}
+
+// Topic returns the source's Kafka topic.
+func (s Source) Topic() string { return s.topic }
+
+// Aggregate is any aggregate type (an *aggregate.Type).
+type Aggregate interface {
+	Untyped() aggregate.Definition
+}
+
+// Events is the source of an aggregate type's events ("<type>-events"),
+// decoded into the type's registered Go event types. An event whose type is
+// not registered (written by a newer version of the code, say) reaches the
+// fold with a nil Value.
+func Events(t Aggregate) Source {
+	def := t.Untyped()
+	return Source{
+		topic: def.Name() + "-events",
+		decode: func(ev *Event) error {
+			v, err := def.DecodeEvent(ev.Type, ev.SchemaVersion, ev.Data)
+			if errors.Is(err, aggregate.ErrUnknownEvent) {
+				return nil
+			}
+			ev.Value = v
+			return err
+		},
+	}
+}
+
+// Topic is the source of any Kafka topic. decode turns a record's key and
+// value into the event's Value; records that carry esker's envelope headers
+// also fill the envelope, others get the record key as EntityID. A record
+// decode rejects is skipped, logged and counted (it would fail again on
+// every replay). The topic must have the application's partition count, and
+// its records must be keyed with Kafka's default partitioner unless the
+// projection re-keys them (KeyBy).
+func Topic(name string, decode func(key, value []byte) (any, error)) Source {
+	return Source{
+		topic: name,
+		decode: func(ev *Event) error {
+			v, err := decode([]byte(ev.EntityID), ev.Data)
+			ev.Value = v
+			return err
+		},
+	}
+}
+
+// Start says where a projection with no stored progress begins reading its
+// sources: a projection added to a running system catches up from there,
+// then follows live.
+type Start struct {
+	kind int // 0 earliest, 1 latest, 2 at
+	at   time.Time
+}
+
+// Earliest starts from the beginning of the sources (the default).
+func Earliest() Start { return Start{} }
+
+// Latest starts at the end of the sources: only new events are folded.
+func Latest() Start { return Start{kind: 1} }
+
+// At starts at the first record at or after t.
+func At(t time.Time) Start { return Start{kind: 2, at: t} }
+
+// IsLatest and Time describe the start position to the engine.
+func (s Start) IsLatest() bool { return s.kind == 1 }
+
+// Time returns the start time of At; ok is false for Earliest and Latest.
+func (s Start) Time() (t time.Time, ok bool) { return s.at, s.kind == 2 }
+
+// Option configures a projection.
+type Option func(*options)
+
+type options struct {
+	sources []Source
+	key     func(Event) string
+	start   Start
+}
+
+// From sets the projection's sources; at least one is required.
+func From(sources ...Source) Option {
+	return func(o *options) { o.sources = append(o.sources, sources...) }
+}
+
+// KeyBy folds each event into the row named by key(ev) instead of the row
+// of its entity id. Rows are partitioned by their key, so events are
+// re-keyed through the repartition topic "<app>-<name>-repartition" within
+// the same transaction that consumes them. An empty key drops the event.
+func KeyBy(key func(Event) string) Option {
+	return func(o *options) { o.key = key }
+}
+
+// StartAt sets where the projection begins when it has no stored progress.
+func StartAt(s Start) Option { return func(o *options) { o.start = s } }
+
+var namePattern = regexp.MustCompile(`^[a-z][a-z0-9-]{0,62}$`)
+
+// Projection is a named read model: rows of state S, each folded from the
+// events routed to its key. Build one with New or GroupBy and add it to a
+// Node. It is immutable once built.
+type Projection[S any] struct {
+	name    string
+	opts    options
+	fold    Fold[S]
+	groupBy *groupBy
+}
+
+// New defines a projection that folds every event of its sources into the
+// row of the event's entity id (or of KeyBy's key). It panics on an invalid
+// name, a nil fold or no source: programming errors found at start-up.
+// Names are lower-case letters, digits and dashes; they name the topics
+// "<app>-<name>-changelog" and, with KeyBy, "<app>-<name>-repartition".
+func New[S any](name string, fold Fold[S], opts ...Option) *Projection[S] {
+	o := build(name, opts)
+	if fold == nil {
+		panic("projection: New needs a fold function")
+	}
+	return &Projection[S]{name: name, opts: o, fold: fold}
+}
+
+func build(name string, opts []Option) options {
+	if !namePattern.MatchString(name) {
+		panic(fmt.Sprintf("projection: invalid name %q: use lower-case letters, digits and dashes, starting with a letter", name))
+	}
+	var o options
+	for _, opt := range opts {
+		opt(&o)
+	}
+	if len(o.sources) == 0 {
+		panic(fmt.Sprintf("projection %q: no source; add From(projection.Events(...))", name))
+	}
+	return o
+}
+
+// Name returns the projection's name.
+func (p *Projection[S]) Name() string { return p.name }
+
+// Definition returns the type-erased view the engine runs.
+func (p *Projection[S]) Definition() Definition { return definition[S]{p} }
+
+// Change is one fold a projection makes at a row: an event to fold (New and
+// KeyBy), or a group-by row that leaves (Old) and/or joins (New) the row's
+// group. Rows are JSON.
+type Change struct {
+	Key   string
+	Event *Event
+	Old   json.RawMessage
+	New   json.RawMessage
+}
+
+// Definition is the type-erased view of a projection used by the engine and
+// the HTTP layer. User code gets one from Projection.Definition.
+type Definition interface {
+	Name() string
+	Sources() []Source
+	Start() Start
+	// Rekeys reports whether rows are keyed by anything but the events'
+	// entity ids: then Route's changes go through the repartition topic.
+	Rekeys() bool
+	// Decode fills ev.Value from the source that reads ev.Topic.
+	Decode(ev *Event) error
+	// Route returns the changes one input event makes. prevRow is the
+	// entity's group-by row before the event (nil: none); newRow, when
+	// rowChanged, is the row to keep after it.
+	Route(ev Event, prevRow []byte) (changes []Change, newRow []byte, rowChanged bool, err error)
+	// GroupBy reports whether Route keeps per-entity rows.
+	GroupBy() bool
+	NewState() any
+	// Apply folds one change into a row's state; a panic in user code
+	// becomes an error.
+	Apply(state any, ch Change) (any, error)
+	EncodeState(state any) ([]byte, error)
+	DecodeState(data []byte) (any, error)
+}
+
+type definition[S any] struct{ p *Projection[S] }
+
+func (d definition[S]) Name() string      { return d.p.name }
+func (d definition[S]) Sources() []Source { return d.p.opts.sources }
+func (d definition[S]) Start() Start      { return d.p.opts.start }
+func (d definition[S]) GroupBy() bool     { return d.p.groupBy != nil }
+func (d definition[S]) NewState() any     { var s S; return s }
+
+func (d definition[S]) Rekeys() bool { return d.p.opts.key != nil || d.p.groupBy != nil }
+
+func (d definition[S]) Decode(ev *Event) error {
+	for _, s := range d.p.opts.sources {
+		if s.topic == ev.Topic {
+			return s.decode(ev)
+		}
+	}
+	return fmt.Errorf("projection %q does not read topic %q", d.p.name, ev.Topic)
+}
+
+func (d definition[S]) Route(ev Event, prevRow []byte) (changes []Change, newRow []byte, rowChanged bool, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("projection %q panicked routing an event: %v", d.p.name, r)
+		}
+	}()
+	if g := d.p.groupBy; g != nil {
+		return g.route(ev, prevRow)
+	}
+	key := ev.EntityID
+	if d.p.opts.key != nil {
+		key = d.p.opts.key(ev)
+	}
+	if key == "" {
+		return nil, nil, false, nil
+	}
+	return []Change{{Key: key, Event: &ev}}, nil, false, nil
+}
+
+func (d definition[S]) Apply(state any, ch Change) (out any, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("projection %q panicked folding into %q: %v", d.p.name, ch.Key, r)
+		}
+	}()
+	s := state.(S)
+	if g := d.p.groupBy; g != nil {
+		return g.apply(s, ch)
+	}
+	if ch.Event == nil {
+		return nil, fmt.Errorf("projection %q: a change without an event", d.p.name)
+	}
+	return d.p.fold(s, *ch.Event), nil
+}
+
+func (d definition[S]) EncodeState(state any) ([]byte, error) { return json.Marshal(state.(S)) }
+
+func (d definition[S]) DecodeState(data []byte) (any, error) {
+	var s S
+	if err := json.Unmarshal(data, &s); err != nil {
+		return nil, fmt.Errorf("decode a row of projection %q: %w", d.p.name, err)
+	}
+	return s, nil
+}

@@ -1,0 +1,364 @@
+package esker_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"maps"
+	"math/rand/v2"
+	"net/url"
+	"reflect"
+	"slices"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/esker-io/esker"
+	"github.com/esker-io/esker/aggregate"
+	"github.com/esker-io/esker/examples/bank"
+	"github.com/esker-io/esker/projection"
+)
+
+// expectedProjections folds the bank projections independently of the
+// engine: straight from the records of "account-events".
+func expectedProjections(t testing.TB, brokers []string) (owners map[string]bank.OwnerTotals, days map[string]bank.DayTotals, events int) {
+	t.Helper()
+	rows := map[string]bank.AccountRow{}
+	days = map[string]bank.DayTotals{}
+	for _, r := range readTopic(t, brokers, "account-events") {
+		hs := make([]aggregate.Header, len(r.Headers))
+		for i, h := range r.Headers {
+			hs[i] = aggregate.Header{Key: h.Key, Value: h.Value}
+		}
+		ev, err := aggregate.EventFromRecord(r.Key, hs, r.Value)
+		if err != nil {
+			t.Fatal(err)
+		}
+		v, err := bank.Account.DecodeEvent(ev)
+		if err != nil {
+			t.Fatal(err)
+		}
+		events++
+		rows[ev.EntityID] = bank.FoldAccountRow(rows[ev.EntityID], projection.Event{Event: ev, Value: v})
+		day := ev.Time.UTC().Format("2006-01-02")
+		d := days[day]
+		switch e := v.(type) {
+		case bank.Deposited:
+			d.Deposits += e.Amount
+			d.Count++
+			days[day] = d
+		case bank.Withdrawn:
+			d.Withdrawals += e.Amount
+			d.Count++
+			days[day] = d
+		}
+	}
+	owners = map[string]bank.OwnerTotals{}
+	for _, r := range rows {
+		if r.Open {
+			o := owners[r.Owner]
+			o.Accounts++
+			o.Balance += r.Balance
+			owners[r.Owner] = o
+		}
+	}
+	return owners, days, events
+}
+
+// listRows pages through a projection over HTTP, limit rows per page, and
+// fails on a repeated or out-of-order key.
+func listRows[S any](t testing.TB, tn *testNode, name, prefix string, limit int) (map[string]S, []string, int) {
+	t.Helper()
+	out := map[string]S{}
+	var keys []string
+	after, pages := "", 0
+	for {
+		q := url.Values{"limit": {strconv.Itoa(limit)}}
+		if prefix != "" {
+			q.Set("prefix", prefix)
+		}
+		if after != "" {
+			q.Set("after", after)
+		}
+		code, body := do(t, tn, "GET", "/v1/projections/"+name+"?"+q.Encode(), nil)
+		if code != 200 {
+			return nil, nil, -1 // not ready yet: the caller retries
+		}
+		pages++
+		raw, _ := json.Marshal(body["rows"])
+		var rows []struct {
+			Key   string `json:"key"`
+			Value S      `json:"value"`
+		}
+		if err := json.Unmarshal(raw, &rows); err != nil {
+			t.Fatal(err)
+		}
+		if len(rows) > limit {
+			t.Fatalf("page of %d rows, limit %d", len(rows), limit)
+		}
+		for _, r := range rows {
+			if len(keys) > 0 && r.Key <= keys[len(keys)-1] {
+				t.Fatalf("key %q after %q: not in order or repeated", r.Key, keys[len(keys)-1])
+			}
+			keys = append(keys, r.Key)
+			out[r.Key] = r.Value
+		}
+		next, _ := body["next"].(string)
+		if next == "" {
+			return out, keys, pages
+		}
+		after = next
+	}
+}
+
+// withoutEmpty drops owners left with no account (rows stay after their
+// last account leaves).
+func withoutEmpty(m map[string]bank.OwnerTotals) map[string]bank.OwnerTotals {
+	out := map[string]bank.OwnerTotals{}
+	for k, v := range m {
+		if v != (bank.OwnerTotals{}) {
+			out[k] = v
+		}
+	}
+	return out
+}
+
+// waitProjections waits until both bank projections, listed over HTTP from
+// tn, equal the fold of the events topic.
+func waitProjections(t testing.TB, tn *testNode, brokers []string, limit int) (map[string]bank.OwnerTotals, map[string]bank.DayTotals) {
+	t.Helper()
+	wantOwners, wantDays, _ := expectedProjections(t, brokers)
+	deadline := time.Now().Add(30 * time.Second)
+	var gotOwners map[string]bank.OwnerTotals
+	var gotDays map[string]bank.DayTotals
+	for {
+		gotOwners, _, _ = listRows[bank.OwnerTotals](t, tn, "owners", "", limit)
+		gotDays, _, _ = listRows[bank.DayTotals](t, tn, "daily-totals", "", limit)
+		if reflect.DeepEqual(withoutEmpty(gotOwners), wantOwners) && reflect.DeepEqual(gotDays, wantDays) {
+			return gotOwners, gotDays
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("projections do not match the fold of the events:\nowners: got %v\n        want %v\ndays:   got %v\n        want %v", withoutEmpty(gotOwners), wantOwners, gotDays, wantDays)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestProjectionsFoldEvents: the owners (group-by) and daily-totals
+// (re-keyed) projections equal a fold computed independently from the
+// events topic, also after accounts move between owners.
+func TestProjectionsFoldEvents(t *testing.T) {
+	c := newCluster(t)
+	brokers := c.ListenAddrs()
+	tn := startBankNode(t, brokers, t.TempDir())
+	rng := rand.New(rand.NewPCG(1, 2))
+	owners := []string{"alice", "bob", "carol", "dave", "erin"}
+	ownerOf := map[string]string{}
+	for i := range 20 {
+		id := fmt.Sprintf("acc-%02d", i)
+		ownerOf[id] = owners[i%len(owners)]
+		code, body := do(t, tn, "POST", "/v1/aggregates/account/"+id+"/commands", cmd("Open", map[string]any{"owner": ownerOf[id]}))
+		mustStatus(t, 200, code, body, "open")
+	}
+	for range 150 {
+		id := fmt.Sprintf("acc-%02d", rng.IntN(20))
+		kind := "Deposit"
+		if rng.IntN(3) == 0 {
+			kind = "Withdraw" // some are declined: no event
+		}
+		do(t, tn, "POST", "/v1/aggregates/account/"+id+"/commands", cmd(kind, map[string]any{"amount": 1 + rng.IntN(500)}))
+	}
+	got, _ := waitProjections(t, tn, brokers, 3)
+	before := got["alice"]
+
+	// acc-00 (alice's) moves to bob: alice's totals lose it, bob's gain it.
+	var st struct {
+		State bank.AccountState `json:"state"`
+	}
+	code, body := do(t, tn, "GET", "/v1/aggregates/account/acc-00", nil)
+	mustStatus(t, 200, code, body, "get acc-00")
+	raw, _ := json.Marshal(body)
+	_ = json.Unmarshal(raw, &st)
+	code, body = do(t, tn, "POST", "/v1/aggregates/account/acc-00/commands", cmd("ChangeOwner", map[string]any{"owner": "bob"}))
+	mustStatus(t, 200, code, body, "change owner")
+	got, _ = waitProjections(t, tn, brokers, 1000)
+	after := got["alice"]
+	if after.Accounts != before.Accounts-1 || after.Balance != before.Balance-st.State.Balance {
+		t.Fatalf("alice after giving away acc-00 (balance %d): %+v, before %+v", st.State.Balance, after, before)
+	}
+
+	// One row, routed by key.
+	code, body = do(t, tn, "GET", "/v1/projections/owners/bob", nil)
+	mustStatus(t, 200, code, body, "get bob")
+	if v := body["value"].(map[string]any); int(v["accounts"].(float64)) != got["bob"].Accounts || body["version"].(float64) < 1 {
+		t.Fatalf("bob's row: %v, want %+v", body, got["bob"])
+	}
+	code, body = do(t, tn, "GET", "/v1/projections/owners/nobody", nil)
+	mustStatus(t, 404, code, body, "missing row")
+	code, body = do(t, tn, "GET", "/v1/projections/nope/x", nil)
+	mustStatus(t, 404, code, body, "unknown projection")
+	code, body = do(t, tn, "GET", "/v1/projections/owners?limit=0", nil)
+	mustStatus(t, 400, code, body, "limit 0")
+	code, body = do(t, tn, "GET", "/v1/projections/owners?after=%25%25", nil)
+	mustStatus(t, 400, code, body, "bad token")
+	today := time.Now().UTC().Format("2006-01-02")
+	if days, _, _ := listRows[bank.DayTotals](t, tn, "daily-totals", today[:7], 10); len(days) == 0 {
+		t.Fatalf("prefix %q listed no day", today[:7])
+	}
+	if n := projectionCounter(t, tn, "owners", "folded"); n == 0 {
+		t.Fatal("esker_projection_events_total{projection=owners,outcome=folded} is 0")
+	}
+}
+
+// projectionCounter returns esker_projection_events_total of a projection
+// and outcome on a node.
+func projectionCounter(t testing.TB, n *testNode, name, outcome string) float64 {
+	t.Helper()
+	mfs, err := n.Registry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != "esker_projection_events_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			labels := map[string]string{}
+			for _, l := range m.GetLabel() {
+				labels[l.GetName()] = l.GetValue()
+			}
+			if labels["projection"] == name && labels["outcome"] == outcome {
+				return m.GetCounter().GetValue()
+			}
+		}
+	}
+	return 0
+}
+
+// TestProjectionCatchesUpThenFollows: a projection added to a system that
+// already holds 10,000 events starts from the beginning, catches up, and
+// then follows new events live.
+func TestProjectionCatchesUpThenFollows(t *testing.T) {
+	c := newCluster(t)
+	brokers := c.ListenAddrs()
+	dir := t.TempDir()
+	tn := startNode(t, brokers, dir) // accounts only
+	const accounts = 100
+	ctx := context.Background()
+	submit := func(tn *testNode, id string, typ string, data any) {
+		raw, _ := json.Marshal(data)
+		out, err := tn.Submit(ctx, "account", id, aggregate.Command{Type: typ, Data: raw})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !out.Accepted {
+			t.Fatalf("%s %s: %s", typ, id, out.Reason)
+		}
+	}
+	for i := range accounts {
+		submit(tn, fmt.Sprintf("a%03d", i), "Open", bank.Open{Owner: fmt.Sprintf("owner-%d", i%7)})
+	}
+	// 9,900 deposits, produced straight to the commands topic.
+	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	var recs []*kgo.Record
+	for i := range 10_000 - accounts {
+		id := fmt.Sprintf("a%03d", i%accounts)
+		recs = append(recs, &kgo.Record{Topic: "account-commands", Key: []byte(id),
+			Value: []byte(`{"type":"Deposit","data":{"amount":` + strconv.Itoa(1+i%9) + `},"commandId":"d-` + strconv.Itoa(i) + `"}`)})
+	}
+	if err := cl.ProduceSync(ctx, recs...).FirstErr(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		if _, _, n := expectedProjections(t, brokers); n == 10_000 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the 10,000 events were not written")
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	tn.stop()
+
+	// The same node, restarted with the projections added.
+	tn = startBankNode(t, brokers, dir)
+	waitProjections(t, tn, brokers, 1000)
+	// Every event changes its account's owner row (one change each);
+	// every deposit is folded into its day.
+	if n := projectionCounter(t, tn, "owners", "folded"); n != 10_000 {
+		t.Fatalf("owners folded %v changes, want one per event: 10,000", n)
+	}
+	if n := projectionCounter(t, tn, "daily-totals", "folded") + projectionCounter(t, tn, "daily-totals", "rekeyed"); n < 9_900 {
+		t.Fatalf("daily-totals folded or re-keyed %v deposits, want 9,900", n)
+	}
+	// Live: new events reach the projections.
+	for i := range 20 {
+		submit(tn, fmt.Sprintf("a%03d", i), "Deposit", bank.Deposit{Amount: 1000})
+	}
+	submit(tn, "a000", "ChangeOwner", bank.ChangeOwner{Owner: "newcomer"})
+	got, _ := waitProjections(t, tn, brokers, 1000)
+	if got["newcomer"].Accounts != 1 {
+		t.Fatalf("newcomer: %+v", got["newcomer"])
+	}
+}
+
+// TestProjectionRangeAcrossNodes: a listing fans out to the owners of every
+// partition of a 3-node cluster and returns every key once, in order, with
+// working paging, whichever node is asked.
+func TestProjectionRangeAcrossNodes(t *testing.T) {
+	c := newCluster(t)
+	brokers := c.ListenAddrs()
+	nodes := []*testNode{
+		startBankNode(t, brokers, t.TempDir(), esker.Partitions(6)),
+		startBankNode(t, brokers, t.TempDir(), esker.Partitions(6)),
+		startBankNode(t, brokers, t.TempDir(), esker.Partitions(6)),
+	}
+	for _, n := range nodes {
+		waitReady(t, n)
+	}
+	wantKeys := map[string]bool{}
+	for i := range 60 {
+		id, owner := fmt.Sprintf("r%02d", i), fmt.Sprintf("owner-%02d", i%37)
+		wantKeys[owner] = true
+		raw, _ := json.Marshal(bank.Open{Owner: owner})
+		for {
+			n := nodes[i%3]
+			code, body := do(t, n, "POST", "/v1/aggregates/account/"+id+"/commands", json.RawMessage(`{"type":"Open","data":`+string(raw)+`,"commandId":"open-`+id+`"}`))
+			if code == 200 {
+				break
+			}
+			if code != 503 {
+				t.Fatalf("open %s: %d %v", id, code, body)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	want := slices.Sorted(maps.Keys(wantKeys))
+	for i, n := range nodes {
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			_, keys, pages := listRows[bank.OwnerTotals](t, n, "owners", "", 5)
+			if slices.Equal(keys, want) {
+				if pages < len(want)/5 {
+					t.Fatalf("node %d: %d pages of 5 for %d keys", i, pages, len(want))
+				}
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("node %d listed %v, want %v", i, keys, want)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		_, keys, _ := listRows[bank.OwnerTotals](t, n, "owners", "owner-1", 4)
+		if !slices.Equal(keys, slices.DeleteFunc(slices.Clone(want), func(k string) bool { return k[:7] != "owner-1" })) {
+			t.Fatalf("node %d: prefix owner-1 listed %v", i, keys)
+		}
+	}
+}

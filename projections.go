@@ -1,0 +1,103 @@
+package esker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/esker-io/esker/interactive"
+	"github.com/esker-io/esker/statestore"
+)
+
+var _ interactive.Projections = backend{}
+
+// ProjectionRow returns one row of a projection from this node's store: the
+// Go form of GET /v1/projections/{name}/{key}. It fails with a
+// *interactive.NotReadyError when the key's partition is not owned and
+// restored here, and with interactive.ErrNotFound when the row does not
+// exist.
+func (n *Node) ProjectionRow(ctx context.Context, name, key string) (interactive.Row, error) {
+	return backend{n}.ProjectionRow(ctx, name, key)
+}
+
+func (b backend) HasProjection(name string) bool {
+	b.n.mu.Lock()
+	defer b.n.mu.Unlock()
+	_, ok := b.n.projections[name]
+	return ok
+}
+
+func (b backend) ProjectionRow(ctx context.Context, name, key string) (interactive.Row, error) {
+	if !b.HasProjection(name) {
+		return interactive.Row{}, fmt.Errorf("unknown projection %q", name)
+	}
+	t, err := b.task(name, key)
+	if err != nil {
+		return interactive.Row{}, err
+	}
+	raw, found, err := b.getState(t, key)
+	if err != nil {
+		return interactive.Row{}, err
+	}
+	if !found {
+		return interactive.Row{}, interactive.ErrNotFound
+	}
+	rec, err := statestore.DecodeStateRecord(raw)
+	if err != nil {
+		return interactive.Row{}, err
+	}
+	return interactive.Row{Key: key, Version: rec.Version, Value: rec.State, UpdatedAt: rec.UpdatedAt}, nil
+}
+
+func (b backend) ProjectionScan(ctx context.Context, name string, partitions []int32, prefix, after string, limit int) ([]interactive.Row, error) {
+	if !b.HasProjection(name) {
+		return nil, fmt.Errorf("unknown projection %q", name)
+	}
+	eng, err := b.started()
+	if err != nil {
+		return nil, err
+	}
+	if partitions == nil {
+		for p := range b.n.cfg.partitions {
+			partitions = append(partitions, p)
+		}
+	}
+	var rows []interactive.Row
+	for _, p := range partitions {
+		if p < 0 || p >= b.n.cfg.partitions {
+			return nil, fmt.Errorf("partition %d does not exist", p)
+		}
+		t := statestore.Task{Type: name, Partition: p}
+		owned, restored := eng.TaskStatus(t)
+		switch {
+		case !owned:
+			return nil, &interactive.NotReadyError{Reason: fmt.Sprintf("partition %d of projection %s is not owned by this node", p, name), RetryAfter: time.Second}
+		case !restored:
+			return nil, &interactive.NotReadyError{Reason: fmt.Sprintf("partition %d of projection %s is restoring its state", p, name), RetryAfter: time.Second}
+		case !eng.MembershipCurrent():
+			return nil, &interactive.NotReadyError{Reason: "this node's group membership is not confirmed; it answers again once the group confirms it", RetryAfter: time.Second}
+		}
+		var entries []statestore.StateEntry
+		err := b.withStore(func(s *statestore.Store) (err error) {
+			entries, err = s.Scan(t, prefix, after, limit)
+			return err
+		})
+		if err != nil {
+			return nil, err
+		}
+		for _, e := range entries {
+			rows = append(rows, interactive.Row{Key: e.ID, Version: e.Record.Version, Value: e.Record.State, UpdatedAt: e.Record.UpdatedAt})
+		}
+		if err := ctx.Err(); err != nil {
+			return nil, errors.Join(interactive.ErrTimeout, err)
+		}
+	}
+	slices.SortFunc(rows, func(x, y interactive.Row) int { return strings.Compare(x.Key, y.Key) })
+	if len(rows) > limit {
+		rows = rows[:limit]
+	}
+	return rows, nil
+}
