@@ -59,14 +59,14 @@ type Node struct {
 	generation prometheus.Gauge
 	rebalances prometheus.Counter
 
-	mu      sync.Mutex
-	types   map[string]aggregate.Definition
-	order   []aggregate.Definition
+	mu    sync.Mutex
+	types map[string]aggregate.Definition
+	order []aggregate.Definition
 	// projections run as tasks of the engine (AddProjection).
 	projections map[string]projection.Definition
 	projOrder   []projection.Definition
-	running bool
-	handler http.Handler
+	running     bool
+	handler     http.Handler
 
 	// Set once Run has started; nil before.
 	engine   *engine.Engine
