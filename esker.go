@@ -65,6 +65,7 @@ type Node struct {
 	// projections run as tasks of the engine (AddProjection).
 	projections map[string]projection.Definition
 	projOrder   []projection.Definition
+	reactors    []engine.Reactor
 	running     bool
 	handler     http.Handler
 
@@ -151,11 +152,8 @@ func (n *Node) Register(t Registrable) error {
 	if n.running {
 		return errors.New("esker: Register after Run")
 	}
-	if _, dup := n.types[def.Name()]; dup {
-		return fmt.Errorf("esker: aggregate type %q registered twice", def.Name())
-	}
-	if _, dup := n.projections[def.Name()]; dup {
-		return fmt.Errorf("esker: aggregate type %q has the name of a projection", def.Name())
+	if err := n.nameFreeLocked(def.Name()); err != nil {
+		return err
 	}
 	n.types[def.Name()] = def
 	n.order = append(n.order, def)
@@ -178,17 +176,58 @@ func (n *Node) AddProjection(p Projection) error {
 	if n.running {
 		return errors.New("esker: AddProjection after Run")
 	}
-	if _, dup := n.projections[def.Name()]; dup {
-		return fmt.Errorf("esker: projection %q added twice", def.Name())
-	}
-	if _, dup := n.types[def.Name()]; dup {
-		return fmt.Errorf("esker: projection %q has the name of an aggregate type", def.Name())
+	if err := n.nameFreeLocked(def.Name()); err != nil {
+		return err
 	}
 	if n.projections == nil {
 		n.projections = map[string]projection.Definition{}
 	}
 	n.projections[def.Name()] = def
 	n.projOrder = append(n.projOrder, def)
+	return nil
+}
+
+// Reactor is a process manager a Node can run: any *sideeffects.Reactor.
+type Reactor interface {
+	Name() string
+	Sources() []projection.Source
+	Start() projection.Start
+	Decode(ev *projection.Event) error
+	React(ev projection.Event) ([]aggregate.Addressed, error)
+}
+
+// AddReactor adds a reactor: the node runs it as tasks of its engine, so
+// each event it consumes and the commands it sends commit in one
+// transaction (see sideeffects.Reactor). Every node of the application must
+// add the same reactors. It fails after Run has started and on a name
+// already in use.
+func (n *Node) AddReactor(r Reactor) error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.running {
+		return errors.New("esker: AddReactor after Run")
+	}
+	if err := n.nameFreeLocked(r.Name()); err != nil {
+		return err
+	}
+	n.reactors = append(n.reactors, r)
+	return nil
+}
+
+// nameFreeLocked fails when an aggregate type, projection or reactor has
+// the name already: each names its own topics and store range.
+func (n *Node) nameFreeLocked(name string) error {
+	if _, dup := n.types[name]; dup {
+		return fmt.Errorf("esker: the name %q is taken by an aggregate type", name)
+	}
+	if _, dup := n.projections[name]; dup {
+		return fmt.Errorf("esker: the name %q is taken by a projection", name)
+	}
+	for _, r := range n.reactors {
+		if r.Name() == name {
+			return fmt.Errorf("esker: the name %q is taken by a reactor", name)
+		}
+	}
 	return nil
 }
 
@@ -257,6 +296,7 @@ func (n *Node) Run(ctx context.Context) error {
 		ClientOpts:        clientOpts,
 		Types:             n.order,
 		Projections:       n.projOrder,
+		Reactors:          n.reactors,
 		Store:             store,
 		Transactional:     c.guarantee == ExactlyOnce,
 		TransactionalID:   c.appID + "-" + c.instanceID,

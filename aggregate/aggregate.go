@@ -133,6 +133,29 @@ func (t *Type[S, C, E]) DecodeEvent(ev Event) (E, error) {
 	return v.(E), nil
 }
 
+// To addresses a command to one entity of this type: the form in which
+// reactors send commands (see package sideeffects). The command is encoded
+// as it travels on "<type>-commands"; it panics if cmd's Go type is not
+// registered or cannot be encoded, a programming error.
+func (t *Type[S, C, E]) To(id string, cmd C) Addressed {
+	entry, ok := t.commands.byType[reflect.TypeOf(cmd)]
+	if !ok {
+		panic(fmt.Sprintf("aggregate: %T is not a registered command of %q", cmd, t.name))
+	}
+	data, err := json.Marshal(cmd)
+	if err != nil {
+		panic(fmt.Sprintf("aggregate: encode %T: %v", cmd, err))
+	}
+	return Addressed{Type: t.name, ID: id, Command: Command{Type: entry.name, Data: data}}
+}
+
+// Addressed is a command for one entity of an aggregate type.
+type Addressed struct {
+	Type    string
+	ID      string
+	Command Command
+}
+
 // Untyped returns the type-erased view the engine uses.
 func (t *Type[S, C, E]) Untyped() Definition { return untyped[S, C, E]{t} }
 

@@ -37,6 +37,9 @@ type Source struct {
 // Topic returns the source's Kafka topic.
 func (s Source) Topic() string { return s.topic }
 
+// Decode fills ev.Value from ev's payload, as the source decodes it.
+func (s Source) Decode(ev *Event) error { return s.decode(ev) }
+
 // Aggregate is any aggregate type (an *aggregate.Type).
 type Aggregate interface {
 	Untyped() aggregate.Definition

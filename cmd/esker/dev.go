@@ -153,7 +153,10 @@ Try it:
   curl -sS -X POST %s/commands -H 'Content-Type: application/json' -d '{"type":"Open","data":{"owner":"Alice"}}'
   curl -sS -X POST %s/commands -H 'Content-Type: application/json' -d '{"type":"Deposit","data":{"amount":500}}'
   curl -sS %s
+  curl -sS %s/v1/projections/owners/Alice
+  curl -sS -X POST %s/v1/aggregates/transfer/t-1/commands -H 'Content-Type: application/json' -d '{"type":"Initiate","data":{"from":"alice","to":"bob","amount":100}}'
+  curl -sS %s/v1/aggregates/transfer/t-1
 
 Press Ctrl-C to stop; the data directory is kept.
-`, brokerAddr, kafkaDir, nodes.String(), account, account, account)
+`, brokerAddr, kafkaDir, nodes.String(), account, account, account, base, base, base)
 }

@@ -35,8 +35,7 @@ type nodeConfig struct {
 	logger            *slog.Logger
 }
 
-// newBankNode returns a node with the bank demo's account aggregate
-// registered.
+// newBankNode returns a node running the whole bank demo (bank.AddTo).
 func newBankNode(c nodeConfig) (*esker.Node, error) {
 	opts := []esker.Option{
 		esker.Brokers(c.brokers...),
@@ -65,7 +64,7 @@ func newBankNode(c nodeConfig) (*esker.Node, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := node.Register(bank.Account); err != nil {
+	if err := bank.AddTo(node); err != nil {
 		return nil, err
 	}
 	return node, nil

@@ -78,11 +78,13 @@ type ChangeOwner struct {
 // Close closes an account whose balance is zero.
 type Close struct{}
 
-func (Open) isCommand()        {}
-func (Deposit) isCommand()     {}
-func (Withdraw) isCommand()    {}
-func (ChangeOwner) isCommand() {}
-func (Close) isCommand()       {}
+func (Open) isCommand()              {}
+func (DebitForTransfer) isCommand()  {}
+func (CreditForTransfer) isCommand() {}
+func (Deposit) isCommand()           {}
+func (Withdraw) isCommand()          {}
+func (ChangeOwner) isCommand()       {}
+func (Close) isCommand()             {}
 
 // Validate checks the owner name; it runs at the edge (HTTP) and again in
 // Decide.
@@ -140,11 +142,15 @@ type OwnerChanged struct {
 // Closed records that an account was closed.
 type Closed struct{}
 
-func (Opened) isEvent()       {}
-func (Deposited) isEvent()    {}
-func (Withdrawn) isEvent()    {}
-func (OwnerChanged) isEvent() {}
-func (Closed) isEvent()       {}
+func (Opened) isEvent()                 {}
+func (TransferDebited) isEvent()        {}
+func (TransferDebitDeclined) isEvent()  {}
+func (TransferCredited) isEvent()       {}
+func (TransferCreditDeclined) isEvent() {}
+func (Deposited) isEvent()              {}
+func (Withdrawn) isEvent()              {}
+func (OwnerChanged) isEvent()           {}
+func (Closed) isEvent()                 {}
 
 // Rejections returned by Decide. Messages reach the client as they are
 // (HTTP 422), so they say what is wrong in words a person can act on.
@@ -162,6 +168,14 @@ func Decide(s AccountState, cmd Command) ([]Event, error) {
 		if err := v.Validate(); err != nil {
 			return nil, err
 		}
+	}
+	// A transfer's steps are never rejected: the transfer reactor learns
+	// their outcome from the events they write (transfer.go).
+	switch c := cmd.(type) {
+	case DebitForTransfer:
+		return []Event{decideDebit(s, c)}, nil
+	case CreditForTransfer:
+		return []Event{decideCredit(s, c)}, nil
 	}
 	if s.Closed {
 		return nil, ErrClosed
@@ -214,6 +228,10 @@ func Evolve(s AccountState, ev Event) AccountState {
 		s.Balance -= e.Amount
 	case OwnerChanged:
 		s.Owner = e.Owner
+	case TransferDebited:
+		s.Balance -= e.Amount
+	case TransferCredited:
+		s.Balance += e.Amount
 	case Closed:
 		s.Open = false
 		s.Closed = true
@@ -223,5 +241,6 @@ func Evolve(s AccountState, ev Event) AccountState {
 
 // Account is the "account" aggregate type: register it on an esker.Node.
 var Account = aggregate.New[AccountState, Command, Event]("account", Decide, Evolve).
-	Commands(Open{}, Deposit{}, Withdraw{}, ChangeOwner{}, Close{}).
-	Events(Opened{}, Deposited{}, Withdrawn{}, OwnerChanged{}, Closed{})
+	Commands(Open{}, Deposit{}, Withdraw{}, ChangeOwner{}, Close{}, DebitForTransfer{}, CreditForTransfer{}).
+	Events(Opened{}, Deposited{}, Withdrawn{}, OwnerChanged{}, Closed{},
+		TransferDebited{}, TransferDebitDeclined{}, TransferCredited{}, TransferCreditDeclined{})

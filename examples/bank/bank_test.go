@@ -162,10 +162,10 @@ func TestDefinition(t *testing.T) {
 	if def.Name() != "account" {
 		t.Fatalf("Name() = %q", def.Name())
 	}
-	if got, want := def.CommandNames(), []string{"ChangeOwner", "Close", "Deposit", "Open", "Withdraw"}; !reflect.DeepEqual(got, want) {
+	if got, want := def.CommandNames(), []string{"ChangeOwner", "Close", "CreditForTransfer", "DebitForTransfer", "Deposit", "Open", "Withdraw"}; !reflect.DeepEqual(got, want) {
 		t.Errorf("CommandNames() = %v, want %v", got, want)
 	}
-	if got, want := def.EventNames(), []string{"Closed", "Deposited", "Opened", "OwnerChanged", "Withdrawn"}; !reflect.DeepEqual(got, want) {
+	if got, want := def.EventNames(), []string{"Closed", "Deposited", "Opened", "OwnerChanged", "TransferCreditDeclined", "TransferCredited", "TransferDebitDeclined", "TransferDebited", "Withdrawn"}; !reflect.DeepEqual(got, want) {
 		t.Errorf("EventNames() = %v, want %v", got, want)
 	}
 

@@ -27,6 +27,10 @@ func FoldAccountRow(r AccountRow, ev projection.Event) AccountRow {
 		r.Balance += e.Amount
 	case Withdrawn:
 		r.Balance -= e.Amount
+	case TransferDebited:
+		r.Balance -= e.Amount
+	case TransferCredited:
+		r.Balance += e.Amount
 	case OwnerChanged:
 		r.Owner = e.Owner
 	case Closed:

@@ -50,8 +50,10 @@ type Config struct {
 	// ClientOpts are the base franz-go options (seed brokers, TLS, SASL).
 	ClientOpts []kgo.Opt
 	Types      []aggregate.Definition
-	// Projections run as tasks of the same loop (projection.go).
+	// Projections and reactors run as tasks of the same loop
+	// (projection.go, reactor.go).
 	Projections []projection.Definition
+	Reactors    []Reactor
 	Store       *statestore.Store
 	// Transactional selects exactly-once (true) or at-least-once.
 	Transactional bool
@@ -165,6 +167,9 @@ type taskState struct {
 
 // New validates cfg and returns an engine; Run starts it.
 func New(cfg Config) (*Engine, error) {
+	for _, r := range cfg.Reactors {
+		cfg.Projections = append(slices.Clip(cfg.Projections), reactorTask{r})
+	}
 	if cfg.Store == nil || len(cfg.Types)+len(cfg.Projections) == 0 || cfg.Partitions < 1 {
 		return nil, errors.New("engine: store, types or projections, and partitions are required")
 	}
@@ -192,10 +197,10 @@ func New(cfg Config) (*Engine, error) {
 	for _, p := range cfg.Projections {
 		name := p.Name()
 		if _, dup := e.types[name]; dup {
-			return nil, fmt.Errorf("engine: projection %q has the name of an aggregate type; task names must be unique", name)
+			return nil, fmt.Errorf("engine: projection or reactor %q has the name of an aggregate type; task names must be unique", name)
 		}
 		if _, dup := e.projections[name]; dup {
-			return nil, fmt.Errorf("engine: projection %q registered twice", name)
+			return nil, fmt.Errorf("engine: projection or reactor %q registered twice", name)
 		}
 		e.projections[name] = p
 		e.taskTypes = append(e.taskTypes, name)

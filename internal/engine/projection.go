@@ -233,6 +233,10 @@ func (pc *projCycle) handle(r *kgo.Record) {
 		pc.skip(r, "cannot decode an event", err)
 		return
 	}
+	if rt, ok := pc.def.(reactorTask); ok {
+		pc.react(rt, ev)
+		return
+	}
 	var er *entityRow
 	var prev []byte
 	if pc.entities != nil {
