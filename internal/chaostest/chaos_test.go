@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net/http"
 	"os"
 	"os/exec"
@@ -15,6 +16,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/esker-io/esker/examples/bank"
 )
 
 // runConfig is a run's knobs, from the environment.
@@ -267,13 +270,19 @@ func TestChaos(t *testing.T) {
 		eventsAPI[acc] = evs
 	}
 
+	owners, err := settledOwners(wl, c.members[0])
+	if err != nil {
+		logf("owners projection on n1: %v", err)
+		sum.Anomalies[KindProjection]++
+	}
+
 	ops := h.Ops()
 	if err := WriteJSONL(filepath.Join(runDir, "history.jsonl"), ops); err != nil {
 		t.Errorf("writing the history: %v", err)
 	}
 	logf("checking %d operations against %d events", len(ops), len(events))
 	r := Check(CheckInput{
-		History: ops, Events: events, FinalReads: finalReads, EventsAPI: eventsAPI,
+		History: ops, Events: events, FinalReads: finalReads, EventsAPI: eventsAPI, Owners: owners,
 		ResolveUnknown: true, LinearizabilityTimeout: within(time.Minute, 90*time.Second), VisualizeDir: runDir,
 	})
 	check = &r
@@ -357,6 +366,63 @@ func settledReads(c *cluster, w *workload, accounts []string, counts map[string]
 		}
 	}
 	return out
+}
+
+// settledOwners lists the owners projection through a node once it has
+// stopped changing (the projection folds the last events shortly after the
+// cluster is idle), without rows left empty.
+func settledOwners(w *workload, n *nodeProc) (map[string]bank.OwnerTotals, error) {
+	var last map[string]bank.OwnerTotals
+	stableSince := time.Now()
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		cur, err := listOwners(w, n)
+		switch {
+		case err != nil:
+			stableSince = time.Now()
+		case !maps.Equal(cur, last):
+			last, stableSince = cur, time.Now()
+		case time.Since(stableSince) >= 3*time.Second:
+			return cur, nil
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("no stable listing within 90 s: %v", err)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+}
+
+func listOwners(w *workload, n *nodeProc) (map[string]bank.OwnerTotals, error) {
+	out := map[string]bank.OwnerTotals{}
+	after := ""
+	for {
+		status, body, _, err := w.do(http.MethodGet, n.url+"/v1/projections/owners?limit=1000&after="+after, nil)
+		if err != nil {
+			return nil, err
+		}
+		if status != http.StatusOK {
+			return nil, fmt.Errorf("status %d: %s", status, body)
+		}
+		var page struct {
+			Rows []struct {
+				Key   string           `json:"key"`
+				Value bank.OwnerTotals `json:"value"`
+			} `json:"rows"`
+			Next string `json:"next"`
+		}
+		if err := json.Unmarshal(body, &page); err != nil {
+			return nil, err
+		}
+		for _, r := range page.Rows {
+			if r.Value != (bank.OwnerTotals{}) {
+				out[r.Key] = r.Value
+			}
+		}
+		if page.Next == "" {
+			return out, nil
+		}
+		after = page.Next
+	}
 }
 
 // listEvents reads an account's events through a node's events route.

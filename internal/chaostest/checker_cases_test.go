@@ -91,6 +91,7 @@ func TestCheckCleanHistory(t *testing.T) {
 		{Node: 2, Account: "a", Stale: true, Status: 200, Version: 2, State: bank.AccountState{Owner: "a", Balance: 50, Open: true}, Standby: true},
 	}
 	in.EventsAPI = map[string][]EventRecord{"b": {s.events[4]}}
+	in.Owners = map[string]bank.OwnerTotals{"a": {Accounts: 1, Balance: 157}, "b": {Accounts: 1}}
 	r := Check(in)
 	if len(r.Anomalies) != 0 {
 		t.Fatalf("anomalies in a clean history:\n%s", kinds(r))
@@ -119,6 +120,15 @@ func TestCheckFindsAnomalies(t *testing.T) {
 		plant func(s *story, in *CheckInput)
 		want  []string
 	}{
+		{"projection row off", func(s *story, in *CheckInput) {
+			in.Owners = map[string]bank.OwnerTotals{"a": {Accounts: 1, Balance: 150}, "b": {Accounts: 1}}
+		}, []string{KindProjection}},
+		{"projection row missing", func(s *story, in *CheckInput) {
+			in.Owners = map[string]bank.OwnerTotals{"a": {Accounts: 1, Balance: 157}}
+		}, []string{KindProjection}},
+		{"projection row extra", func(s *story, in *CheckInput) {
+			in.Owners = map[string]bank.OwnerTotals{"a": {Accounts: 1, Balance: 157}, "b": {Accounts: 1}, "z": {Accounts: 1}}
+		}, []string{KindProjection}},
 		{"lost write", func(s *story, in *CheckInput) {
 			s.cmd(3, "b", OpDeposit, 10, "b-lost", 9, 10, OutcomeOK, 2)
 			in.History = s.ops

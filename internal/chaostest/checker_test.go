@@ -37,6 +37,8 @@ const (
 	KindStaleRead       = "stale-read"          // a read older than a write acknowledged before it began
 	KindNonLinearizable = "non-linearizable"    // an account's history has no linearization
 	KindLinTimeout      = "linearizability-timeout"
+	// Projections.
+	KindProjection = "projection-mismatch" // a settled owners row differs from the fold of the events
 	// The processes (found by the harness, not by Check).
 	KindNodeExit = "node-exit" // a node process stopped without being told to
 	KindDataRace = "data-race" // the race detector reported in a node's log
@@ -122,6 +124,9 @@ type CheckInput struct {
 	ResolveUnknown bool
 	// LinearizabilityTimeout bounds the check of one account (0: none).
 	LinearizabilityTimeout time.Duration
+	// Owners is the owners projection as a node lists it after the
+	// cluster settled, without rows left empty (nil: not checked).
+	Owners map[string]bank.OwnerTotals
 	// VisualizeDir receives porcupine's HTML rendering of every account
 	// that is not linearizable ("" writes none).
 	VisualizeDir string
@@ -258,6 +263,31 @@ func Check(in CheckInput) CheckResult {
 				add(KindNegative, acc, e.CommandID, "balance %d after version %d (%s)", s.Balance, e.Version, e.Type)
 			}
 			t.prefix = append(t.prefix, s)
+		}
+	}
+
+	// The owners projection equals the group-by of the final states.
+	if in.Owners != nil {
+		want := map[string]bank.OwnerTotals{}
+		for _, acc := range sortedKeys(truth) {
+			s := truth[acc].prefix[len(truth[acc].prefix)-1]
+			if s.Open {
+				o := want[s.Owner]
+				o.Accounts++
+				o.Balance += s.Balance
+				want[s.Owner] = o
+			}
+		}
+		keys := sortedKeys(want)
+		for k := range in.Owners {
+			if _, ok := want[k]; !ok {
+				keys = append(keys, k)
+			}
+		}
+		for _, k := range keys {
+			if got := in.Owners[k]; got != want[k] {
+				add(KindProjection, "", "", "owners row %q is %+v; the fold of the events gives %+v", k, got, want[k])
+			}
 		}
 	}
 
