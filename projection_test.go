@@ -210,6 +210,20 @@ func TestProjectionsFoldEvents(t *testing.T) {
 	if n := projectionCounter(t, tn, "owners", "folded"); n == 0 {
 		t.Fatal("esker_projection_events_total{projection=owners,outcome=folded} is 0")
 	}
+	// GET /v1/cluster lists the projections with their partitions.
+	code, body = do(t, tn, "GET", "/v1/cluster", nil)
+	mustStatus(t, 200, code, body, "cluster")
+	kinds := map[string]string{}
+	for _, p := range anySlice(body["processors"]) {
+		p := p.(map[string]any)
+		kinds[p["name"].(string)] = p["kind"].(string)
+		if n := len(anySlice(p["partitions"])); n != 4 {
+			t.Errorf("%s runs %d partitions here, want all 4", p["name"], n)
+		}
+	}
+	if kinds["owners"] != "projection" || kinds["daily-totals"] != "projection" {
+		t.Fatalf("processors in /v1/cluster: %v", body["processors"])
+	}
 }
 
 // projectionCounter returns esker_projection_events_total of a projection

@@ -101,3 +101,28 @@ func (b backend) ProjectionScan(ctx context.Context, name string, partitions []i
 	}
 	return rows, nil
 }
+
+// Processors lists this node's projections and reactors for GET
+// /v1/cluster.
+func (r router) Processors() []interactive.ProcessorStatus {
+	eng := r.n.runningEngine()
+	if eng == nil {
+		return nil
+	}
+	var out []interactive.ProcessorStatus
+	for _, name := range eng.ProjectionNames() {
+		reactor, parts, restored, lag := eng.ProjectionStatus(name)
+		st := interactive.ProcessorStatus{Kind: "projection", Name: name, Partitions: parts, Lag: lag}
+		if reactor {
+			st.Kind = "reactor"
+		}
+		if st.Partitions == nil {
+			st.Partitions = []int32{}
+		}
+		if restored < len(parts) {
+			st.Error = fmt.Sprintf("restoring %d of %d partitions", len(parts)-restored, len(parts))
+		}
+		out = append(out, st)
+	}
+	return out
+}

@@ -16,6 +16,31 @@ type clusterResponse struct {
 	Partitions int             `json:"partitions"`
 	Members    []clusterMember `json:"members"`
 	Tasks      []clusterTask   `json:"tasks"`
+	// Processors are this node's projections, reactors, side-effect
+	// consumers and sinks (ProcessorReporter).
+	Processors []ProcessorStatus `json:"processors,omitempty"`
+}
+
+// ProcessorStatus is this node's view of one projection, reactor,
+// side-effect consumer or sink.
+type ProcessorStatus struct {
+	// Kind is "projection", "reactor", "sideeffect" or "sink".
+	Kind string `json:"kind"`
+	Name string `json:"name"`
+	// Partitions are the partitions of its inputs this node runs.
+	Partitions []int32 `json:"partitions"`
+	// Lag is how many input records this node has not processed yet.
+	Lag int64 `json:"lag"`
+	// Error says why it is not processing, if it is not ("" when it is).
+	Error string `json:"error,omitempty"`
+	// Details are kind-specific figures (handled, retried, dead-lettered…).
+	Details any `json:"details,omitempty"`
+}
+
+// ProcessorReporter may be implemented by a Router to list the node's
+// processors in GET /v1/cluster.
+type ProcessorReporter interface {
+	Processors() []ProcessorStatus
 }
 
 type clusterMember struct {
@@ -82,6 +107,9 @@ func clusterJSON(m Map, rt Router) clusterResponse {
 			}
 		}
 		out.Tasks = append(out.Tasks, t)
+	}
+	if pr, ok := rt.(ProcessorReporter); ok {
+		out.Processors = pr.Processors()
 	}
 	return out
 }

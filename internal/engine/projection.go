@@ -526,3 +526,26 @@ func (e *Engine) seekProjectionStarts(ctx context.Context, cl *kgo.Client, resto
 	}
 	return nil
 }
+
+// ProjectionStatus reports a projection's or reactor's tasks on this node:
+// whether it is a reactor, the partitions it owns here, how many of them
+// are restored, and its lag summed over them.
+func (e *Engine) ProjectionStatus(name string) (reactor bool, partitions []int32, restored int, lag int64) {
+	p, ok := e.projections[name]
+	if !ok {
+		return false, nil, 0, 0
+	}
+	_, reactor = p.(reactorTask)
+	e.mu.RLock()
+	for t, ts := range e.tasks {
+		if t.Type == name {
+			partitions = append(partitions, t.Partition)
+			if ts.restored {
+				restored++
+			}
+		}
+	}
+	e.mu.RUnlock()
+	slices.Sort(partitions)
+	return reactor, partitions, restored, e.progress.Lag(name)
+}
