@@ -73,6 +73,7 @@ func runBench(e *env, args []string) int {
 	concurrency := fs.Int("concurrency", 8, "`number` of goroutines of the latency phase, each sending one command at a time")
 	latencyCommands := fs.Int("latency-commands", 2000, "`number` of commands of the latency phase, in all (not per goroutine); 0 skips the phase")
 	runs := fs.Int("runs", 3, "`number` of times to run the whole suite; the summary shows the medians")
+	projections := fs.Bool("projections", false, "also run exactly-once with the bank's owners and daily-totals projections on the node (their cost on the write path)")
 	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile (pprof) of the first run's exactly-once timed phase to `file`")
 	brokers := fs.String("brokers", "", "comma-separated seed `brokers` of an existing SCRATCH cluster to use instead of the embedded broker: "+
 		"the benchmark DELETES and recreates its topics and groups, the bank demo's included (see above)")
@@ -156,6 +157,7 @@ func runBench(e *env, args []string) int {
 		AppID:           benchApp,
 		StateDir:        filepath.Join(tmp, "state"),
 		Logger:          logger,
+		Projections:     *projections,
 	}
 	if cfg.LatencyCommands == 0 {
 		cfg.LatencyCommands = -1 // the package's way to skip the phase
@@ -214,13 +216,21 @@ func benchSuite(ctx context.Context, cfg benchmark.Config, profile io.Writer, p 
 		return nil
 	}
 	if err := part(benchmark.NameExactlyOnce, func(c benchmark.Config) (benchmark.Result, error) {
-		c.Guarantee, c.CPUProfile = esker.ExactlyOnce, profile
+		c.Guarantee, c.CPUProfile, c.Projections = esker.ExactlyOnce, profile, false
 		return benchmark.RunEsker(ctx, c)
 	}); err != nil {
 		return nil, err
 	}
+	if cfg.Projections {
+		if err := part(benchmark.NameProjections, func(c benchmark.Config) (benchmark.Result, error) {
+			c.Guarantee = esker.ExactlyOnce
+			return benchmark.RunEsker(ctx, c)
+		}); err != nil {
+			return nil, err
+		}
+	}
 	if err := part(benchmark.NameAtLeastOnce, func(c benchmark.Config) (benchmark.Result, error) {
-		c.Guarantee = esker.AtLeastOnce
+		c.Guarantee, c.Projections = esker.AtLeastOnce, false
 		return benchmark.RunEsker(ctx, c)
 	}); err != nil {
 		return nil, err

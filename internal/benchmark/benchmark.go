@@ -101,6 +101,11 @@ type Config struct {
 	Logger *slog.Logger
 	// Timeout bounds a phase that stops making progress (default 2m).
 	Timeout time.Duration
+	// Projections makes RunEsker's node also run the bank's owners and
+	// daily-totals projections (they share the node's transactions: their
+	// cost on the write path); Suite then adds such an exactly-once run to
+	// the plain ones.
+	Projections bool
 	// CPUProfile, when set, receives a CPU profile (pprof format) of the
 	// timed throughput phase alone. The process must not be profiling
 	// already (go test -cpuprofile).
@@ -192,22 +197,33 @@ type Result struct {
 // exactly-once run measured. It returns the results in that order.
 func Suite(ctx context.Context, cfg Config) ([]Result, error) {
 	eos := cfg
-	eos.Guarantee = esker.ExactlyOnce
+	eos.Guarantee, eos.Projections = esker.ExactlyOnce, false
 	r1, err := RunEsker(ctx, eos)
 	if err != nil {
 		return nil, err
 	}
+	var withProjections []Result
+	if cfg.Projections {
+		p := eos
+		p.Projections = true
+		r, err := RunEsker(ctx, p)
+		if err != nil {
+			return []Result{r1}, err
+		}
+		withProjections = append(withProjections, r)
+	}
 	alo := cfg
-	alo.Guarantee = esker.AtLeastOnce
+	alo.Guarantee, alo.Projections = esker.AtLeastOnce, false
 	r2, err := RunEsker(ctx, alo)
 	if err != nil {
-		return []Result{r1}, err
+		return append([]Result{r1}, withProjections...), err
 	}
 	r3, err := RunBaseline(ctx, cfg, r1.Shape)
+	out := append(append([]Result{r1}, withProjections...), r2)
 	if err != nil {
-		return []Result{r1, r2}, err
+		return out, err
 	}
-	return []Result{r1, r2, r3}, nil
+	return append(out, r3), nil
 }
 
 // Report renders results as a table, with each run's throughput relative to
@@ -278,6 +294,7 @@ func FormatDuration(d time.Duration) string {
 const (
 	NameExactlyOnce = "esker exactly-once"
 	NameAtLeastOnce = "esker at-least-once"
+	NameProjections = "esker exactly-once + 2 projections"
 	NameBaseline    = "kgo transact loop"
 )
 

@@ -37,7 +37,13 @@ func RunEsker(ctx context.Context, cfg Config) (Result, error) {
 	typ := bank.Account.Name()
 	commandsTopic, eventsTopic := typ+"-commands", typ+"-events"
 	changelogTopic := changelog.Topic(cfg.AppID, typ)
-	if err := reset(ctx, cfg.Brokers, []string{commandsTopic, eventsTopic, changelogTopic}, []string{cfg.AppID}); err != nil {
+	topics := []string{commandsTopic, eventsTopic, changelogTopic}
+	if cfg.Projections {
+		name = NameProjections
+		topics = append(topics, changelog.Topic(cfg.AppID, bank.Owners.Name()), changelog.Topic(cfg.AppID, bank.DailyTotals.Name()),
+			cfg.AppID+"-"+bank.Owners.Name()+"-repartition", cfg.AppID+"-"+bank.DailyTotals.Name()+"-repartition")
+	}
+	if err := reset(ctx, cfg.Brokers, topics, []string{cfg.AppID}); err != nil {
 		return Result{}, fmt.Errorf("benchmark: %w", err)
 	}
 
@@ -68,6 +74,13 @@ func RunEsker(ctx context.Context, cfg Config) (Result, error) {
 	}
 	if err := node.Register(bank.Account); err != nil {
 		return Result{}, err
+	}
+	if cfg.Projections {
+		for _, p := range []esker.Projection{bank.Owners, bank.DailyTotals} {
+			if err := node.AddProjection(p); err != nil {
+				return Result{}, err
+			}
+		}
 	}
 	runCtx, stop := context.WithCancel(context.Background())
 	runErr := make(chan error, 1)
