@@ -49,6 +49,7 @@ func init() {
 		{"node", "run a bank demo node against a Kafka cluster", runNode},
 		{"kafka", "run the embedded Kafka-protocol broker alone", runKafka},
 		{"bench", "benchmark esker against a raw Kafka transactional loop", runBench},
+		{"dlq", "list or replay the dead letters of a side-effect consumer", runDLQ},
 		{"version", "print the version of this build", runVersion},
 		{"help", "show help for esker or one of its commands", runHelp},
 	}

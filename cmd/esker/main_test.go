@@ -111,7 +111,8 @@ func TestSubcommandHelp(t *testing.T) {
 		"node":  {"-brokers", "-http", "-advertise", "-data", "-app", "-partitions", "-at-least-once", "-log-level"},
 		"kafka": {"-port", "-data", "-partitions", "-log-level"},
 		"bench": {"-commands", "-entities", "-partitions", "-concurrency", "-latency-commands", "-runs",
-			"-cpuprofile", "-brokers", "-log-level"},
+			"-cpuprofile", "-projections", "-brokers", "-log-level"},
+		"dlq":     {"-brokers", "-app", "-limit", "-timeout"},
 		"version": nil,
 	}
 	for _, c := range commands {
