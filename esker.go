@@ -39,6 +39,7 @@ import (
 	"github.com/esker-io/esker/interactive"
 	"github.com/esker-io/esker/internal/engine"
 	"github.com/esker-io/esker/projection"
+	"github.com/esker-io/esker/sideeffects"
 	"github.com/esker-io/esker/statestore"
 )
 
@@ -66,6 +67,7 @@ type Node struct {
 	projections map[string]projection.Definition
 	projOrder   []projection.Definition
 	reactors    []engine.Reactor
+	consumers   []Consumer // side effects and sinks (consumers.go)
 	running     bool
 	handler     http.Handler
 
@@ -228,6 +230,11 @@ func (n *Node) nameFreeLocked(name string) error {
 			return fmt.Errorf("esker: the name %q is taken by a reactor", name)
 		}
 	}
+	for _, c := range n.consumers {
+		if c.Name() == name {
+			return fmt.Errorf("esker: the name %q is taken by a consumer", name)
+		}
+	}
 	return nil
 }
 
@@ -243,9 +250,9 @@ func (n *Node) Run(ctx context.Context) error {
 		n.mu.Unlock()
 		return errors.New("esker: Run called twice")
 	}
-	if len(n.order)+len(n.projOrder) == 0 {
+	if len(n.order)+len(n.projOrder)+len(n.reactors)+len(n.consumers) == 0 {
 		n.mu.Unlock()
-		return errors.New("esker: no aggregate type or projection registered; call Register or AddProjection before Run")
+		return errors.New("esker: nothing to run; call Register, AddProjection, AddReactor or AddConsumer before Run")
 	}
 	n.running = true
 	n.mu.Unlock()
@@ -337,12 +344,16 @@ func (n *Node) Run(ctx context.Context) error {
 	defer stopEngine()
 	engErr := make(chan error, 1)
 	go func() { engErr <- eng.Run(engCtx) }()
+	consumerErr, stopConsumers := n.runConsumers(sideeffects.Runtime{
+		AppID: c.appID, ClientOpts: clientOpts, Logger: log, Registerer: n.registry})
+	defer stopConsumers()
 
 	var runErr error
 	select {
 	case <-ctx.Done():
 	case runErr = <-engErr:
 		engErr = nil
+	case runErr = <-consumerErr:
 	case err := <-srvErr:
 		runErr = fmt.Errorf("esker: http server: %w", err)
 	}
@@ -355,6 +366,7 @@ func (n *Node) Run(ctx context.Context) error {
 		}
 		cancel()
 	}
+	stopConsumers()
 	stopEngine()
 	if engErr != nil {
 		if err := <-engErr; err != nil && runErr == nil {

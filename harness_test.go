@@ -95,6 +95,8 @@ func startTypesNode(t testing.TB, brokers []string, stateDir string, types []any
 			err = n.Register(x)
 		case esker.Projection:
 			err = n.AddProjection(x)
+		case esker.Consumer:
+			err = n.AddConsumer(x)
 		default:
 			t.Fatalf("cannot add %T to a node", typ)
 		}

@@ -102,8 +102,8 @@ func (b backend) ProjectionScan(ctx context.Context, name string, partitions []i
 	return rows, nil
 }
 
-// Processors lists this node's projections and reactors for GET
-// /v1/cluster.
+// Processors lists this node's projections, reactors, side-effect
+// consumers and sinks for GET /v1/cluster.
 func (r router) Processors() []interactive.ProcessorStatus {
 	eng := r.n.runningEngine()
 	if eng == nil {
@@ -124,5 +124,5 @@ func (r router) Processors() []interactive.ProcessorStatus {
 		}
 		out = append(out, st)
 	}
-	return out
+	return append(out, r.n.consumerStatuses()...)
 }

@@ -2,6 +2,7 @@ package sideeffects
 
 import (
 	"fmt"
+	"slices"
 	"log/slog"
 	"sync"
 	"time"
@@ -208,4 +209,30 @@ func (p *progress) observe(now time.Time, lag int64, finished uint64, logger *sl
 	pct := 100 * float64(done) / float64(done+uint64(lag))
 	logger.Info("catching up", "caught_up_pct", fmt.Sprintf("%.1f", pct), "events_per_s", int64(rate), "lag", lag)
 	p.lastAt, p.lastFinished = now, finished
+}
+
+// Report is how a node lists a consumer, or a sink that runs like one, in
+// GET /v1/cluster.
+type Report struct {
+	// Kind is "sideeffect" for a Consumer ("sink" for pgsink.Sink).
+	Kind string
+	// Partitions are the input partitions assigned to this member.
+	Partitions []int32
+	// Lag is the sum of the partitions' known lags.
+	Lag int64
+	// Details is the kind's own status (a Status for a Consumer).
+	Details any
+}
+
+// Report returns the consumer's Report, for the node.
+func (c *Consumer) Report() Report {
+	s := c.Status()
+	r := Report{Kind: "sideeffect", Lag: s.Lag, Details: s, Partitions: []int32{}}
+	for _, p := range s.Partitions {
+		if !slices.Contains(r.Partitions, p.Partition) {
+			r.Partitions = append(r.Partitions, p.Partition)
+		}
+	}
+	slices.Sort(r.Partitions)
+	return r
 }

@@ -38,12 +38,19 @@ need partitioner=murmur2_random.`)
 	partitions := fs.Int("partitions", 8, "partition `count` of the topics the node creates (must match existing topics)")
 	standbys := fs.Int("standby-replicas", 0, "standby `copies` of every partition's state kept on other nodes (with --nodes > 1)")
 	nodes := fs.Int("nodes", 1, "number of bank `nodes` to run, on consecutive HTTP ports from --http's (state of node i>1 in DIR/state-i)")
+	alertsURL := fs.String("alerts-url", "", "`URL` that receives the withdrawal alerts (default: a receiver in this process that logs them)")
+	alertsThreshold := fs.Int64("alerts-threshold", 100000, "smallest `amount` in cents that raises a withdrawal alert")
 	level := fs.logLevel()
 	if code, ok := fs.parse(e, args); !ok {
 		return code
 	}
 	if msg := checkCommon(*httpListen, *dataDir, *partitions); msg != "" {
 		return fs.fail(e, "%s", msg)
+	}
+	if *alertsURL != "" {
+		if msg := checkURL("--alerts-url", *alertsURL); msg != "" {
+			return fs.fail(e, "%s", msg)
+		}
 	}
 	if *nodes < 1 || *nodes > 16 {
 		return fs.fail(e, "--nodes %d: run between 1 and 16 nodes", *nodes)
@@ -79,6 +86,15 @@ need partitioner=murmur2_random.`)
 	// transaction), then the broker, whose Close persists its state.
 	defer broker.Close()
 	brokerAddr := broker.ListenAddrs()[0]
+	if *alertsURL == "" {
+		url, stop, err := startAlertReceiver(logger)
+		if err != nil {
+			fmt.Fprintf(e.stderr, "esker dev: %v\n", err)
+			return 1
+		}
+		defer stop()
+		*alertsURL = url
+	}
 
 	var (
 		running []*esker.Node
@@ -93,15 +109,17 @@ need partitioner=murmur2_random.`)
 		}
 		base := localURL(listen)
 		node, err := newBankNode(nodeConfig{
-			brokers:    []string{brokerAddr},
-			app:        "bank",
-			httpListen: listen,
-			advertise:  base,
-			dataDir:    *dataDir,
-			stateName:  stateName,
-			partitions: *partitions,
-			standbys:   *standbys,
-			logger:     logger.With("node", i+1),
+			alertsThreshold: *alertsThreshold,
+			brokers:         []string{brokerAddr},
+			app:             "bank",
+			httpListen:      listen,
+			advertise:       base,
+			dataDir:         *dataDir,
+			stateName:       stateName,
+			partitions:      *partitions,
+			standbys:        *standbys,
+			alertsURL:       *alertsURL,
+			logger:          logger.With("node", i+1),
 		})
 		if err != nil {
 			return fs.fail(e, "%s", trimPrefix(err))

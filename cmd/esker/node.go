@@ -32,7 +32,11 @@ type nodeConfig struct {
 	standbys       int
 	// stateCleanupDelay: 0 keeps the node's default.
 	stateCleanupDelay time.Duration
-	logger            *slog.Logger
+	// alertsURL, when set, receives the bank's withdrawal alerts (a
+	// side-effect consumer) for amounts of at least alertsThreshold cents.
+	alertsURL       string
+	alertsThreshold int64
+	logger          *slog.Logger
 }
 
 // newBankNode returns a node running the whole bank demo (bank.AddTo).
@@ -66,6 +70,15 @@ func newBankNode(c nodeConfig) (*esker.Node, error) {
 	}
 	if err := bank.AddTo(node); err != nil {
 		return nil, err
+	}
+	if c.alertsURL != "" {
+		alerts, err := bank.WithdrawalAlerts(c.alertsURL, c.alertsThreshold, nil)
+		if err != nil {
+			return nil, err
+		}
+		if err := node.AddConsumer(alerts); err != nil {
+			return nil, err
+		}
 	}
 	return node, nil
 }
@@ -105,9 +118,16 @@ Commands are processed exactly once (one Kafka transaction per batch) unless
 	standbys := fs.Int("standby-replicas", 0, "standby `copies` of every partition's state kept on other nodes, for fail-over in about a second")
 	sessionTimeout := fs.Duration("session-timeout", 10*time.Second, "consumer group session `timeout`: how long a node that stopped answering keeps its partitions")
 	cleanupDelay := fs.Duration("state-cleanup-delay", 10*time.Minute, "`time` the node keeps the local state of a partition it no longer owns or keeps a standby of, before deleting it (0: keep it)")
+	alertsURL := fs.String("alerts-url", "", "`URL` that receives a JSON POST for every withdrawal or outgoing transfer of at least --alerts-threshold (a side-effect consumer, at least once; none when empty)")
+	alertsThreshold := fs.Int64("alerts-threshold", 100000, "smallest `amount` in cents that raises a withdrawal alert")
 	level := fs.logLevel()
 	if code, ok := fs.parse(e, args); !ok {
 		return code
+	}
+	if *alertsURL != "" {
+		if msg := checkURL("--alerts-url", *alertsURL); msg != "" {
+			return fs.fail(e, "%s", msg)
+		}
 	}
 	if *cleanupDelay == 0 {
 		*cleanupDelay = -1 // 0 would mean "the default" below
@@ -139,6 +159,8 @@ Commands are processed exactly once (one Kafka transaction per batch) unless
 		sessionTimeout:    *sessionTimeout,
 		standbys:          *standbys,
 		stateCleanupDelay: *cleanupDelay,
+		alertsURL:         *alertsURL,
+		alertsThreshold:   *alertsThreshold,
 		logger:            logger,
 	})
 	if err != nil {
@@ -193,10 +215,13 @@ func checkCommon(httpListen, dataDir string, partitions int) string {
 	return ""
 }
 
-func checkAdvertise(u string) string {
+func checkAdvertise(u string) string { return checkURL("--advertise", u) }
+
+// checkURL returns a message when u is not an absolute http(s) URL.
+func checkURL(flag, u string) string {
 	p, err := url.Parse(u)
 	if err != nil || (p.Scheme != "http" && p.Scheme != "https") || p.Host == "" {
-		return fmt.Sprintf("--advertise %q is not an http:// or https:// URL", u)
+		return fmt.Sprintf("%s %q is not an http:// or https:// URL", flag, u)
 	}
 	return ""
 }

@@ -1,0 +1,88 @@
+package esker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/esker-io/esker/interactive"
+	"github.com/esker-io/esker/sideeffects"
+)
+
+// Consumer is a consumer a Node runs beside its engine, with the node's
+// Kafka settings, application id, logger and metrics registry: a
+// *sideeffects.Consumer (user I/O at least or at most once), or a sink that
+// keeps its own offsets (a *pgsink.Sink). It reads with its own consumer
+// group, "<app>-<name>", so its progress is independent of the engine's.
+type Consumer interface {
+	Name() string
+	Run(ctx context.Context, rt sideeffects.Runtime) error
+	Ready() error
+	Report() sideeffects.Report
+}
+
+// AddConsumer adds a side-effect consumer or a sink. The node runs it while
+// it runs and lists it, with its readiness, in GET /v1/cluster and
+// ConsumersReady. Its readiness is not part of Ready (/readyz): a sink whose
+// database is down must not take the node's command API out of a load
+// balancer. It fails after Run has started and on a name already in use.
+func (n *Node) AddConsumer(c Consumer) error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.running {
+		return errors.New("esker: AddConsumer after Run")
+	}
+	if err := n.nameFreeLocked(c.Name()); err != nil {
+		return err
+	}
+	n.consumers = append(n.consumers, c)
+	return nil
+}
+
+// runConsumers starts the consumers; stop cancels them and waits for them
+// to return. A consumer that returns an error before stop (it could not
+// start) reports it on failed.
+func (n *Node) runConsumers(rt sideeffects.Runtime) (failed <-chan error, stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	errs := make(chan error, len(n.consumers))
+	var wg sync.WaitGroup
+	for _, c := range n.consumers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := c.Run(ctx, rt); err != nil && ctx.Err() == nil {
+				errs <- fmt.Errorf("esker: consumer %s: %w", c.Name(), err)
+			}
+		}()
+	}
+	return errs, func() { cancel(); wg.Wait() }
+}
+
+// ConsumersReady returns nil when every consumer added with AddConsumer is
+// ready, or an error naming the first that is not and why.
+func (n *Node) ConsumersReady() error {
+	for _, c := range n.consumers {
+		if err := c.Ready(); err != nil {
+			return fmt.Errorf("consumer %s: %w", c.Name(), err)
+		}
+	}
+	return nil
+}
+
+// consumerStatuses lists the consumers for GET /v1/cluster.
+func (n *Node) consumerStatuses() []interactive.ProcessorStatus {
+	var out []interactive.ProcessorStatus
+	for _, c := range n.consumers {
+		r := c.Report()
+		st := interactive.ProcessorStatus{Kind: r.Kind, Name: c.Name(), Partitions: r.Partitions, Lag: r.Lag, Details: r.Details}
+		if st.Partitions == nil {
+			st.Partitions = []int32{}
+		}
+		if err := c.Ready(); err != nil {
+			st.Error = err.Error()
+		}
+		out = append(out, st)
+	}
+	return out
+}
