@@ -2,8 +2,8 @@ package sideeffects
 
 import (
 	"fmt"
-	"slices"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 )
