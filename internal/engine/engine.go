@@ -92,6 +92,8 @@ type Engine struct {
 	// taskTypes lists every task type: aggregate type and projection names.
 	taskTypes []string
 	progress  *progress // projections' catch-up (progress.go)
+	startMu   sync.Mutex
+	starts    map[statestore.Task]map[string]int64 // start offsets of projection tasks that folded nothing yet
 
 	mu       sync.RWMutex
 	tasks    map[statestore.Task]*taskState

@@ -187,6 +187,18 @@ func (pc *projCycle) skipProcessed(p kgo.FetchTopicPartition) []*kgo.Record {
 		if stored, err = pc.c.e.cfg.Store.InputOffset(pc.task, p.Topic); err != nil {
 			pc.c.fail(fmt.Errorf("read the input offset of %s in %s: %w", pc.task, p.Topic, err))
 		}
+		if stored == 0 {
+			// A task that has folded nothing yet starts at its start
+			// position: records before it are skipped quietly.
+			if start := pc.c.e.startOffset(pc.task, p.Topic); start > 0 {
+				i := 0
+				for i < len(p.Records) && p.Records[i].Offset < start {
+					i++
+				}
+				pc.stored[p.Topic] = start
+				return p.Records[i:]
+			}
+		}
 		pc.stored[p.Topic] = stored
 	}
 	if stored <= 0 {
@@ -203,7 +215,7 @@ func (pc *projCycle) skipProcessed(p kgo.FetchTopicPartition) []*kgo.Record {
 		i++
 	}
 	if i > 0 {
-		pc.c.e.log.Warn("skipped records this projection task had folded already (consumption was reset below its input offset)",
+		pc.c.e.log.Info("skipped records this projection task had folded already (its input is re-read for another projection that starts earlier, or consumption was reset)",
 			"task", pc.task.String(), "topic", p.Topic, "skipped", i, "folded_to", stored)
 		pc.countN("replayed", i)
 	}
@@ -476,55 +488,104 @@ func decodeChange(r *kgo.Record) (projection.Change, error) {
 	return ch, nil
 }
 
-// seekProjectionStarts moves the consumption of restored projection tasks
-// that have never folded a source record to their projection's start
-// position (Latest, At). Earliest needs nothing: a group without committed
-// offsets starts at the beginning. It runs before their partitions resume.
-func (e *Engine) seekProjectionStarts(ctx context.Context, cl *kgo.Client, restored []statestore.Task) error {
-	set := map[string]map[int32]kgo.EpochOffset{}
+// seekProjectionInputs positions the consumption of the projection inputs
+// the restored tasks read. Several projections may read one topic partition
+// (the events of one aggregate type) and the group has one position for it:
+// consumption starts at the lowest offset any of its readers needs — its
+// stored input offset, or for a reader that has none its start position
+// (Earliest: 0, Latest: the end, At: the first record at or after the
+// time) — and each reader skips what it has folded already or what precedes
+// its start (skipProcessed). Without this, a projection added to a running
+// system would start where the projections already reading its topic are.
+func (e *Engine) seekProjectionInputs(ctx context.Context, cl *kgo.Client, restored []statestore.Task) error {
+	type tp struct {
+		topic     string
+		partition int32
+	}
+	inputs := map[tp]bool{}
 	for _, t := range restored {
-		p, ok := e.projections[t.Type]
+		if p, ok := e.projections[t.Type]; ok {
+			for _, topic := range e.inputTopics(p) {
+				inputs[tp{topic, t.Partition}] = true
+			}
+		}
+	}
+	if len(inputs) == 0 {
+		return nil
+	}
+	adm := kadm.NewClient(cl)
+	listed := map[string]kadm.ListedOffsets{} // by "end" or a start time
+	lookup := func(key, topic string, p int32, list func() (kadm.ListedOffsets, error)) (int64, error) {
+		l, ok := listed[key+"\x00"+topic]
 		if !ok {
-			continue
+			var err error
+			if l, err = list(); err != nil {
+				return 0, err
+			}
+			listed[key+"\x00"+topic] = l
 		}
-		start := p.Start()
-		at, isAt := start.Time()
-		if !start.IsLatest() && !isAt {
-			continue
+		o, ok := l.Lookup(topic, p)
+		if !ok || o.Err != nil {
+			return 0, fmt.Errorf("list offsets of %s/%d: %v", topic, p, o.Err)
 		}
-		for _, s := range p.Sources() {
-			stored, err := e.cfg.Store.InputOffset(t, s.Topic())
+		return o.Offset, nil
+	}
+	set := map[string]map[int32]kgo.EpochOffset{}
+	starts := map[statestore.Task]map[string]int64{}
+	for in := range inputs {
+		position := int64(-1)
+		for _, name := range e.readers[in.topic] {
+			t := statestore.Task{Type: name, Partition: in.partition}
+			need, err := e.cfg.Store.InputOffset(t, in.topic)
 			if err != nil {
 				return err
 			}
-			if stored > 0 {
-				continue
+			if need == 0 && in.topic != RepartitionTopic(e.cfg.AppID, name) {
+				start := e.projections[name].Start()
+				at, isAt := start.Time()
+				switch {
+				case start.IsLatest():
+					need, err = lookup("end", in.topic, in.partition, func() (kadm.ListedOffsets, error) { return adm.ListEndOffsets(ctx, in.topic) })
+				case isAt:
+					need, err = lookup(strconv.FormatInt(at.UnixMilli(), 10), in.topic, in.partition, func() (kadm.ListedOffsets, error) {
+						return adm.ListOffsetsAfterMilli(ctx, at.UnixMilli(), in.topic)
+					})
+				}
+				if err != nil {
+					return err
+				}
+				if starts[t] == nil {
+					starts[t] = map[string]int64{}
+				}
+				starts[t][in.topic] = need
 			}
-			adm := kadm.NewClient(cl)
-			var listed kadm.ListedOffsets
-			if isAt {
-				listed, err = adm.ListOffsetsAfterMilli(ctx, at.UnixMilli(), s.Topic())
-			} else {
-				listed, err = adm.ListEndOffsets(ctx, s.Topic())
+			if position < 0 || need < position {
+				position = need
 			}
-			if err != nil {
-				return err
-			}
-			lo, ok := listed.Lookup(s.Topic(), t.Partition)
-			if !ok || lo.Err != nil {
-				return fmt.Errorf("list offsets of %s/%d: %v", s.Topic(), t.Partition, lo.Err)
-			}
-			if set[s.Topic()] == nil {
-				set[s.Topic()] = map[int32]kgo.EpochOffset{}
-			}
-			set[s.Topic()][t.Partition] = kgo.EpochOffset{Epoch: -1, Offset: lo.Offset}
-			e.log.Info("projection starts at its configured position", "projection", p.Name(), "topic", s.Topic(), "partition", t.Partition, "offset", lo.Offset)
 		}
+		if set[in.topic] == nil {
+			set[in.topic] = map[int32]kgo.EpochOffset{}
+		}
+		set[in.topic][in.partition] = kgo.EpochOffset{Epoch: -1, Offset: position}
 	}
-	if len(set) > 0 {
-		cl.SetOffsets(set)
+	e.startMu.Lock()
+	if e.starts == nil {
+		e.starts = map[statestore.Task]map[string]int64{}
 	}
+	for t, m := range starts {
+		e.starts[t] = m
+	}
+	e.startMu.Unlock()
+	cl.SetOffsets(set)
 	return nil
+}
+
+// startOffset is where a projection task without a stored input offset in
+// topic starts (seekProjectionInputs); 0 for the beginning.
+func (e *Engine) startOffset(t statestore.Task, topic string) int64 {
+	e.startMu.Lock()
+	defer e.startMu.Unlock()
+	return e.starts[t][topic]
 }
 
 // ProjectionStatus reports a projection's or reactor's tasks on this node:

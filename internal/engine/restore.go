@@ -108,6 +108,23 @@ func (e *Engine) restore(ctx context.Context, cl *kgo.Client, pending map[states
 		}
 	}
 
+	// Projection inputs start where their readers need them.
+	for attempt := 0; ; attempt++ {
+		err := e.seekProjectionInputs(ctx, cl, tasks)
+		if err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		e.log.Error("positioning projection inputs failed; retrying", "err", err, "attempt", attempt+1)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(backoff(attempt)):
+		}
+	}
+
 	// A task revoked meanwhile is no longer in e.tasks (and one assigned
 	// again has a new taskState): only the tasks this run restored for
 	// their current assignment become served.
@@ -135,9 +152,6 @@ func (e *Engine) restore(ctx context.Context, cl *kgo.Client, pending map[states
 		resume[topic] = parts
 	}
 	e.mu.Unlock()
-	if err := e.seekProjectionStarts(ctx, cl, restored); err != nil {
-		e.log.Warn("setting the start offsets of new projections; they start from the beginning", "err", err)
-	}
 	cl.ResumeFetchPartitions(resume)
 	for _, t := range restored {
 		e.signal(t)
