@@ -13,7 +13,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/twmb/franz-go/pkg/kerr"
+	"github.com/twmb/franz-go/pkg/kfake"
 	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/pkg/kmsg"
 
 	"github.com/esker-io/esker"
 	"github.com/esker-io/esker/aggregate"
@@ -303,9 +306,16 @@ func TestProjectionCatchesUpThenFollows(t *testing.T) {
 	tn.stop()
 
 	// The same node, restarted with daily-totals added: it reads from the
-	// beginning while owners, which folded everything already, skips.
+	// beginning while owners, which folded everything already, skips. Its
+	// first cycles abort (the broker refuses its changelog records): an
+	// abort rewinds consumption to the group's committed offsets, past
+	// what daily-totals needs, and the engine must position it again.
+	fault := c.Fault(kfake.Fault{Keys: []kmsg.Key{kmsg.Produce}, Topic: "bank-daily-totals-changelog", Err: kerr.InvalidRecord, Count: 2})
 	tn = startBankNode(t, brokers, dir)
 	waitProjections(t, tn, brokers, 1000)
+	if fault.Hits() == 0 {
+		t.Fatal("the changelog fault never fired")
+	}
 	// Each deposit is one change, folded once: here or, re-keyed, by the
 	// owner of its day's partition (this node too).
 	if n := projectionCounter(t, tn, "daily-totals", "folded"); n != 9_900 {

@@ -809,6 +809,7 @@ func (c *cycle) commit() error {
 		for _, tc := range c.bases {
 			tc.batch.Discard()
 		}
+		e.repositionProjectionInputs(c.sess.Client())
 		if m != nil {
 			m.Transactions.WithLabelValues("aborted").Inc()
 		}

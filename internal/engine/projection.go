@@ -580,6 +580,31 @@ func (e *Engine) seekProjectionInputs(ctx context.Context, cl *kgo.Client, resto
 	return nil
 }
 
+// repositionProjectionInputs runs after an aborted cycle: franz-go rewound
+// consumption to the group's committed offsets, which for a topic read by a
+// projection that is catching up beside others may be past what it needs
+// (seekProjectionInputs). If positioning fails, the projection tasks are
+// restored again, which positions them (with retries) before resuming.
+func (e *Engine) repositionProjectionInputs(cl *kgo.Client) {
+	var tasks []statestore.Task
+	e.mu.RLock()
+	for t, ts := range e.tasks {
+		if _, ok := e.projections[t.Type]; ok && ts.restored {
+			tasks = append(tasks, t)
+		}
+	}
+	e.mu.RUnlock()
+	if len(tasks) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(cl.Context(), 10*time.Second)
+	defer cancel()
+	if err := e.seekProjectionInputs(ctx, cl, tasks); err != nil {
+		e.log.Warn("positioning projection inputs after an abort failed; restoring their tasks to position them", "err", err)
+		e.restoreAgain(cl, tasks)
+	}
+}
+
 // startOffset is where a projection task without a stored input offset in
 // topic starts (seekProjectionInputs); 0 for the beginning.
 func (e *Engine) startOffset(t statestore.Task, topic string) int64 {
