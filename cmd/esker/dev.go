@@ -40,6 +40,7 @@ need partitioner=murmur2_random.`)
 	nodes := fs.Int("nodes", 1, "number of bank `nodes` to run, on consecutive HTTP ports from --http's (state of node i>1 in DIR/state-i)")
 	alertsURL := fs.String("alerts-url", "", "`URL` that receives the withdrawal alerts (default: a receiver in this process that logs them)")
 	alertsThreshold := fs.Int64("alerts-threshold", 100000, "smallest `amount` in cents that raises a withdrawal alert")
+	postgres := fs.String("postgres", "", "PostgreSQL connection `URL` (e.g. postgres://postgres@127.0.0.1/test): also keep the table accounts(id, owner, balance, version, updated_at) there, exactly once")
 	level := fs.logLevel()
 	if code, ok := fs.parse(e, args); !ok {
 		return code
@@ -119,6 +120,7 @@ need partitioner=murmur2_random.`)
 			partitions:      *partitions,
 			standbys:        *standbys,
 			alertsURL:       *alertsURL,
+			postgres:        *postgres,
 			logger:          logger.With("node", i+1),
 		})
 		if err != nil {

@@ -107,8 +107,8 @@ func TestTopLevelListsEveryCommand(t *testing.T) {
 // or a stray argument exits 2 with a message on stderr.
 func TestSubcommandHelp(t *testing.T) {
 	wantFlags := map[string][]string{
-		"dev":   {"-http", "-kafka", "-data", "-partitions", "-log-level"},
-		"node":  {"-brokers", "-http", "-advertise", "-data", "-app", "-partitions", "-at-least-once", "-log-level"},
+		"dev":   {"-http", "-kafka", "-data", "-partitions", "-alerts-url", "-postgres", "-log-level"},
+		"node":  {"-brokers", "-http", "-advertise", "-data", "-app", "-partitions", "-at-least-once", "-alerts-url", "-postgres", "-log-level"},
 		"kafka": {"-port", "-data", "-partitions", "-log-level"},
 		"bench": {"-commands", "-entities", "-partitions", "-concurrency", "-latency-commands", "-runs",
 			"-cpuprofile", "-projections", "-brokers", "-log-level"},

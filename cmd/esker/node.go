@@ -14,6 +14,7 @@ import (
 
 	"github.com/esker-io/esker"
 	"github.com/esker-io/esker/examples/bank"
+	"github.com/esker-io/esker/projection/pgsink"
 )
 
 // nodeConfig is what the dev and node commands configure a bank node with.
@@ -36,7 +37,10 @@ type nodeConfig struct {
 	// side-effect consumer) for amounts of at least alertsThreshold cents.
 	alertsURL       string
 	alertsThreshold int64
-	logger          *slog.Logger
+	// postgres, when set, is the connection string of the database the
+	// bank's accounts sink keeps its accounts table in.
+	postgres string
+	logger   *slog.Logger
 }
 
 // newBankNode returns a node running the whole bank demo (bank.AddTo).
@@ -70,6 +74,15 @@ func newBankNode(c nodeConfig) (*esker.Node, error) {
 	}
 	if err := bank.AddTo(node); err != nil {
 		return nil, err
+	}
+	if c.postgres != "" {
+		sink, err := bank.AccountsSink(pgsink.ConnString(c.postgres))
+		if err != nil {
+			return nil, fmt.Errorf("--postgres: %w", err)
+		}
+		if err := node.AddConsumer(sink); err != nil {
+			return nil, err
+		}
 	}
 	if c.alertsURL != "" {
 		alerts, err := bank.WithdrawalAlerts(c.alertsURL, c.alertsThreshold, nil)
@@ -120,6 +133,7 @@ Commands are processed exactly once (one Kafka transaction per batch) unless
 	cleanupDelay := fs.Duration("state-cleanup-delay", 10*time.Minute, "`time` the node keeps the local state of a partition it no longer owns or keeps a standby of, before deleting it (0: keep it)")
 	alertsURL := fs.String("alerts-url", "", "`URL` that receives a JSON POST for every withdrawal or outgoing transfer of at least --alerts-threshold (a side-effect consumer, at least once; none when empty)")
 	alertsThreshold := fs.Int64("alerts-threshold", 100000, "smallest `amount` in cents that raises a withdrawal alert")
+	postgres := fs.String("postgres", "", "PostgreSQL connection `URL` (e.g. postgres://user@host/db): keep the table accounts(id, owner, balance, version, updated_at) there, exactly once (none when empty)")
 	level := fs.logLevel()
 	if code, ok := fs.parse(e, args); !ok {
 		return code
@@ -161,6 +175,7 @@ Commands are processed exactly once (one Kafka transaction per batch) unless
 		stateCleanupDelay: *cleanupDelay,
 		alertsURL:         *alertsURL,
 		alertsThreshold:   *alertsThreshold,
+		postgres:          *postgres,
 		logger:            logger,
 	})
 	if err != nil {

@@ -1,0 +1,123 @@
+package pgsink
+
+import (
+	"context"
+	"errors"
+	"io"
+	"math/rand/v2"
+	"net"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+// backoff computes waits between attempts: exponential from min to max,
+// each with jitter (between half and all of the nominal wait), so that many
+// nodes that lost the database at once do not retry in lockstep.
+type backoff struct {
+	min, max time.Duration
+	attempt  int
+}
+
+func (b *backoff) next() time.Duration {
+	d := b.min
+	for i := 0; i < b.attempt && d < b.max; i++ {
+		d *= 2
+	}
+	d = min(d, b.max)
+	b.attempt++
+	half := d / 2
+	return half + rand.N(d-half+1)
+}
+
+func (b *backoff) reset() { b.attempt = 0 }
+
+// sleep waits d, or less if ctx is done or abort is closed; it reports
+// whether the full wait passed.
+func sleep(ctx context.Context, d time.Duration, abort <-chan struct{}) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-abort:
+		return false
+	case <-t.C:
+		return true
+	}
+}
+
+// transient reports whether err is a failure of the database connection or
+// a conflict that a new attempt can get past: the batch is retried. Any
+// other error (an SQL error in the user's statements, a constraint
+// violation, an error the ApplyFunc made up) is permanent: retrying would
+// fail the same way.
+func transient(err error) bool {
+	if err == nil {
+		return false
+	}
+	if errors.As(err, new(connLost)) {
+		return true
+	}
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		code := pgErr.Code
+		switch {
+		case pgErr.Severity == "FATAL" || pgErr.Severity == "PANIC": // the server ended the session
+			return true
+		case code == "25P03": // idle_in_transaction_session_timeout
+			return true
+		case strings.HasPrefix(code, "08"): // connection exception
+			return true
+		case strings.HasPrefix(code, "40"): // serialization failure, deadlock
+			return true
+		case strings.HasPrefix(code, "53"): // insufficient resources (too many connections, disk full)
+			return true
+		case strings.HasPrefix(code, "57P"): // admin shutdown, crash shutdown, cannot connect now
+			return true
+		case code == "57014": // query canceled (statement_timeout, our TxTimeout)
+			return true
+		case strings.HasPrefix(code, "58"): // system error (I/O)
+			return true
+		case code == "55P03": // lock not available (lock_timeout)
+			return true
+		case code == "25006": // read-only transaction: a fail-over to a standby is under way
+			return true
+		}
+		return false
+	}
+	var connectErr *pgconn.ConnectError
+	var netErr net.Error
+	switch {
+	case errors.As(err, &connectErr),
+		errors.As(err, &netErr),
+		errors.Is(err, io.EOF),
+		errors.Is(err, io.ErrUnexpectedEOF),
+		errors.Is(err, net.ErrClosed),
+		errors.Is(err, syscall.ECONNRESET),
+		errors.Is(err, syscall.ECONNREFUSED),
+		errors.Is(err, syscall.EPIPE),
+		errors.Is(err, context.DeadlineExceeded),
+		pgconn.SafeToRetry(err),
+		pgconn.Timeout(err):
+		return true
+	}
+	// pgx reports a connection that died earlier as "conn closed".
+	return strings.Contains(err.Error(), "conn closed")
+}
+
+// conflict reports whether err is a conflict with another transaction
+// (serialization failure, deadlock, lock timeout): retried like a
+// connection failure, but the database is reachable.
+func conflict(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && (strings.HasPrefix(pgErr.Code, "40") || pgErr.Code == "55P03")
+}
+
+// connLost wraps an error after which the transaction's connection was
+// closed: whatever the error says, the database connection failed.
+type connLost struct{ error }
+
+func (c connLost) Unwrap() error { return c.error }
