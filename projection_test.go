@@ -303,6 +303,18 @@ func TestProjectionCatchesUpThenFollows(t *testing.T) {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
+	// owners has folded every event before the node stops.
+	wantOwners, _, _ := expectedProjections(t, brokers)
+	for deadline := time.Now().Add(60 * time.Second); ; {
+		got, _, _ := listRows[bank.OwnerTotals](t, tn, "owners", "", 1000)
+		if reflect.DeepEqual(withoutEmpty(got), wantOwners) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("owners did not fold the 10,000 events: %v, want %v", withoutEmpty(got), wantOwners)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 	tn.stop()
 
 	// The same node, restarted with daily-totals added: it reads from the

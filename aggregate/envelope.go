@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"strconv"
 	"time"
 	"unicode"
@@ -115,38 +116,44 @@ func (e *Event) Headers(contentType string) []Header {
 
 // EventFromRecord rebuilds an event envelope from a record's key, headers and
 // value. It fails on missing or malformed envelope headers.
+//
+// Every consumer of events (projections, side effects, sinks) calls it per
+// record, so it converts only the headers it keeps to strings, parses
+// numbers from the bytes, shares the string of ids that are equal (a
+// command's id is usually its correlation and causation id too), and parses
+// the time esker writes (RFC 3339, UTC, nanoseconds) without the general
+// layout parser.
 func EventFromRecord(key []byte, headers []Header, value []byte) (Event, error) {
-	e := Event{EntityID: string(key), Data: value}
-	var haveVersion, haveType bool
+	e := Event{Data: value}
+	var haveVersion, haveType, haveEntity bool
 	for _, h := range headers {
-		v := string(h.Value)
 		switch h.Key {
 		case HeaderEntityID:
-			e.EntityID = v
+			e.EntityID, haveEntity = string(h.Value), true
 		case HeaderVersion:
-			n, err := strconv.ParseInt(v, 10, 64)
-			if err != nil || n < 1 {
-				return Event{}, fmt.Errorf("header %s: %q is not a positive version", h.Key, v)
+			n, ok := parsePositive(h.Value)
+			if !ok {
+				return Event{}, fmt.Errorf("header %s: %q is not a positive version", h.Key, h.Value)
 			}
 			e.Version, haveVersion = n, true
 		case HeaderEventID:
-			e.EventID = v
+			e.EventID = string(h.Value)
 		case HeaderEventType:
-			e.Type, haveType = v, v != ""
+			e.Type, haveType = string(h.Value), len(h.Value) > 0
 		case HeaderSchemaVersion:
-			n, err := strconv.Atoi(v)
-			if err != nil || n < 1 {
-				return Event{}, fmt.Errorf("header %s: %q is not a positive schema version", h.Key, v)
+			n, ok := parsePositive(h.Value)
+			if !ok || n > math.MaxInt {
+				return Event{}, fmt.Errorf("header %s: %q is not a positive schema version", h.Key, h.Value)
 			}
-			e.SchemaVersion = n
+			e.SchemaVersion = int(n)
 		case HeaderCommandID:
-			e.CommandID = v
+			e.CommandID = string(h.Value)
 		case HeaderCorrelationID:
-			e.CorrelationID = v
+			e.CorrelationID = sameString(h.Value, e.CommandID)
 		case HeaderCausationID:
-			e.CausationID = v
+			e.CausationID = sameString(h.Value, e.CommandID)
 		case HeaderTime:
-			t, err := time.Parse(time.RFC3339Nano, v)
+			t, err := parseEventTime(h.Value)
 			if err != nil {
 				return Event{}, fmt.Errorf("header %s: %w", h.Key, err)
 			}
@@ -155,7 +162,7 @@ func EventFromRecord(key []byte, headers []Header, value []byte) (Event, error) 
 			// "0000-01-01T00:00:00+01:00" into year -1), and Headers,
 			// which writes UTC, could not write it back.
 			if y := t.UTC().Year(); y < 0 || y > 9999 {
-				return Event{}, fmt.Errorf("header %s: %q is outside the years 0000-9999 in UTC", h.Key, v)
+				return Event{}, fmt.Errorf("header %s: %q is outside the years 0000-9999 in UTC", h.Key, h.Value)
 			}
 			e.Time = t
 		}
@@ -163,10 +170,102 @@ func EventFromRecord(key []byte, headers []Header, value []byte) (Event, error) 
 	if !haveVersion || !haveType {
 		return Event{}, errors.New("record is not an esker event: missing version or event type header")
 	}
+	if !haveEntity {
+		e.EntityID = string(key)
+	}
 	if e.SchemaVersion == 0 {
 		e.SchemaVersion = 1
 	}
 	return e, nil
+}
+
+// parsePositive parses a decimal integer ≥ 1 as strconv.ParseInt would
+// (a leading '+' allowed), without converting b to a string.
+func parsePositive(b []byte) (int64, bool) {
+	if len(b) > 0 && b[0] == '+' {
+		b = b[1:]
+	}
+	if len(b) == 0 || len(b) > 19 {
+		return 0, false
+	}
+	var n int64
+	for _, c := range b {
+		if c < '0' || c > '9' {
+			return 0, false
+		}
+		n = n*10 + int64(c-'0')
+		if n < 0 {
+			return 0, false // overflow
+		}
+	}
+	return n, n >= 1
+}
+
+// sameString returns s if b holds the same bytes, else string(b).
+func sameString(b []byte, s string) string {
+	if string(b) == s { // no allocation: the compiler compares in place
+		return s
+	}
+	return string(b)
+}
+
+// parseEventTime parses an RFC 3339 time. The form esker writes,
+// "2006-01-02T15:04:05.999999999Z", takes a fast path; any other is left
+// to time.Parse.
+func parseEventTime(b []byte) (time.Time, error) {
+	if t, ok := parseUTC(b); ok {
+		return t, nil
+	}
+	return time.Parse(time.RFC3339Nano, string(b))
+}
+
+// parseUTC parses "YYYY-MM-DDTHH:MM:SS[.f{1,9}]Z" with calendar-valid
+// fields; ok is false for anything else.
+func parseUTC(b []byte) (time.Time, bool) {
+	if len(b) < 20 || b[len(b)-1] != 'Z' || b[4] != '-' || b[7] != '-' || b[10] != 'T' || b[13] != ':' || b[16] != ':' {
+		return time.Time{}, false
+	}
+	num := func(s []byte) (int, bool) {
+		n := 0
+		for _, c := range s {
+			if c < '0' || c > '9' {
+				return 0, false
+			}
+			n = n*10 + int(c-'0')
+		}
+		return n, true
+	}
+	year, ok1 := num(b[0:4])
+	month, ok2 := num(b[5:7])
+	day, ok3 := num(b[8:10])
+	hour, ok4 := num(b[11:13])
+	minute, ok5 := num(b[14:16])
+	sec, ok6 := num(b[17:19])
+	if !(ok1 && ok2 && ok3 && ok4 && ok5 && ok6) {
+		return time.Time{}, false
+	}
+	nanos := 0
+	if frac := b[19 : len(b)-1]; len(frac) > 0 {
+		if frac[0] != '.' || len(frac) < 2 || len(frac) > 10 {
+			return time.Time{}, false
+		}
+		n, ok := num(frac[1:])
+		if !ok {
+			return time.Time{}, false
+		}
+		for range 10 - len(frac) {
+			n *= 10
+		}
+		nanos = n
+	}
+	if month < 1 || month > 12 || day < 1 || hour > 23 || minute > 59 || sec > 59 {
+		return time.Time{}, false
+	}
+	t := time.Date(year, time.Month(month), day, hour, minute, sec, nanos, time.UTC)
+	if t.Day() != day { // February 30th and the like: time.Parse refuses them
+		return time.Time{}, false
+	}
+	return t, true
 }
 
 // MaxEntityIDBytes bounds entity ids: they are record keys and store keys.

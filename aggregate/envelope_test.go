@@ -288,3 +288,21 @@ func TestValidateEntityIDC1Controls(t *testing.T) {
 		}
 	}
 }
+
+// TestEventTimeFastPath: the fast parser of esker's own time format agrees
+// with time.Parse on what both accept, and leaves everything else to it.
+func TestEventTimeFastPath(t *testing.T) {
+	for _, s := range []string{
+		"2026-11-25T20:21:51.974592691Z", "2026-11-25T20:21:51Z", "2026-11-25T20:21:51.9Z",
+		"0000-01-01T00:00:00Z", "9999-12-31T23:59:59.999999999Z", "2024-02-29T12:00:00Z",
+		"2023-02-29T12:00:00Z", "2026-13-01T00:00:00Z", "2026-11-25T24:00:00Z", "2026-11-25T20:21:60Z",
+		"2026-11-25T20:21:51.Z", "2026-11-25T20:21:51.1234567891Z", "2026-11-25T20:21:51+01:00",
+		"2026-11-25t20:21:51Z", "2026-11-25T20:21:51z", "2026-1-25T20:21:51Z", "+026-11-25T20:21:51Z",
+	} {
+		want, wantErr := time.Parse(time.RFC3339Nano, s)
+		got, err := aggregate.ParseEventTimeForTest([]byte(s))
+		if (err != nil) != (wantErr != nil) || (err == nil && (!got.Equal(want) || got.Location() != want.Location())) {
+			t.Errorf("%q: got %v, %v; time.Parse gives %v, %v", s, got, err, want, wantErr)
+		}
+	}
+}

@@ -426,9 +426,10 @@ func (pc *projCycle) committed() {
 // the record carries it, otherwise the key as entity id and the value as
 // data.
 func eventOf(r *kgo.Record) projection.Event {
-	hs := make([]aggregate.Header, len(r.Headers))
-	for i, h := range r.Headers {
-		hs[i] = aggregate.Header{Key: h.Key, Value: h.Value}
+	var buf [12]aggregate.Header // esker's events carry 10 headers at most
+	hs := buf[:0]
+	for _, h := range r.Headers {
+		hs = append(hs, aggregate.Header{Key: h.Key, Value: h.Value})
 	}
 	ev, err := aggregate.EventFromRecord(r.Key, hs, r.Value)
 	if err != nil {

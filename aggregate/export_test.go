@@ -1,0 +1,4 @@
+package aggregate
+
+// ParseEventTimeForTest exposes parseEventTime to the external tests.
+var ParseEventTimeForTest = parseEventTime
