@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
+	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -20,6 +22,9 @@ func pgSchema(t *testing.T) string {
 	t.Helper()
 	ctx := context.Background()
 	base := "postgres://postgres@127.0.0.1:5432/test?sslmode=disable"
+	if u := os.Getenv("ESKER_TEST_POSTGRES"); u != "" {
+		base = u
+	}
 	conn, err := pgx.Connect(ctx, base)
 	if err != nil {
 		t.Fatalf("PostgreSQL on 127.0.0.1:5432 (database test): %v", err)
@@ -36,7 +41,11 @@ func pgSchema(t *testing.T) string {
 			conn.Close(context.Background())
 		}
 	})
-	return base + "&search_path=" + schema
+	sep := "?"
+	if strings.Contains(base, "?") {
+		sep = "&"
+	}
+	return base + sep + "search_path=" + schema
 }
 
 // TestAccountsSinkOnTheNode: the bank's PostgreSQL sink, added to a node,
