@@ -38,6 +38,7 @@ import (
 	"github.com/esker-io/esker/aggregate"
 	"github.com/esker-io/esker/interactive"
 	"github.com/esker-io/esker/internal/engine"
+	"github.com/esker-io/esker/internal/kgolog"
 	"github.com/esker-io/esker/projection"
 	"github.com/esker-io/esker/sideeffects"
 	"github.com/esker-io/esker/statestore"
@@ -275,7 +276,7 @@ func (n *Node) Run(ctx context.Context) error {
 		store.Close()
 	}()
 
-	clientOpts := append([]kgo.Opt{kgo.SeedBrokers(c.brokers...), kgo.WithLogger(engine.KafkaLogger(log))}, c.kafkaOpts...)
+	clientOpts := append([]kgo.Opt{kgo.SeedBrokers(c.brokers...), kgo.WithLogger(kgolog.New(log))}, c.kafkaOpts...)
 	producer, err := kgo.NewClient(append(append([]kgo.Opt{}, clientOpts...),
 		kgo.RecordPartitioner(kgo.ManualPartitioner()))...)
 	if err != nil {

@@ -15,6 +15,8 @@ import (
 	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
 	"github.com/twmb/franz-go/pkg/kmsg"
+
+	"github.com/esker-io/esker/internal/kgolog"
 )
 
 // maxPollRecords bounds one poll. At-most-once, a poll's records are
@@ -224,7 +226,7 @@ func newRun(c *Consumer, rt Runtime) *run {
 // committer.
 func (r *run) start(ctx context.Context) error {
 	defaults := []kgo.Opt{
-		kgo.WithLogger(kafkaLogger{r.logger}),
+		kgo.WithLogger(kgolog.New(r.logger)),
 		// A short fetch wait: a partition that is resumed or newly
 		// assigned at its end is fetched again soon (kfake does not wake
 		// such a first long poll), at the cost of a few empty fetches a

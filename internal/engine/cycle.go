@@ -574,24 +574,33 @@ func (tc *taskCycle) entity(id string) (*entity, error) {
 	if ent, ok := tc.entities[id]; ok {
 		return ent, nil
 	}
-	ent := &entity{id: id, state: tc.def.NewState()}
-	raw, found, err := tc.c.e.cfg.Store.Get(tc.task, statestore.StateKey(id))
+	ent := &entity{id: id}
+	var err error
+	ent.state, ent.version, ent.updatedAt, err = loadState(tc.c.e.cfg.Store, tc.task, id, tc.def.NewState, tc.def.DecodeState)
 	if err != nil {
 		return nil, err
-	}
-	if found {
-		rec, err := statestore.DecodeStateRecord(raw)
-		if err != nil {
-			return nil, stateDecodeError{err}
-		}
-		if ent.state, err = tc.def.DecodeState(rec.State); err != nil {
-			return nil, stateDecodeError{err}
-		}
-		ent.version, ent.updatedAt = rec.Version, rec.UpdatedAt
 	}
 	tc.entities[id] = ent
 	tc.order = append(tc.order, ent)
 	return ent, nil
+}
+
+// loadState reads the state record of an entity (or a projection row) and
+// decodes its state; one that was never written is zero (newState). A
+// record or state that does not decode is a stateDecodeError.
+func loadState(store *statestore.Store, t statestore.Task, id string, newState func() any, decode func([]byte) (any, error)) (state any, version int64, updatedAt time.Time, err error) {
+	raw, found, err := store.Get(t, statestore.StateKey(id))
+	if err != nil || !found {
+		return newState(), 0, time.Time{}, err
+	}
+	rec, err := statestore.DecodeStateRecord(raw)
+	if err != nil {
+		return nil, 0, time.Time{}, stateDecodeError{err}
+	}
+	if state, err = decode(rec.State); err != nil {
+		return nil, 0, time.Time{}, stateDecodeError{err}
+	}
+	return state, rec.Version, rec.UpdatedAt, nil
 }
 
 // lookupCommand finds an earlier outcome of the command id within the

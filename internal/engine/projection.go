@@ -331,20 +331,11 @@ func (pc *projCycle) row(key string) (*projRow, error) {
 	if row, ok := pc.rows[key]; ok {
 		return row, nil
 	}
-	row := &projRow{key: key, state: pc.def.NewState()}
-	raw, found, err := pc.c.e.cfg.Store.Get(pc.task, statestore.StateKey(key))
+	row := &projRow{key: key}
+	var err error
+	row.state, row.version, row.updatedAt, err = loadState(pc.c.e.cfg.Store, pc.task, key, pc.def.NewState, pc.def.DecodeState)
 	if err != nil {
 		return nil, err
-	}
-	if found {
-		rec, err := statestore.DecodeStateRecord(raw)
-		if err != nil {
-			return nil, stateDecodeError{err}
-		}
-		if row.state, err = pc.def.DecodeState(rec.State); err != nil {
-			return nil, stateDecodeError{err}
-		}
-		row.version, row.updatedAt = rec.Version, rec.UpdatedAt
 	}
 	pc.rows[key] = row
 	pc.rowOrder = append(pc.rowOrder, row)

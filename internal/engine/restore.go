@@ -2,6 +2,7 @@ package engine
 
 import (
 	"context"
+	"log/slog"
 	"slices"
 	"time"
 
@@ -79,50 +80,33 @@ func (e *Engine) restore(ctx context.Context, cl *kgo.Client, pending map[states
 		tasks = append(tasks, t)
 	}
 	e.fenceStaleTransactions(ctx, tasks)
-	for attempt := 0; ; attempt++ {
+	ok := retry(ctx, e.log, "restore", func() error {
 		res, err := changelog.Restore(ctx, e.cfg.Store, e.cfg.ClientOpts, targets, e.log)
 		if e.cfg.Metrics != nil {
 			for t, n := range res.Records {
 				e.cfg.Metrics.RestoreRecords.WithLabelValues(t.Type).Add(float64(n))
 			}
 		}
-		if err == nil {
-			if e.cfg.Metrics != nil {
-				e.cfg.Metrics.RestoreDuration.Observe(res.Duration.Seconds())
-			}
-			var n int64
-			for _, c := range res.Records {
-				n += c
-			}
-			e.log.Info("tasks restored", "tasks", len(targets), "records", n, "duration", res.Duration.Round(time.Millisecond))
-			break
+		if err != nil {
+			return err
 		}
-		if ctx.Err() != nil {
-			return
+		if e.cfg.Metrics != nil {
+			e.cfg.Metrics.RestoreDuration.Observe(res.Duration.Seconds())
 		}
-		e.log.Error("restore failed; retrying", "err", err, "attempt", attempt+1)
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(backoff(attempt)):
+		var n int64
+		for _, c := range res.Records {
+			n += c
 		}
+		e.log.Info("tasks restored", "tasks", len(targets), "records", n, "duration", res.Duration.Round(time.Millisecond))
+		return nil
+	})
+	if !ok {
+		return
 	}
 
 	// Projection inputs start where their readers need them.
-	for attempt := 0; ; attempt++ {
-		err := e.seekProjectionInputs(ctx, cl, tasks)
-		if err == nil {
-			break
-		}
-		if ctx.Err() != nil {
-			return
-		}
-		e.log.Error("positioning projection inputs failed; retrying", "err", err, "attempt", attempt+1)
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(backoff(attempt)):
-		}
+	if !retry(ctx, e.log, "positioning projection inputs", func() error { return e.seekProjectionInputs(ctx, cl, tasks) }) {
+		return
 	}
 
 	// A task revoked meanwhile is no longer in e.tasks (and one assigned
@@ -155,6 +139,26 @@ func (e *Engine) restore(ctx context.Context, cl *kgo.Client, pending map[states
 	cl.ResumeFetchPartitions(resume)
 	for _, t := range restored {
 		e.signal(t)
+	}
+}
+
+// retry runs fn until it succeeds (true) or ctx ends (false), logging each
+// failure and waiting a growing backoff between attempts.
+func retry(ctx context.Context, log *slog.Logger, what string, fn func() error) bool {
+	for attempt := 0; ; attempt++ {
+		err := fn()
+		if err == nil {
+			return true
+		}
+		if ctx.Err() != nil {
+			return false
+		}
+		log.Error(what+" failed; retrying", "err", err, "attempt", attempt+1)
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(backoff(attempt)):
+		}
 	}
 }
 

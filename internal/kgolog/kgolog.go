@@ -1,4 +1,6 @@
-package engine
+// Package kgolog sends franz-go's logs to a slog.Logger; the engine, the
+// side-effect consumers and the node's clients share it.
+package kgolog
 
 import (
 	"context"
@@ -7,9 +9,9 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 )
 
-// KafkaLogger adapts a slog.Logger to franz-go's logger, at the level the
-// slog handler has enabled (franz-go's debug logs only under slog debug).
-func KafkaLogger(l *slog.Logger) kgo.Logger { return kgoLogger{l} }
+// New adapts a slog.Logger to franz-go's logger, at the level the slog
+// handler has enabled (franz-go's debug logs only under slog debug).
+func New(l *slog.Logger) kgo.Logger { return kgoLogger{l} }
 
 type kgoLogger struct{ l *slog.Logger }
 
