@@ -468,6 +468,14 @@ func decodeChange(r *kgo.Record) (projection.Change, error) {
 	if err := json.Unmarshal(r.Value, &w); err != nil {
 		return projection.Change{}, err
 	}
+	// A null row is no row (rows are JSON objects; null would fold the
+	// zero row).
+	if string(w.Old) == "null" {
+		w.Old = nil
+	}
+	if string(w.New) == "null" {
+		w.New = nil
+	}
 	ch := projection.Change{Key: string(r.Key), Old: w.Old, New: w.New}
 	if w.Event == nil && w.Old == nil && w.New == nil {
 		return ch, errors.New("empty change")
