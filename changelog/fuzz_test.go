@@ -68,9 +68,15 @@ func FuzzApply(f *testing.F) {
 		switch {
 		case len(key) < 2 || key[1] != 0:
 			t.Fatalf("applied the malformed key %q", key)
-		case key[0] == statestore.KindState || value == nil:
+		case key[0] == statestore.KindState || key[0] == statestore.KindRow || value == nil:
 			if b.Len() != 1 {
-				t.Fatalf("a state record or tombstone staged %d writes", b.Len())
+				t.Fatalf("a state record, row or tombstone staged %d writes", b.Len())
+			}
+		case key[0] == statestore.KindMeta:
+			// Only the command offset and a projection's input offsets
+			// travel on a changelog, as 8-byte offsets.
+			if !bytes.Equal(key, statestore.CommandOffsetKey) && !statestore.IsInputOffsetKey(key) || len(value) != 8 || b.Len() != 1 {
+				t.Fatalf("applied the metadata record %q = %q (%d writes)", key, value, b.Len())
 			}
 		case key[0] == statestore.KindJournal:
 			id, ok := journalEntity(key)
