@@ -442,6 +442,10 @@ func TestProjectionStartPositions(t *testing.T) {
 	latest := projection.New("deposits-latest", count, projection.From(projection.Events(bank.Account)), projection.StartAt(projection.Latest()))
 	since := projection.New("deposits-since", count, projection.From(projection.Events(bank.Account)), projection.StartAt(projection.At(mark)))
 	tn = startTypesNode(t, brokers, dir, []any{bank.Account, latest, since})
+	// The first cycle that folds into deposits-latest aborts: its start
+	// (the end of the topic when it started) must not move past the
+	// deposit that cycle held.
+	fault := c.Fault(kfake.Fault{Keys: []kmsg.Key{kmsg.Produce}, Topic: "bank-deposits-latest-changelog", Err: kerr.InvalidRecord, Count: 1})
 	for i := range 4 {
 		deposit(tn, fmt.Sprintf("s%d", i), 2)
 	}
@@ -462,6 +466,9 @@ func TestProjectionStartPositions(t *testing.T) {
 			}
 			time.Sleep(50 * time.Millisecond)
 		}
+	}
+	if fault.Hits() == 0 {
+		t.Fatal("the changelog fault never fired")
 	}
 	// Restarted, they resume where they were (no start position again).
 	tn.stop()

@@ -118,6 +118,7 @@ func (e *Engine) cycle(sess session, fetches kgo.Fetches) error {
 		// consumption to the committed offsets.
 		e.log.Error("begin transaction", "err", err)
 		_, endErr := sess.End(ctx, false)
+		e.repositionProjectionInputs(sess.Client())
 		if e.beginFailures++; e.beginFailures >= 10 {
 			// The producer is broken for good (franz-go reports a fatal
 			// producer id error this way, for example after another

@@ -128,6 +128,10 @@ type Engine struct {
 
 	restoreMu sync.Mutex  // guards restoring; taken before mu
 	restoring *restoreRun // the restore run in flight (restore.go)
+	// pauseMu makes "decide which input partitions to pause or resume,
+	// then do it" atomic (restore.go); taken before mu, never held while
+	// waiting for a restore run.
+	pauseMu sync.Mutex
 
 	idleSince map[int32]time.Time // partitions held but unused, since when; cleanup goroutine only
 
@@ -329,6 +333,8 @@ func (e *Engine) runSession(ctx context.Context) error {
 			if _, err := sess.End(ctx, false); err != nil {
 				e.log.Warn("resetting the transactional session after a revocation", "err", err)
 			}
+			// The abort rewound consumption to the group's offsets.
+			e.repositionProjectionInputs(cl)
 		}
 		fetches := cl.PollRecords(pollCtx, 10000)
 		cancel()
@@ -467,6 +473,7 @@ func (e *Engine) newSession(ctx context.Context) (session, error) {
 func (e *Engine) onAssigned(ctx context.Context, cl *kgo.Client, assigned map[string][]int32) {
 	var added []statestore.Task
 	promoted := map[int32]bool{}
+	e.pauseMu.Lock()
 	e.mu.Lock()
 	for topic, parts := range assigned {
 		for _, name := range e.taskTypesOf(topic) {
@@ -484,6 +491,7 @@ func (e *Engine) onAssigned(ctx context.Context, cl *kgo.Client, assigned map[st
 	e.joined = true
 	e.mu.Unlock()
 	cl.PauseFetchPartitions(e.inputPartitions(added))
+	e.pauseMu.Unlock()
 	e.kickLease()
 	// A promoted standby stops tailing before its restore (which then reads
 	// only the tail); from here on the reconciler sees it owned.

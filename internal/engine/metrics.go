@@ -108,7 +108,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		}),
 		ProjectionEvents: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "esker_projection_events_total",
-			Help: "Input records of projections and reactors, by name and outcome (folded; rekeyed: sent through the repartition topic; sent: commands a reactor sent; skipped: undecodable, unkeyed or nothing to do; failed: user code panicked or returned an error; replayed: below the stored input offset).",
+			Help: "Input records of projections and reactors, by name and outcome (folded; rekeyed: sent through the repartition topic; sent: commands a reactor sent; skipped: undecodable, unkeyed or nothing to do; failed: user code panicked or returned an error; replayed: below the stored input offset; misrouted: a record on another partition than its key's).",
 		}, []string{"projection", "outcome"}),
 		ProjectionLag: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "esker_projection_lag_records",

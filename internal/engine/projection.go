@@ -102,6 +102,8 @@ type projCycle struct {
 	next        map[string]int64 // input offsets after this cycle, by topic
 	ends        map[string]int64 // high watermarks seen, by topic (for the lag)
 	handled     int
+	// warnedMisrouted: the cycle logged a record on the wrong partition.
+	warnedMisrouted bool
 }
 
 type projRow struct {
@@ -274,6 +276,16 @@ func (pc *projCycle) handle(r *kgo.Record) {
 	}
 	for _, ch := range changes {
 		part := aggregate.Partition(ch.Key, pc.c.e.cfg.Partitions)
+		if part != pc.task.Partition && pc.repartition == "" {
+			// A topic source not keyed with Kafka's default partitioner:
+			// the row lands here, where reads by key do not look.
+			pc.count("misrouted")
+			if !pc.warnedMisrouted {
+				pc.warnedMisrouted = true
+				pc.c.e.log.Warn("a projection input record is on another partition than Kafka's default partitioner (murmur2) puts its key on; reads by key will not find its row: produce the topic with murmur2, or re-key the projection with KeyBy",
+					"projection", pc.def.Name(), "topic", r.Topic, "partition", r.Partition, "key", ch.Key, "want_partition", part)
+			}
+		}
 		if pc.repartition == "" || part == pc.task.Partition {
 			pc.apply(ch)
 			continue
@@ -541,6 +553,16 @@ func (e *Engine) seekProjectionInputs(ctx context.Context, cl *kgo.Client, resto
 				return err
 			}
 			if need == 0 && in.topic != RepartitionTopic(e.cfg.AppID, name) {
+				// A start once resolved stays until the task folds a
+				// record: resolving Latest again (after an abort, say)
+				// would skip the records that arrived meanwhile.
+				if known, ok := e.knownStart(t, in.topic); ok {
+					need = known
+					if position < 0 || need < position {
+						position = need
+					}
+					continue
+				}
 				start := e.projections[name].Start()
 				at, isAt := start.Time()
 				switch {
@@ -573,23 +595,32 @@ func (e *Engine) seekProjectionInputs(ctx context.Context, cl *kgo.Client, resto
 		e.starts = map[statestore.Task]map[string]int64{}
 	}
 	for t, m := range starts {
-		e.starts[t] = m
+		if e.starts[t] == nil {
+			e.starts[t] = map[string]int64{}
+		}
+		for topic, off := range m {
+			e.starts[t][topic] = off
+		}
 	}
 	e.startMu.Unlock()
 	cl.SetOffsets(set)
 	return nil
 }
 
-// repositionProjectionInputs runs after an aborted cycle: franz-go rewound
+// repositionProjectionInputs runs after every abort (a failed cycle, a
+// failed Begin, the empty abort after a revocation): franz-go rewound
 // consumption to the group's committed offsets, which for a topic read by a
 // projection that is catching up beside others may be past what it needs
-// (seekProjectionInputs). If positioning fails, the projection tasks are
-// restored again, which positions them (with retries) before resuming.
+// (seekProjectionInputs). It covers every owned projection task, also those
+// still restoring (whose restore may have positioned them already): a
+// position lower than a reader needs is harmless, it skips. If positioning
+// fails, the tasks are restored again, which positions them (with retries)
+// before resuming.
 func (e *Engine) repositionProjectionInputs(cl *kgo.Client) {
 	var tasks []statestore.Task
 	e.mu.RLock()
-	for t, ts := range e.tasks {
-		if _, ok := e.projections[t.Type]; ok && ts.restored {
+	for t := range e.tasks {
+		if _, ok := e.projections[t.Type]; ok {
 			tasks = append(tasks, t)
 		}
 	}
@@ -603,6 +634,14 @@ func (e *Engine) repositionProjectionInputs(cl *kgo.Client) {
 		e.log.Warn("positioning projection inputs after an abort failed; restoring their tasks to position them", "err", err)
 		e.restoreAgain(cl, tasks)
 	}
+}
+
+// knownStart returns the start offset already resolved for a task's topic.
+func (e *Engine) knownStart(t statestore.Task, topic string) (int64, bool) {
+	e.startMu.Lock()
+	defer e.startMu.Unlock()
+	off, ok := e.starts[t][topic]
+	return off, ok
 }
 
 // startOffset is where a projection task without a stored input offset in

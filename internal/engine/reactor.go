@@ -56,6 +56,7 @@ func (pc *projCycle) react(rt reactorTask, ev projection.Event) {
 	if cause == "" {
 		cause = ev.Topic + "-" + strconv.Itoa(int(ev.Partition)) + "-" + strconv.FormatInt(ev.Offset, 10)
 	}
+	sent := 0
 	for i, s := range sends {
 		if err := aggregate.ValidateEntityID(s.ID); err != nil || s.Type == "" || s.Command.Type == "" {
 			pc.count("failed")
@@ -69,6 +70,7 @@ func (pc *projCycle) react(rt reactorTask, ev projection.Event) {
 		rec := CommandRecord(s.Type, s.ID, aggregate.Partition(s.ID, pc.c.e.cfg.Partitions), cmd)
 		rec.Timestamp = pc.c.now
 		pc.produce(rec, false)
+		sent++
 	}
-	pc.countN("sent", len(sends))
+	pc.countN("sent", sent)
 }

@@ -113,6 +113,10 @@ func (e *Engine) restore(ctx context.Context, cl *kgo.Client, pending map[states
 	// again has a new taskState): only the tasks this run restored for
 	// their current assignment become served.
 	var restored []statestore.Task
+	// Deciding what to resume and resuming it must not interleave with
+	// restoreAgain marking a reader unrestored and pausing its input.
+	e.pauseMu.Lock()
+	defer e.pauseMu.Unlock()
 	e.mu.Lock()
 	for t, ts := range pending {
 		if e.tasks[t] == ts {
@@ -168,6 +172,7 @@ func retry(ctx context.Context, log *slog.Logger, what string, fn func() error) 
 // the run loop, between polls, when no group callback runs.
 func (e *Engine) restoreAgain(cl *kgo.Client, tasks []statestore.Task) {
 	var again []statestore.Task
+	e.pauseMu.Lock()
 	e.mu.Lock()
 	for _, t := range tasks {
 		if e.tasks[t] != nil {
@@ -177,11 +182,13 @@ func (e *Engine) restoreAgain(cl *kgo.Client, tasks []statestore.Task) {
 	}
 	e.mu.Unlock()
 	if len(again) == 0 {
+		e.pauseMu.Unlock()
 		return
 	}
 	pause := e.inputPartitions(again)
 	e.log.Warn("a transaction's outcome is unknown; restoring its tasks from the changelogs before processing them again", "partitions", pause)
 	cl.PauseFetchPartitions(pause)
+	e.pauseMu.Unlock() // before restartRestore, which waits for the run in flight
 	e.restartRestore(cl.Context(), cl)
 }
 
