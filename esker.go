@@ -134,7 +134,15 @@ func NewNode(opts ...Option) (*Node, error) {
 		types:   map[string]aggregate.Definition{},
 		started: make(chan struct{}),
 	}
-	reg.MustRegister(n.generation, n.rebalances)
+	reg.MustRegister(n.generation, n.rebalances, prometheus.NewCounterFunc(prometheus.CounterOpts{
+		Name: "esker_event_journals_read_total",
+		Help: "Journal records read from the state store to serve entity event streams (GET …/events, Node.Events): proportional to the events read, not to the partition.",
+	}, func() float64 {
+		if s := n.runningStore(); s != nil {
+			return float64(s.JournalsRead())
+		}
+		return 0
+	}))
 	n.handler = interactive.NewHandler(backend{n},
 		interactive.MaxBodyBytes(cfg.maxBodyBytes),
 		interactive.CommandTimeout(cfg.commandTimeout),
@@ -380,6 +388,16 @@ func (n *Node) Run(ctx context.Context) error {
 		log.Info("esker node stopped")
 	}
 	return runErr
+}
+
+// runningStore returns the state store once Run has opened it.
+func (n *Node) runningStore() *statestore.Store {
+	select {
+	case <-n.started:
+		return n.store
+	default:
+		return nil
+	}
 }
 
 // runningEngine returns the engine once Run has created it.

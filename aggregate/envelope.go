@@ -40,8 +40,12 @@ type Header struct {
 //
 //	{"type":"Deposit","data":{"amount":500},"commandId":"c-1"}
 //
-// ExpectedVersion, when set, makes the command fail with a version conflict
-// unless the entity is at exactly that version (0: must not exist yet).
+// ExpectedVersion is optimistic concurrency, with EventStoreDB's modes: nil
+// (any version: no check), 0 (the entity must not exist yet), ExpectExists
+// (it must exist, at any version) or N ≥ 1 (it must be at exactly N).
+// Otherwise the command fails with a version conflict. In JSON it is a
+// number, or one of "any", "must-not-exist" and "must-exist" (see
+// ParseExpectedVersion).
 type Command struct {
 	Type            string          `json:"type"`
 	Data            json.RawMessage `json:"data,omitempty"`
@@ -49,6 +53,91 @@ type Command struct {
 	CommandID       string          `json:"commandId,omitempty"`
 	CorrelationID   string          `json:"correlationId,omitempty"`
 	CausationID     string          `json:"causationId,omitempty"`
+}
+
+// CommandJSON is the JSON form of a Command as clients write it: decode
+// into it (with the decoder options the caller needs), then call Command,
+// which reads expectedVersion in any of its forms.
+type CommandJSON struct {
+	Type            string          `json:"type"`
+	Data            json.RawMessage `json:"data,omitempty"`
+	ExpectedVersion json.RawMessage `json:"expectedVersion,omitempty"`
+	CommandID       string          `json:"commandId,omitempty"`
+	CorrelationID   string          `json:"correlationId,omitempty"`
+	CausationID     string          `json:"causationId,omitempty"`
+}
+
+// Command converts the JSON form; it fails only on an expectedVersion that
+// is none of the accepted forms.
+func (c CommandJSON) Command() (Command, error) {
+	ev, err := ParseExpectedVersion(c.ExpectedVersion)
+	return Command{Type: c.Type, Data: c.Data, ExpectedVersion: ev, CommandID: c.CommandID,
+		CorrelationID: c.CorrelationID, CausationID: c.CausationID}, err
+}
+
+// ExpectExists is the ExpectedVersion of a command that requires its entity
+// to exist, whatever its version.
+const ExpectExists int64 = -1
+
+// Expected-version names accepted in JSON for "expectedVersion".
+const (
+	ExpectAnyName          = "any"
+	ExpectNotExistsName    = "must-not-exist"
+	ExpectExistsName       = "must-exist"
+	expectedVersionChoices = `a version (0: must not exist), -1 or "must-exist", "must-not-exist", or "any"`
+)
+
+// ParseExpectedVersion reads the JSON value of "expectedVersion": a version
+// ≥ 0, -1 (ExpectExists), "must-exist", "must-not-exist" (0), "any" or null
+// (nil: no check). Anything else is an error saying what is accepted.
+func ParseExpectedVersion(raw []byte) (*int64, error) {
+	if len(raw) == 0 || string(raw) == "null" {
+		return nil, nil
+	}
+	var name string
+	if err := json.Unmarshal(raw, &name); err == nil {
+		var v int64
+		switch name {
+		case ExpectAnyName:
+			return nil, nil
+		case ExpectNotExistsName:
+			v = 0
+		case ExpectExistsName:
+			v = ExpectExists
+		default:
+			return nil, fmt.Errorf("expectedVersion %q: want %s", name, expectedVersionChoices)
+		}
+		return &v, nil
+	}
+	var v int64
+	if err := json.Unmarshal(raw, &v); err != nil || v < ExpectExists {
+		return nil, fmt.Errorf("expectedVersion %s: want %s", raw, expectedVersionChoices)
+	}
+	return &v, nil
+}
+
+// ExpectationMet reports whether an entity at version current satisfies a
+// command's expected version (see Command).
+func ExpectationMet(expected *int64, current int64) bool {
+	switch {
+	case expected == nil:
+		return true
+	case *expected == ExpectExists:
+		return current > 0
+	default:
+		return *expected == current
+	}
+}
+
+// DescribeExpected says in words what an expected version requires.
+func DescribeExpected(expected int64) string {
+	switch expected {
+	case 0:
+		return "must not exist"
+	case ExpectExists:
+		return "must exist"
+	}
+	return "version " + strconv.FormatInt(expected, 10)
 }
 
 // Event is one stored event with its envelope.

@@ -290,10 +290,6 @@ func (a *api) submit(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, err.Error())
 		return
 	}
-	if cmd.ExpectedVersion != nil && *cmd.ExpectedVersion < 0 {
-		writeError(w, http.StatusBadRequest, fmt.Sprintf("expectedVersion is %d; use 0 for an entity that must not exist yet, or its current version", *cmd.ExpectedVersion))
-		return
-	}
 	generated := cmd.CommandID == ""
 	if generated {
 		cmd.CommandID = newCommandID()
@@ -348,7 +344,7 @@ func (a *api) submit(w http.ResponseWriter, r *http.Request) {
 	case out.Conflict:
 		msg := fmt.Sprintf("version conflict: %s %q is at version %d", typ, id, out.Version)
 		if cmd.ExpectedVersion != nil {
-			msg += fmt.Sprintf(", not the expected %d", *cmd.ExpectedVersion)
+			msg += ", but the command expected: " + aggregate.DescribeExpected(*cmd.ExpectedVersion)
 		}
 		msg += "; read the current state, decide again and send a new command (with a new commandId)"
 		writeJSON(w, http.StatusConflict, errorBody{Error: msg, CommandID: out.CommandID, CurrentVersion: &current})
@@ -371,11 +367,16 @@ func decodeCommandBody(body []byte) (aggregate.Command, string) {
 	}
 	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
-	if err := dec.Decode(&cmd); err != nil {
+	var raw aggregate.CommandJSON
+	if err := dec.Decode(&raw); err != nil {
 		return cmd, "request body is not a valid command: " + describeJSONError(err)
 	}
 	if _, err := dec.Token(); err != io.EOF {
 		return cmd, "request body has more data after the command's JSON object; send exactly one object"
+	}
+	cmd, err := raw.Command()
+	if err != nil {
+		return cmd, err.Error()
 	}
 	if cmd.Type == "" {
 		return cmd, `request body has no "type": name the command, as in {"type":"Deposit","data":{…}}`

@@ -298,7 +298,7 @@ func TestSubmit(t *testing.T) {
 			},
 			body: `{"type":"Add","data":{"n":1},"expectedVersion":4,"commandId":"c-9"}`, status: 409,
 			json:    map[string]any{"currentVersion": 5, "commandId": "c-9"},
-			errLike: "version 5, not the expected 4",
+			errLike: "version 5, but the command expected: version 4",
 		},
 		{
 			name: "conflict at version 0 still reports currentVersion", method: "POST", path: cmdPath,
@@ -419,7 +419,7 @@ func TestSubmit(t *testing.T) {
 		{
 			name: "wrong type of a top-level field", method: "POST", path: cmdPath,
 			body: `{"type":"Add","data":{"n":1},"expectedVersion":"3"}`, status: 400,
-			errLike: "field expectedVersion: want int64, got string", noBackend: true,
+			errLike: `expectedVersion "3": want a version`, noBackend: true,
 		},
 		{
 			name: "unknown command type lists the known ones", method: "POST", path: cmdPath,
@@ -438,8 +438,8 @@ func TestSubmit(t *testing.T) {
 		},
 		{
 			name: "negative expectedVersion", method: "POST", path: cmdPath,
-			body: `{"type":"Add","data":{"n":1},"expectedVersion":-1}`, status: 400,
-			errLike: "expectedVersion is -1", noBackend: true,
+			body: `{"type":"Add","data":{"n":1},"expectedVersion":-2}`, status: 400,
+			errLike: "expectedVersion -2: want a version", noBackend: true,
 		},
 		{
 			name: "GET on the commands route", method: "GET", path: cmdPath, status: 405,

@@ -731,7 +731,7 @@ func TestRouteBadInputNotForwarded(t *testing.T) {
 		{"unknown command", "POST", cmdPath, `{"type":"Nope"}`, 400},
 		{"invalid data", "POST", cmdPath, `{"type":"Add","data":{"n":"x"}}`, 400},
 		{"Validate fails", "POST", cmdPath, `{"type":"Add","data":{"n":-1}}`, 400},
-		{"negative expectedVersion", "POST", cmdPath, `{"type":"Add","data":{"n":1},"expectedVersion":-1}`, 400},
+		{"negative expectedVersion", "POST", cmdPath, `{"type":"Add","data":{"n":1},"expectedVersion":-2}`, 400},
 		{"empty body", "POST", cmdPath, ``, 400},
 		{"too large", "POST", cmdPath, `{"type":"Add","data":{"n":1},"correlationId":"` + strings.Repeat("x", 300) + `"}`, 413},
 		{"unknown type", "POST", "/v1/aggregates/nope/c1/commands", `{"type":"Add"}`, 404},

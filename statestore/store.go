@@ -36,6 +36,7 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"sync/atomic"
 
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/cockroachdb/pebble/v2/bloom"
@@ -47,7 +48,15 @@ import (
 // Store is a node's state store.
 type Store struct {
 	db *pebble.DB
+	// journalsRead counts the journals Events has decoded: what serving
+	// entity streams costs (JournalsRead).
+	journalsRead atomic.Int64
 }
+
+// JournalsRead returns how many journal records Events has read since the
+// store was opened. Reading one entity's stream reads its journals only,
+// whatever the size of its partition.
+func (s *Store) JournalsRead() int64 { return s.journalsRead.Load() }
 
 // Open opens (creating if needed) the store in dir.
 func Open(dir string) (*Store, error) {
@@ -303,6 +312,7 @@ func (s *Store) Events(t Task, id string, from int64, limit int) ([]aggregate.Ev
 		if err != nil {
 			return nil, err
 		}
+		s.journalsRead.Add(1)
 		j, err := DecodeJournal(id, v)
 		if err != nil {
 			return nil, fmt.Errorf("statestore: task %s: journal of %q: %w", t, id, err)

@@ -63,8 +63,8 @@ func ParseCommand(r *kgo.Record) (aggregate.Command, error) {
 			c.CommandID = string(h.Value)
 		case HeaderExpectedVersion:
 			v, err := strconv.ParseInt(string(h.Value), 10, 64)
-			if err != nil || v < 0 {
-				return c, fmt.Errorf("header %s: %q is not a version", HeaderExpectedVersion, h.Value)
+			if err != nil || v < aggregate.ExpectExists {
+				return c, fmt.Errorf("header %s: %q is not a version (or -1: must exist)", HeaderExpectedVersion, h.Value)
 			}
 			c.ExpectedVersion = &v
 		case aggregate.HeaderCorrelationID:
@@ -80,17 +80,18 @@ func ParseCommand(r *kgo.Record) (aggregate.Command, error) {
 		}
 		return c, nil
 	}
-	if err := json.Unmarshal(r.Value, &c); err != nil {
+	var raw aggregate.CommandJSON
+	if err := json.Unmarshal(r.Value, &raw); err != nil {
 		return c, fmt.Errorf("command record is neither headers plus data nor a JSON command envelope: %w", err)
+	}
+	// An expected version that names no mode is malformed input, not a
+	// version conflict.
+	c, err := raw.Command()
+	if err != nil {
+		return c, fmt.Errorf("command envelope: %w", err)
 	}
 	if c.Type == "" {
 		return c, errors.New(`command envelope has no "type"`)
-	}
-	// The same rule as for the header: a negative expected version names
-	// no version an entity can be at, so it is malformed input, not a
-	// version conflict.
-	if c.ExpectedVersion != nil && *c.ExpectedVersion < 0 {
-		return c, fmt.Errorf(`command envelope: "expectedVersion" %d is not a version`, *c.ExpectedVersion)
 	}
 	return c, nil
 }

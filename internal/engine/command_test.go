@@ -39,10 +39,11 @@ func TestParseCommandEnvelopeAndErrors(t *testing.T) {
 		"no type":          {Value: []byte(`{"data":{}}`)},
 		"empty type":       {Headers: []kgo.RecordHeader{{Key: HeaderCommandType}}},
 		"bad version":      {Headers: []kgo.RecordHeader{{Key: HeaderCommandType, Value: []byte("A")}, {Key: HeaderExpectedVersion, Value: []byte("x")}}},
-		"negative version": {Headers: []kgo.RecordHeader{{Key: HeaderCommandType, Value: []byte("A")}, {Key: HeaderExpectedVersion, Value: []byte("-1")}}},
+		"negative version": {Headers: []kgo.RecordHeader{{Key: HeaderCommandType, Value: []byte("A")}, {Key: HeaderExpectedVersion, Value: []byte("-2")}}},
 		// Found by FuzzParseCommand: the envelope form took a negative
 		// expected version, which the header form refuses.
-		"negative envelope version": {Value: []byte(`{"type":"A","expectedVersion":-1}`)},
+		"negative envelope version": {Value: []byte(`{"type":"A","expectedVersion":-2}`)},
+		"unknown mode":              {Value: []byte(`{"type":"A","expectedVersion":"sometimes"}`)},
 	} {
 		if _, err := ParseCommand(r); err == nil {
 			t.Errorf("%s: no error", name)

@@ -399,8 +399,8 @@ func (tc *taskCycle) handle(r *kgo.Record, p *parsedCommand) {
 		tc.c.fail(fmt.Errorf("read state of %s %q: %w", tc.task.Type, id, err))
 		return
 	}
-	if cmd.ExpectedVersion != nil && *cmd.ExpectedVersion != ent.version {
-		reject(fmt.Sprintf("version conflict: expected version %d, current version is %d", *cmd.ExpectedVersion, ent.version), true, ent.version)
+	if !aggregate.ExpectationMet(cmd.ExpectedVersion, ent.version) {
+		reject(fmt.Sprintf("version conflict: the command expected: %s; current version is %d", aggregate.DescribeExpected(*cmd.ExpectedVersion), ent.version), true, ent.version)
 		return
 	}
 	events, state, version, err := tc.decide(ent, cmd, cmdID)

@@ -35,7 +35,7 @@ func FuzzParseCommand(f *testing.F) {
 	// The JSON envelope form, as kcat users write it.
 	f.Add([]byte(`{"type":"Open","data":{"owner":"x"},"commandId":"k","expectedVersion":0}`), "", "", "", "", "", uint8(0))
 	f.Add([]byte(`{"type":"Deposit","data":{"amount":500},"commandId":"dep-1","correlationId":"c","causationId":"d","extra":1}`), "", "", "", "", "", uint8(0))
-	f.Add([]byte(`{"type":"Open","expectedVersion":-1}`), "", "", "", "", "", uint8(0))
+	f.Add([]byte(`{"type":"Open","expectedVersion":-2}`), "", "", "", "", "", uint8(0))
 	f.Add([]byte(`{"type":"Open"}`), "", "", "-1", "", "", uint8(0b00100))
 	f.Add([]byte(`{"data":{}}`), "", "", "", "", "", uint8(0))
 	f.Add([]byte(`{"type":"\xff"}`), "", "", "", "", "", uint8(0))
@@ -60,8 +60,8 @@ func FuzzParseCommand(f *testing.F) {
 		if c.Type == "" {
 			t.Fatalf("accepted a command without a type: %+v", c)
 		}
-		if c.ExpectedVersion != nil && *c.ExpectedVersion < 0 {
-			t.Fatalf("accepted a negative expected version %d", *c.ExpectedVersion)
+		if c.ExpectedVersion != nil && *c.ExpectedVersion < aggregate.ExpectExists {
+			t.Fatalf("accepted an expected version below -1 (must exist): %d", *c.ExpectedVersion)
 		}
 		if mask&1 != 0 && !bytes.Equal(c.Data, value) {
 			t.Fatalf("header form: data %q, want the record value %q", c.Data, value)
@@ -84,7 +84,7 @@ func FuzzCommandRecordRoundTrip(f *testing.F) {
 	f.Add("Open", []byte(nil), false, int64(0), "", "", "")
 	f.Add("\xff", []byte{0, 0xff}, true, int64(1<<62), "\x00", "", "")
 	f.Fuzz(func(t *testing.T, typ string, data []byte, hasExpected bool, expected int64, cmdID, corr, caus string) {
-		if typ == "" || expected < 0 {
+		if typ == "" || expected < aggregate.ExpectExists {
 			return // not a command esker writes
 		}
 		want := aggregate.Command{Type: typ, Data: data, CommandID: cmdID, CorrelationID: corr, CausationID: caus}
