@@ -40,15 +40,16 @@ func TestAcceptedCommand(t *testing.T) {
 	if len(recs) != 2 {
 		t.Fatalf("account-events has %d records, want 2", len(recs))
 	}
+	// Opened is at schema version 1, Deposited at 2 (it gained a currency).
 	for i, r := range recs {
 		if string(r.Key) != "acc-1" || header(r, aggregate.HeaderVersion) != fmt.Sprint(i+1) ||
 			header(r, aggregate.HeaderEventID) == "" || header(r, aggregate.HeaderCommandID) == "" ||
-			header(r, aggregate.HeaderSchemaVersion) != "1" || header(r, aggregate.HeaderTime) == "" ||
+			header(r, aggregate.HeaderSchemaVersion) != []string{"1", "2"}[i] || header(r, aggregate.HeaderTime) == "" ||
 			header(r, aggregate.HeaderContentType) != "application/json" {
 			t.Fatalf("record %d: key %q headers %v", i, r.Key, r.Headers)
 		}
 	}
-	if header(recs[0], aggregate.HeaderEventType) != "Opened" || string(recs[1].Value) != `{"amount":500}` {
+	if header(recs[0], aggregate.HeaderEventType) != "Opened" || string(recs[1].Value) != `{"amount":500,"currency":"EUR"}` {
 		t.Fatalf("records: %v / %s", recs[0].Headers, recs[1].Value)
 	}
 }

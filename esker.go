@@ -77,6 +77,9 @@ type Node struct {
 	store    *statestore.Store
 	producer *kgo.Client
 	started  chan struct{}
+	// clientOpts are the base Kafka client options, set before started
+	// is closed: event streams (watch.go) build their readers with them.
+	clientOpts []kgo.Opt
 
 	storeMu     sync.RWMutex // readers hold it shared while they use the store
 	storeClosed bool
@@ -285,6 +288,7 @@ func (n *Node) Run(ctx context.Context) error {
 	}()
 
 	clientOpts := append([]kgo.Opt{kgo.SeedBrokers(c.brokers...), kgo.WithLogger(kgolog.New(log))}, c.kafkaOpts...)
+	n.clientOpts = clientOpts
 	producer, err := kgo.NewClient(append(append([]kgo.Opt{}, clientOpts...),
 		kgo.RecordPartitioner(kgo.ManualPartitioner()))...)
 	if err != nil {

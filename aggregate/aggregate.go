@@ -33,6 +33,8 @@ type Type[S, C, E any] struct {
 	codec    Codec
 	commands registry
 	events   registry
+	// upcasters[event][v] turns schema version v of the event into v+1.
+	upcasters map[string]map[int]Upcaster
 }
 
 // Option configures a Type.
@@ -100,6 +102,76 @@ func (t *Type[S, C, E]) Events(examples ...E) *Type[S, C, E] {
 		t.events.add(e, version)
 	}
 	return t
+}
+
+// Upcaster turns the payload of an event of one schema version into the
+// next version's, in the type's codec (UpcastJSON builds one from a typed
+// function). It must be pure: every read of an old event runs it.
+type Upcaster func(data []byte) ([]byte, error)
+
+// Upcast registers the upcaster of the named event from schema version from
+// to from+1; upcasters chain (v1→v2→v3) up to the event's registered
+// version (its SchemaVersion method). Every read path decodes events
+// through the chain: projections, side effects, sinks and the events API
+// see old events in the current form, while the stored events stay as they
+// were written. It returns t for chaining and panics on an unknown event, a
+// version outside 1..current-1, or a duplicate: programming errors found at
+// start-up.
+func (t *Type[S, C, E]) Upcast(event string, from int, up Upcaster) *Type[S, C, E] {
+	entry, ok := t.events.byName[event]
+	switch {
+	case !ok:
+		panic(fmt.Sprintf("aggregate: Upcast of %q: no such event is registered on %q", event, t.name))
+	case from < 1 || from >= entry.version:
+		panic(fmt.Sprintf("aggregate: Upcast of %q from version %d: the event is at version %d; upcasters go from 1 up to it", event, from, entry.version))
+	case up == nil:
+		panic("aggregate: Upcast needs a function")
+	}
+	if t.upcasters == nil {
+		t.upcasters = map[string]map[int]Upcaster{}
+	}
+	if t.upcasters[event] == nil {
+		t.upcasters[event] = map[int]Upcaster{}
+	}
+	if _, dup := t.upcasters[event][from]; dup {
+		panic(fmt.Sprintf("aggregate: Upcast of %q from version %d registered twice", event, from))
+	}
+	t.upcasters[event][from] = up
+	return t
+}
+
+// UpcastJSON builds an Upcaster for JSON payloads from a typed function
+// that maps the old form to the new one.
+func UpcastJSON[Old, New any](fn func(Old) New) Upcaster {
+	return func(data []byte) ([]byte, error) {
+		var old Old
+		if err := json.Unmarshal(data, &old); err != nil {
+			return nil, fmt.Errorf("%w: %s", ErrMalformed, describeDecodeError(err))
+		}
+		return json.Marshal(fn(old))
+	}
+}
+
+// upcast brings a payload of schemaVersion to the event's registered
+// version through the chain of upcasters. A payload of the current version
+// (or a newer one, written by newer code) is returned as it is.
+func (t *Type[S, C, E]) upcast(name string, schemaVersion int, data []byte) (int, []byte, error) {
+	entry, ok := t.events.byName[name]
+	if !ok {
+		return schemaVersion, data, nil
+	}
+	for v := max(schemaVersion, 1); v < entry.version; v++ {
+		up, ok := t.upcasters[name][v]
+		if !ok {
+			return v, nil, fmt.Errorf("%w: event %s of %q has schema version %d and no upcaster from version %d is registered (the event is at version %d)",
+				ErrMalformed, name, t.name, schemaVersion, v, entry.version)
+		}
+		var err error
+		if data, err = up(data); err != nil {
+			return v, nil, fmt.Errorf("upcast %s of %q from version %d: %w", name, t.name, v, err)
+		}
+	}
+	return max(entry.version, schemaVersion), data, nil
 }
 
 // Name returns the aggregate type's name.
@@ -179,7 +251,12 @@ type Definition interface {
 	Evolve(state any, event any) any
 	// EncodeEvent returns the registered name, schema version and payload.
 	EncodeEvent(event any) (name string, schemaVersion int, data []byte, err error)
+	// DecodeEvent decodes a stored payload, upcast first from its schema
+	// version to the registered one.
 	DecodeEvent(name string, schemaVersion int, data []byte) (any, error)
+	// Upcast returns a stored payload in the registered schema version
+	// (see Type.Upcast) and that version.
+	Upcast(name string, schemaVersion int, data []byte) (int, []byte, error)
 	CommandNames() []string
 	EventNames() []string
 	ContentType() string
@@ -263,7 +340,15 @@ func (u untyped[S, C, E]) EncodeEvent(event any) (string, int, []byte, error) {
 	return entry.name, entry.version, data, err
 }
 
-func (u untyped[S, C, E]) DecodeEvent(name string, _ int, data []byte) (any, error) {
+func (u untyped[S, C, E]) Upcast(name string, schemaVersion int, data []byte) (int, []byte, error) {
+	return u.t.upcast(name, schemaVersion, data)
+}
+
+func (u untyped[S, C, E]) DecodeEvent(name string, schemaVersion int, data []byte) (any, error) {
+	_, data, err := u.t.upcast(name, schemaVersion, data)
+	if err != nil {
+		return nil, err
+	}
 	v, err := u.t.events.decode(name, data, u.t.codec)
 	if err != nil {
 		if errors.Is(err, errUnknownName) {

@@ -588,7 +588,7 @@ func TestNewPanics(t *testing.T) {
 
 func TestTypedDecodeEvent(t *testing.T) {
 	a := newAccount()
-	got, err := a.DecodeEvent(aggregate.Event{Type: "Deposited", SchemaVersion: 1, Data: []byte(`{"amount":3}`)})
+	got, err := a.DecodeEvent(aggregate.Event{Type: "Deposited", SchemaVersion: 3, Data: []byte(`{"amount":3}`)})
 	if d, ok := got.(Deposited); err != nil || !ok || d.Amount != 3 {
 		t.Fatalf("DecodeEvent: %#v, %v", got, err)
 	}

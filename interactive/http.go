@@ -634,8 +634,13 @@ func eventsJSON(def aggregate.Definition, evs []aggregate.Event) ([]eventJSON, e
 	out := make([]eventJSON, 0, len(evs))
 	ct := def.ContentType()
 	for _, e := range evs {
-		data, err := payloadJSON(ct, e.Data, func(b []byte) (any, error) {
-			return def.DecodeEvent(e.Type, e.SchemaVersion, b)
+		// Old events are shown in the current schema (upcast).
+		schema, payload, err := def.Upcast(e.Type, e.SchemaVersion, e.Data)
+		if err != nil {
+			return nil, fmt.Errorf("event %d (%s): %w", e.Version, e.Type, err)
+		}
+		data, err := payloadJSON(ct, payload, func(b []byte) (any, error) {
+			return def.DecodeEvent(e.Type, schema, b)
 		})
 		if err != nil {
 			return nil, fmt.Errorf("event %d (%s): %w", e.Version, e.Type, err)
@@ -643,7 +648,7 @@ func eventsJSON(def aggregate.Definition, evs []aggregate.Event) ([]eventJSON, e
 		out = append(out, eventJSON{
 			Version:       e.Version,
 			Type:          e.Type,
-			SchemaVersion: e.SchemaVersion,
+			SchemaVersion: schema,
 			EventID:       e.EventID,
 			Time:          e.Time.UTC(),
 			CommandID:     e.CommandID,

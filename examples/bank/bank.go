@@ -59,9 +59,11 @@ type Open struct {
 	Owner string `json:"owner"`
 }
 
-// Deposit adds Amount cents to the balance.
+// Deposit adds Amount cents to the balance. Currency is recorded on the
+// event ("EUR" when empty); balances are kept in one currency.
 type Deposit struct {
-	Amount int64 `json:"amount"`
+	Amount   int64  `json:"amount"`
+	Currency string `json:"currency,omitempty"`
 }
 
 // Withdraw takes Amount cents from the balance; it is rejected if the
@@ -124,10 +126,25 @@ type Opened struct {
 	Owner string `json:"owner"`
 }
 
-// Deposited records a deposit of Amount cents.
+// Deposited records a deposit of Amount cents. It is at schema version 2,
+// which added Currency: events written at version 1 (DepositedV1) are read
+// with "EUR", through the upcaster registered on Account.
 type Deposited struct {
+	Amount   int64  `json:"amount"`
+	Currency string `json:"currency"`
+}
+
+// SchemaVersion is 2: version 1 had no currency.
+func (Deposited) SchemaVersion() int { return 2 }
+
+// DepositedV1 is Deposited at schema version 1.
+type DepositedV1 struct {
 	Amount int64 `json:"amount"`
 }
+
+// DefaultCurrency is the currency of deposits that name none, and of
+// deposits recorded before Deposited had a currency.
+const DefaultCurrency = "EUR"
 
 // Withdrawn records a withdrawal of Amount cents.
 type Withdrawn struct {
@@ -194,7 +211,11 @@ func Decide(s AccountState, cmd Command) ([]Event, error) {
 		if c.Amount > math.MaxInt64-s.Balance {
 			return nil, fmt.Errorf("deposit of %d would overflow the balance %d", c.Amount, s.Balance)
 		}
-		return []Event{Deposited{Amount: c.Amount}}, nil
+		currency := c.Currency
+		if currency == "" {
+			currency = DefaultCurrency
+		}
+		return []Event{Deposited{Amount: c.Amount, Currency: currency}}, nil
 	case Withdraw:
 		if c.Amount > s.Balance {
 			return nil, fmt.Errorf("insufficient funds: balance %d, withdrawal %d", s.Balance, c.Amount)
@@ -243,4 +264,7 @@ func Evolve(s AccountState, ev Event) AccountState {
 var Account = aggregate.New[AccountState, Command, Event]("account", Decide, Evolve).
 	Commands(Open{}, Deposit{}, Withdraw{}, ChangeOwner{}, Close{}, DebitForTransfer{}, CreditForTransfer{}).
 	Events(Opened{}, Deposited{}, Withdrawn{}, OwnerChanged{}, Closed{},
-		TransferDebited{}, TransferDebitDeclined{}, TransferCredited{}, TransferCreditDeclined{})
+		TransferDebited{}, TransferDebitDeclined{}, TransferCredited{}, TransferCreditDeclined{}).
+	Upcast("Deposited", 1, aggregate.UpcastJSON(func(v1 DepositedV1) Deposited {
+		return Deposited{Amount: v1.Amount, Currency: DefaultCurrency}
+	}))

@@ -28,13 +28,13 @@ func TestDecide(t *testing.T) {
 		{"open blank owner", AccountState{}, Open{Owner: "  \t"}, nil, "owner is required"},
 		{"open long owner", AccountState{}, Open{Owner: strings.Repeat("x", 201)}, nil, "owner is 201 characters; the limit is 200"},
 
-		{"deposit", open, Deposit{Amount: 500}, []Event{Deposited{Amount: 500}}, ""},
+		{"deposit", open, Deposit{Amount: 500}, []Event{Deposited{Amount: 500, Currency: "EUR"}}, ""},
 		{"deposit zero", open, Deposit{}, nil, "amount must be a positive number of cents"},
 		{"deposit negative", open, Deposit{Amount: -5}, nil, "amount must be a positive number of cents"},
 		{"deposit not opened", AccountState{}, Deposit{Amount: 5}, nil, "account is not open; send Open first"},
 		{"deposit closed", closed, Deposit{Amount: 5}, nil, "account is closed"},
 		{"deposit overflow", AccountState{Open: true, Balance: math.MaxInt64 - 1}, Deposit{Amount: 2}, nil, "would overflow"},
-		{"deposit to max", AccountState{Open: true, Balance: math.MaxInt64 - 1}, Deposit{Amount: 1}, []Event{Deposited{Amount: 1}}, ""},
+		{"deposit to max", AccountState{Open: true, Balance: math.MaxInt64 - 1}, Deposit{Amount: 1}, []Event{Deposited{Amount: 1, Currency: "EUR"}}, ""},
 
 		{"withdraw", open, Withdraw{Amount: 100}, []Event{Withdrawn{Amount: 100}}, ""},
 		{"withdraw all", open, Withdraw{Amount: 300}, []Event{Withdrawn{Amount: 300}}, ""},

@@ -218,6 +218,13 @@ func New(cfg Config) (*Engine, error) {
 		}
 	}
 	e.progress = newProgress(e)
+	// The tailer exists before Run: the HTTP layer asks it for standby
+	// lags from the moment the node serves (it connects only in Run).
+	if cfg.Standbys {
+		if err := e.newTailer(); err != nil {
+			return nil, err
+		}
+	}
 	return e, nil
 }
 
@@ -244,12 +251,12 @@ func (e *Engine) Run(ctx context.Context) error {
 	err = EnsureTopics(ctx, adm, specs, e.cfg.Partitions, e.cfg.ReplicationFactor)
 	adm.Close()
 	if err != nil {
+		if e.tailer != nil {
+			e.tailer.Close()
+		}
 		return err
 	}
-	if e.cfg.Standbys {
-		if err := e.newTailer(); err != nil {
-			return err
-		}
+	if e.tailer != nil {
 		standbyCtx, stopStandbys := context.WithCancel(context.Background())
 		done := make(chan struct{})
 		go func() { defer close(done); e.runStandbys(standbyCtx) }()
