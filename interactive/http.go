@@ -108,6 +108,7 @@ func Logger(l *slog.Logger) HandlerOption {
 //	POST /v1/aggregates/{type}/{id}/commands   submit a command, await its outcome
 //	GET  /v1/aggregates/{type}/{id}            committed state (?minVersion=&wait=)
 //	GET  /v1/aggregates/{type}/{id}/events     the entity's events (?from=&limit=)
+//	GET  /v1/aggregates/{type}/{id}/watch      its versions as Server-Sent Events; GET /v1/streams/{type}: all its type's events (watch.go)
 //	GET  /v1/projections/{name}/{key}          one projection row (Backend implements Projections)
 //	GET  /v1/projections/{name}                rows in key order (?prefix=&after=&limit=)
 //	GET  /v1/cluster                           the cluster map (with Routing)
@@ -166,6 +167,8 @@ func NewHandler(b Backend, opts ...HandlerOption) http.Handler {
 	r.Post("/v1/aggregates/{type}/{id}/commands", a.submit)
 	r.Get("/v1/aggregates/{type}/{id}", a.state)
 	r.Get("/v1/aggregates/{type}/{id}/events", a.events)
+	r.Get("/v1/aggregates/{type}/{id}/watch", newSSERoutes(a).watch)
+	r.Get("/v1/streams/{type}", newSSERoutes(a).stream)
 	r.Get("/v1/projections/{name}/{key}", a.projectionRow)
 	r.Get("/v1/projections/{name}", a.projectionRows)
 	if a.rt != nil {

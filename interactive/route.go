@@ -194,6 +194,10 @@ type forwardRequest struct {
 	// answered (504: outcome unknown) and is included in every error.
 	commandID string
 	timeout   time.Duration
+	// stream, for a route that answers with Server-Sent Events, relays
+	// the owner's answer chunk by chunk (watch.go); timeout then bounds
+	// only the wait for the answer's headers.
+	stream *streamRelay
 }
 
 // route decides who serves a validated request for entity id of type typ.
@@ -241,7 +245,13 @@ func isForwarded(r *http.Request) bool {
 // forward sends r to the owner at base, one hop, and relays its answer.
 func (a *api) forward(w http.ResponseWriter, r *http.Request, base string, fr forwardRequest) {
 	start := time.Now()
-	ctx, cancel := context.WithTimeout(r.Context(), fr.timeout)
+	var ctx context.Context
+	var cancel context.CancelFunc
+	if fr.stream != nil {
+		ctx, cancel = fr.stream.forwardContext(r.Context(), fr.timeout)
+	} else {
+		ctx, cancel = context.WithTimeout(r.Context(), fr.timeout)
+	}
 	defer cancel()
 
 	// sent turns true once a request's headers were written to a
@@ -263,8 +273,10 @@ func (a *api) forward(w http.ResponseWriter, r *http.Request, base string, fr fo
 		writeRetry(w, http.StatusServiceUnavailable, fmt.Sprintf("the node that owns partition %d of %s has an unusable URL %q; retry after the Retry-After delay", fr.partition, fr.typ, base), fr.commandID)
 		return
 	}
-	if ct := r.Header.Get("Content-Type"); ct != "" {
-		req.Header.Set("Content-Type", ct)
+	for _, k := range []string{"Content-Type", "Last-Event-ID"} {
+		if v := r.Header.Get(k); v != "" {
+			req.Header.Set(k, v)
+		}
 	}
 	self := a.rt.Self()
 	if self == "" {
@@ -279,6 +291,9 @@ func (a *api) forward(w http.ResponseWriter, r *http.Request, base string, fr fo
 	}
 
 	res, err := forwardClient.Do(req)
+	if fr.stream != nil {
+		err = fr.stream.answered(err)
+	}
 	if err != nil {
 		a.forwardFailed(w, r, base, fr, err, sent.Load())
 		a.fwdMetrics.seconds.Observe(time.Since(start).Seconds())
@@ -287,7 +302,7 @@ func (a *api) forward(w http.ResponseWriter, r *http.Request, base string, fr fo
 	defer res.Body.Close()
 
 	h := w.Header()
-	for _, k := range []string{"Content-Type", "Retry-After", "X-Content-Type-Options"} {
+	for _, k := range []string{"Content-Type", "Retry-After", "X-Content-Type-Options", "Cache-Control", "X-Accel-Buffering"} {
 		if v := res.Header.Values(k); len(v) > 0 {
 			h[k] = append([]string(nil), v...)
 		} else {
@@ -296,8 +311,14 @@ func (a *api) forward(w http.ResponseWriter, r *http.Request, base string, fr fo
 	}
 	h.Set(ServedByHeader, base)
 	w.WriteHeader(res.StatusCode)
-	_, copyErr := io.Copy(w, res.Body)
-	a.fwdMetrics.seconds.Observe(time.Since(start).Seconds())
+	var copyErr error
+	if fr.stream != nil && isEventStream(res.Header) {
+		// Flushed chunk by chunk; a stream's duration is not a forward's.
+		copyErr = fr.stream.relay(w, r, res.Body, base, fr.partition, fr.typ)
+	} else {
+		_, copyErr = io.Copy(w, res.Body)
+		a.fwdMetrics.seconds.Observe(time.Since(start).Seconds())
+	}
 	if res.StatusCode >= 500 {
 		a.fwdMetrics.forwarded.WithLabelValues(outcomeOwnerError).Inc()
 	} else {
