@@ -27,10 +27,11 @@ var (
 )
 
 // ownershipPoll is how often a watch that waits for a change checks that
-// this node still serves the entity's partition: the engine closes a task's
-// Changed channel when its store changes, not when the task is revoked,
-// its lease lapses or the engine stops.
-const ownershipPoll = 200 * time.Millisecond
+// this node still serves the entity's partition. The engine's Changed
+// channel wakes it when the task is revoked, its session ends or the group
+// drops the node; a lease that lapses silently (no answer from the group)
+// is only noticed by this check, so it is well within the lease period.
+const ownershipPoll = 500 * time.Millisecond
 
 // foldPage is how many events a watch reads from the store at once while it
 // folds versions it does not send (the history before its first version).

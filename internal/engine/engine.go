@@ -315,8 +315,12 @@ func (e *Engine) runSession(ctx context.Context) error {
 	defer func() {
 		e.waiters.release(nil)
 		e.mu.Lock()
+		ended := e.tasks
 		e.tasks = map[statestore.Task]*taskState{}
 		e.mu.Unlock()
+		for t := range ended {
+			e.signal(t) // their readers find them gone
+		}
 		sess.Close()
 		e.restoreMu.Lock()
 		e.stopRestore()
@@ -524,6 +528,13 @@ func (e *Engine) onRevoked(ctx context.Context, cl *kgo.Client, revoked map[stri
 			}
 		}
 	}
+	// Last (deferred first), once e.mu is released: readers waiting on
+	// the lost tasks wake and find them gone.
+	defer func() {
+		for t := range lost {
+			e.signal(t)
+		}
+	}()
 	defer e.waiters.release(func(t statestore.Task) bool { return lost[t] })
 	if e.tailer != nil {
 		defer e.kickStandbys() // a revoked partition may become a standby here
@@ -589,7 +600,10 @@ func (e *Engine) Ready() error {
 }
 
 // Changed returns a channel that is closed the next time the task's store
-// changes (a commit applied or a restore finished).
+// changes (a commit applied or a restore finished) or the node stops
+// serving the task (revoked, its session ended, its membership dropped by
+// the group). A lease that lapses without an answer from the group is not
+// signalled: readers that must notice it re-check within the lease period.
 func (e *Engine) Changed(t statestore.Task) <-chan struct{} {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -599,6 +613,19 @@ func (e *Engine) Changed(t statestore.Task) <-chan struct{} {
 		e.changed[t] = ch
 	}
 	return ch
+}
+
+// signalOwned signals every task the engine owns.
+func (e *Engine) signalOwned() {
+	e.mu.RLock()
+	owned := make([]statestore.Task, 0, len(e.tasks))
+	for t := range e.tasks {
+		owned = append(owned, t)
+	}
+	e.mu.RUnlock()
+	for _, t := range owned {
+		e.signal(t)
+	}
 }
 
 func (e *Engine) signal(t statestore.Task) {

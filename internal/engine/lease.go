@@ -113,6 +113,7 @@ func (e *Engine) heartbeat(ctx context.Context, cl *kgo.Client, timeout time.Dur
 		// (its outcome is then unknown, and handled as such).
 		e.leaseUntil.Store(0)
 		e.cancelEnd()
+		e.signalOwned() // readers waiting on its tasks re-check at once
 		return false
 	default:
 		return false
