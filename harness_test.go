@@ -281,9 +281,10 @@ func mustStatus(t testing.TB, want int, code int, body map[string]any, what stri
 
 func bankAccount() esker.Registrable { return bank.Account }
 
-// counterWith returns the value of a counter family's sample whose label has
-// the given value (0 when there is none).
-func counterWith(t testing.TB, n *testNode, name, label, value string) float64 {
+// metricValue returns the value of the counter or gauge sample of the
+// family name whose labels include every label/value pair given; ok is
+// false when no sample matches.
+func metricValue(t testing.TB, n *esker.Node, name string, labelValues ...string) (v float64, ok bool) {
 	t.Helper()
 	mfs, err := n.Registry().Gather()
 	if err != nil {
@@ -293,15 +294,32 @@ func counterWith(t testing.TB, n *testNode, name, label, value string) float64 {
 		if mf.GetName() != name {
 			continue
 		}
+	samples:
 		for _, m := range mf.GetMetric() {
+			labels := map[string]string{}
 			for _, l := range m.GetLabel() {
-				if l.GetName() == label && l.GetValue() == value {
-					return m.GetCounter().GetValue()
+				labels[l.GetName()] = l.GetValue()
+			}
+			for k := 0; k+1 < len(labelValues); k += 2 {
+				if labels[labelValues[k]] != labelValues[k+1] {
+					continue samples
 				}
 			}
+			if c := m.GetCounter(); c != nil {
+				return c.GetValue(), true
+			}
+			return m.GetGauge().GetValue(), true
 		}
 	}
-	return 0
+	return 0, false
+}
+
+// counterWith returns the value of a counter family's sample whose label has
+// the given value (0 when there is none).
+func counterWith(t testing.TB, n *testNode, name, label, value string) float64 {
+	t.Helper()
+	v, _ := metricValue(t, n.Node, name, label, value)
+	return v
 }
 
 func stringsReader(s string) io.Reader { return bytes.NewBufferString(s) }

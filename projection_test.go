@@ -233,25 +233,8 @@ func TestProjectionsFoldEvents(t *testing.T) {
 // and outcome on a node.
 func projectionCounter(t testing.TB, n *testNode, name, outcome string) float64 {
 	t.Helper()
-	mfs, err := n.Registry().Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != "esker_projection_events_total" {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			labels := map[string]string{}
-			for _, l := range m.GetLabel() {
-				labels[l.GetName()] = l.GetValue()
-			}
-			if labels["projection"] == name && labels["outcome"] == outcome {
-				return m.GetCounter().GetValue()
-			}
-		}
-	}
-	return 0
+	v, _ := metricValue(t, n.Node, "esker_projection_events_total", "projection", name, "outcome", outcome)
+	return v
 }
 
 // TestProjectionCatchesUpThenFollows: a projection added to a system that

@@ -159,19 +159,9 @@ func TestExpectedVersionModes(t *testing.T) {
 // gaugeOrCounter returns the value of an unlabelled gauge or counter.
 func gaugeOrCounter(t testing.TB, n *testNode, name string) float64 {
 	t.Helper()
-	mfs, err := n.Registry().Gather()
-	if err != nil {
-		t.Fatal(err)
+	v, ok := metricValue(t, n.Node, name)
+	if !ok {
+		t.Fatalf("no metric %s", name)
 	}
-	for _, mf := range mfs {
-		if mf.GetName() == name && len(mf.GetMetric()) == 1 {
-			m := mf.GetMetric()[0]
-			if c := m.GetCounter(); c != nil {
-				return c.GetValue()
-			}
-			return m.GetGauge().GetValue()
-		}
-	}
-	t.Fatalf("no metric %s", name)
-	return 0
+	return v
 }

@@ -438,24 +438,11 @@ func TestWatchTwoWatchersEveryVersionOnce(t *testing.T) {
 // gaugeWith returns a gauge family's sample whose label has the value.
 func gaugeWith(t testing.TB, n *esker.Node, name, label, value string) float64 {
 	t.Helper()
-	mfs, err := n.Registry().Gather()
-	if err != nil {
-		t.Fatal(err)
+	v, ok := metricValue(t, n, name, label, value)
+	if !ok {
+		t.Errorf("no %s{%s=%q}", name, label, value)
 	}
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if l.GetName() == label && l.GetValue() == value {
-					return m.GetGauge().GetValue()
-				}
-			}
-		}
-	}
-	t.Errorf("no %s{%s=%q}", name, label, value)
-	return 0
+	return v
 }
 
 // TestWatchReconnectResumes: a watcher that disconnects midway and
