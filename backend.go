@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/twmb/franz-go/pkg/kerr"
@@ -169,12 +170,35 @@ func (b backend) restoredTask(ctx context.Context, aggregateType, id string, wai
 }
 
 func (b backend) Submit(ctx context.Context, aggregateType, id string, cmd aggregate.Command) (aggregate.Outcome, error) {
-	if _, ok := b.Definition(aggregateType); !ok {
+	o, err := b.submit(ctx, aggregateType, id, cmd)
+	if err == nil && len(o.Events) > 0 {
+		// The outcome's events are as stored: sealed.
+		o.Events, err = b.openEvents(ctx, aggregateType, slices.Clone(o.Events))
+	}
+	return o, err
+}
+
+func (b backend) submit(ctx context.Context, aggregateType, id string, cmd aggregate.Command) (aggregate.Outcome, error) {
+	def, ok := b.Definition(aggregateType)
+	if !ok {
 		return aggregate.Outcome{}, fmt.Errorf("unknown aggregate type %q", aggregateType)
 	}
 	t, err := b.task(aggregateType, id)
 	if err != nil {
 		return aggregate.Outcome{}, err
+	}
+	if c := b.cipher(ctx, def, id); c != nil {
+		// Personal fields never reach the commands topic in plaintext: a
+		// copy there would outlive forgetting the entity.
+		data, err := def.SealCommand(cmd.Type, cmd.Data, c)
+		if errors.Is(err, aggregate.ErrForgotten) {
+			return aggregate.Outcome{}, interactive.ErrGone
+		}
+		if err != nil {
+			return aggregate.Outcome{}, &interactive.NotReadyError{
+				Reason: fmt.Sprintf("cannot seal the command's personal fields: %v", err), RetryAfter: time.Second}
+		}
+		cmd.Data = data
 	}
 	if cmd.CommandID == "" {
 		cmd.CommandID = newCommandID()
@@ -236,9 +260,12 @@ func (b backend) State(ctx context.Context, aggregateType, id string, minVersion
 			if err != nil {
 				return interactive.State{}, err
 			}
+			if rec.Forgotten {
+				return interactive.State{}, interactive.ErrGone
+			}
 			st = interactive.State{ID: id, Version: rec.Version, State: rec.State, UpdatedAt: rec.UpdatedAt}
 			if rec.Version >= minVersion {
-				return st, nil
+				return b.openState(ctx, aggregateType, st)
 			}
 		} else if minVersion <= 0 {
 			return interactive.State{}, interactive.ErrNotFound
@@ -278,10 +305,59 @@ func (b backend) standbyState(t statestore.Task, id string, minVersion int64, no
 	if err != nil {
 		return interactive.State{}, err
 	}
+	if rec.Forgotten {
+		return interactive.State{}, interactive.ErrGone
+	}
 	if rec.Version < minVersion {
 		return interactive.State{}, interactive.ErrTimeout
 	}
-	return interactive.State{ID: id, Version: rec.Version, State: rec.State, UpdatedAt: rec.UpdatedAt, Standby: true, Lag: lag}, nil
+	return b.openState(context.Background(), t.Type, interactive.State{ID: id, Version: rec.Version, State: rec.State, UpdatedAt: rec.UpdatedAt, Standby: true, Lag: lag})
+}
+
+// cipher returns the field cipher of an entity whose type has personal
+// fields, or nil.
+func (b backend) cipher(ctx context.Context, def aggregate.Definition, id string) aggregate.FieldCipher {
+	if b.n.keys == nil || !def.Personal() {
+		return nil
+	}
+	return b.n.keys.Cipher(ctx, def.Name(), id)
+}
+
+// openState opens the personal fields of a state read from the store.
+func (b backend) openState(ctx context.Context, aggregateType string, st interactive.State) (interactive.State, error) {
+	def, ok := b.Definition(aggregateType)
+	if !ok {
+		return st, nil
+	}
+	if c := b.cipher(ctx, def, st.ID); c != nil {
+		data, err := def.OpenState(st.State, c)
+		if err != nil {
+			return interactive.State{}, fmt.Errorf("open the personal fields of %s %q: %w", aggregateType, st.ID, err)
+		}
+		st.State = data
+	}
+	return st, nil
+}
+
+// openEvents opens the personal fields of an entity's events (upcasting
+// them to their registered schema versions on the way).
+func (b backend) openEvents(ctx context.Context, aggregateType string, evs []aggregate.Event) ([]aggregate.Event, error) {
+	def, ok := b.Definition(aggregateType)
+	if !ok || len(evs) == 0 {
+		return evs, nil
+	}
+	c := b.cipher(ctx, def, evs[0].EntityID)
+	if c == nil {
+		return evs, nil
+	}
+	for i := range evs {
+		schema, data, err := def.OpenEvent(evs[i].Type, evs[i].SchemaVersion, evs[i].Data, c)
+		if err != nil {
+			return nil, fmt.Errorf("open the personal fields of %s %q version %d: %w", aggregateType, evs[i].EntityID, evs[i].Version, err)
+		}
+		evs[i].SchemaVersion, evs[i].Data = schema, data
+	}
+	return evs, nil
 }
 
 func (b backend) Events(ctx context.Context, aggregateType, id string, from int64, limit int) ([]aggregate.Event, error) {
@@ -297,14 +373,19 @@ func (b backend) Events(ctx context.Context, aggregateType, id string, from int6
 	if err != nil {
 		return nil, err
 	}
-	if len(evs) == 0 {
-		if _, found, err := b.getState(t, id); err != nil {
-			return nil, err
-		} else if !found {
-			return nil, interactive.ErrNotFound
+	raw, found, err := b.getState(t, id)
+	if err != nil {
+		return nil, err
+	}
+	if !found && len(evs) == 0 {
+		return nil, interactive.ErrNotFound
+	}
+	if found {
+		if rec, err := statestore.DecodeStateRecord(raw); err == nil && rec.Forgotten {
+			return nil, interactive.ErrGone
 		}
 	}
-	return evs, nil
+	return b.openEvents(ctx, aggregateType, evs)
 }
 
 // withStore runs fn with the store unless the node has stopped.

@@ -33,11 +33,13 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/esker-io/esker/aggregate"
 	"github.com/esker-io/esker/interactive"
 	"github.com/esker-io/esker/internal/engine"
+	"github.com/esker-io/esker/internal/keyring"
 	"github.com/esker-io/esker/internal/kgolog"
 	"github.com/esker-io/esker/projection"
 	"github.com/esker-io/esker/sideeffects"
@@ -76,7 +78,10 @@ type Node struct {
 	engine   *engine.Engine
 	store    *statestore.Store
 	producer *kgo.Client
-	started  chan struct{}
+	// keys seals and opens personal fields; nil when no registered type
+	// has any. Set before started is closed.
+	keys    *keyring.Keyring
+	started chan struct{}
 	// clientOpts are the base Kafka client options, set before started
 	// is closed: event streams (watch.go) build their readers with them.
 	clientOpts []kgo.Opt
@@ -296,6 +301,16 @@ func (n *Node) Run(ctx context.Context) error {
 	}
 	defer producer.Close()
 
+	keys, err := n.startKeyring(ctx, producer, clientOpts)
+	if err != nil {
+		return err
+	}
+	var engineKeys engine.Keys
+	if keys != nil {
+		defer keys.Close()
+		engineKeys = keys
+	}
+
 	// The group balancer carries this node's URL and local state to the
 	// group leader and brings back the whole cluster map.
 	var eng *engine.Engine
@@ -329,6 +344,7 @@ func (n *Node) Run(ctx context.Context) error {
 		Balancer:          balancer,
 		Standbys:          c.standbys > 0,
 		StateCleanupDelay: max(c.stateCleanupDelay, 0),
+		Keys:              engineKeys,
 		Metrics:           n.metrics,
 		Logger:            log,
 	})
@@ -336,7 +352,7 @@ func (n *Node) Run(ctx context.Context) error {
 		return err
 	}
 	n.mu.Lock()
-	n.engine, n.store, n.producer = eng, store, producer
+	n.engine, n.store, n.producer, n.keys = eng, store, producer, keys
 	n.mu.Unlock()
 	close(n.started)
 
@@ -357,8 +373,11 @@ func (n *Node) Run(ctx context.Context) error {
 	defer stopEngine()
 	engErr := make(chan error, 1)
 	go func() { engErr <- eng.Run(engCtx) }()
-	consumerErr, stopConsumers := n.runConsumers(sideeffects.Runtime{
-		AppID: c.appID, ClientOpts: clientOpts, Logger: log, Registerer: n.registry})
+	rt := sideeffects.Runtime{AppID: c.appID, ClientOpts: clientOpts, Logger: log, Registerer: n.registry}
+	if keys != nil {
+		rt.OpenEvent = n.openEvent
+	}
+	consumerErr, stopConsumers := n.runConsumers(rt)
 	defer stopConsumers()
 
 	var runErr error
@@ -392,6 +411,57 @@ func (n *Node) Run(ctx context.Context) error {
 		log.Info("esker node stopped")
 	}
 	return runErr
+}
+
+// startKeyring starts the keyring when a registered aggregate type has
+// personal fields: it creates the keys topic if needed and reads it to its
+// end before the node takes commands. It fails when no master key is set.
+func (n *Node) startKeyring(ctx context.Context, producer *kgo.Client, clientOpts []kgo.Opt) (*keyring.Keyring, error) {
+	var personal []string
+	for _, def := range n.order {
+		if def.Personal() {
+			personal = append(personal, def.Name())
+		}
+	}
+	if len(personal) == 0 {
+		return nil, nil
+	}
+	c := n.cfg
+	if len(c.masterKeys) == 0 {
+		return nil, fmt.Errorf("esker: aggregate type %s has personal fields (tagged esker:\"pii\"), which are sealed with keys wrapped by a master key: configure one with esker.MasterKey or esker.MasterKeyFile (esker node --master-key-file)", strings.Join(personal, ", "))
+	}
+	spec := engine.TopicSpec{Name: keyring.Topic(c.appID), Configs: map[string]string{"cleanup.policy": "compact"}}
+	if err := engine.EnsureTopics(ctx, kadm.NewClient(producer), []engine.TopicSpec{spec}, c.partitions, c.replicationFactor); err != nil {
+		return nil, fmt.Errorf("esker: %w", err)
+	}
+	keys, err := keyring.New(keyring.Config{AppID: c.appID, Partitions: c.partitions, Masters: c.masterKeys,
+		ClientOpts: clientOpts, Logger: c.logger})
+	if err != nil {
+		return nil, fmt.Errorf("esker: %w", err)
+	}
+	go func() { _ = keys.Run(context.Background()) }() // ends when Close closes the client
+	syncCtx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	if err := keys.Sync(syncCtx); err != nil {
+		keys.Close()
+		return nil, fmt.Errorf("esker: read the keys topic: %w", err)
+	}
+	return keys, nil
+}
+
+// openEvent opens the personal fields of an event read from an aggregate
+// type's events topic, for side-effect consumers and sinks. Events of other
+// topics are returned as they are.
+func (n *Node) openEvent(ctx context.Context, topic string, ev aggregate.Event) (aggregate.Event, error) {
+	typ, ok := strings.CutSuffix(topic, "-events")
+	if !ok {
+		return ev, nil
+	}
+	evs, err := backend{n}.openEvents(ctx, typ, []aggregate.Event{ev})
+	if err != nil {
+		return ev, err
+	}
+	return evs[0], nil
 }
 
 // runningStore returns the state store once Run has opened it.

@@ -3,12 +3,14 @@ package esker_test
 import (
 	"bytes"
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -21,6 +23,7 @@ import (
 	"github.com/esker-io/esker"
 	"github.com/esker-io/esker/aggregate"
 	"github.com/esker-io/esker/examples/bank"
+	"github.com/esker-io/esker/internal/keyring"
 )
 
 // newCluster starts an in-process Kafka-protocol broker; tests talk to it
@@ -41,6 +44,58 @@ type testNode struct {
 	cancel context.CancelFunc
 	done   chan error
 	once   sync.Once
+}
+
+// testMasterKey seals the bank's personal fields in tests. The esker node
+// processes some tests start read it from the environment.
+const testMasterKey = "test-1:AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE="
+
+func init() { os.Setenv("ESKER_MASTER_KEY", testMasterKey) }
+
+// testMasterKeyOption is testMasterKey as a node option.
+func testMasterKeyOption() esker.Option {
+	id, b64, _ := strings.Cut(testMasterKey, ":")
+	key, err := base64.StdEncoding.DecodeString(b64)
+	if err != nil || len(key) != 32 {
+		panic("bad test master key")
+	}
+	return esker.MasterKey(id, key)
+}
+
+// testKeyring reads the application's keys topic with the test master key,
+// as a node does; it is closed when the test ends.
+func testKeyring(t testing.TB, brokers []string) *keyring.Keyring {
+	t.Helper()
+	id, b64, _ := strings.Cut(testMasterKey, ":")
+	master, _ := base64.StdEncoding.DecodeString(b64)
+	kr, err := keyring.New(keyring.Config{AppID: "bank", Partitions: 4, Masters: []keyring.MasterKey{{ID: id, Key: master}},
+		ClientOpts: []kgo.Opt{kgo.SeedBrokers(brokers...)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(kr.Close)
+	go func() { _ = kr.Run(context.Background()) }()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := kr.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return kr
+}
+
+// testOpener returns a function that opens the personal fields of a bank
+// account event read raw from Kafka.
+func testOpener(t testing.TB, brokers []string) func(aggregate.Event) aggregate.Event {
+	kr := testKeyring(t, brokers)
+	def := bank.Account.Untyped()
+	return func(ev aggregate.Event) aggregate.Event {
+		schema, data, err := def.OpenEvent(ev.Type, ev.SchemaVersion, ev.Data, kr.Cipher(context.Background(), "account", ev.EntityID))
+		if err != nil {
+			t.Fatalf("open %s %q version %d: %v", ev.Type, ev.EntityID, ev.Version, err)
+		}
+		ev.SchemaVersion, ev.Data = schema, data
+		return ev
+	}
 }
 
 func testLogger() *slog.Logger {
@@ -83,6 +138,7 @@ func startTypesNode(t testing.TB, brokers []string, stateDir string, types []any
 		esker.Partitions(4),
 		esker.SessionTimeout(3 * time.Second),
 		esker.Logger(testLogger()),
+		testMasterKeyOption(),
 	}, opts...)
 	n, err := esker.NewNode(all...)
 	if err != nil {

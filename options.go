@@ -1,6 +1,7 @@
 package esker
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
@@ -11,6 +12,8 @@ import (
 	"time"
 
 	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/esker-io/esker/internal/keyring"
 )
 
 // Guarantee is the processing guarantee of a node's write path.
@@ -56,6 +59,8 @@ type config struct {
 	instanceID        string
 	standbys          int
 	stateCleanupDelay time.Duration
+	masterKeys        []keyring.MasterKey
+	masterKeyErr      error
 }
 
 func defaultConfig() config {
@@ -165,7 +170,40 @@ func StateCleanupDelay(d time.Duration) Option { return func(c *config) { c.stat
 // host name.
 func InstanceID(id string) Option { return func(c *config) { c.instanceID = id } }
 
+// MasterKey adds a master key: 32 random bytes and an id that wrapped data
+// keys record. Nodes need one to run aggregate types with personal fields
+// (tagged esker:"pii"; see package aggregate): each entity's personal data is
+// sealed with its own data key, and the master key wraps those keys in the
+// "<app>-keys" topic. The first master key given wraps new data keys; later
+// ones only open keys wrapped before a rotation, so rotating is: put the new
+// key first and keep the old one until no key it wraps is left. Every node
+// of an application needs the same master keys. Losing them loses every
+// entity's personal data; keep them in a secret store, not next to Kafka.
+func MasterKey(id string, key []byte) Option {
+	return func(c *config) {
+		c.masterKeys = append(c.masterKeys, keyring.MasterKey{ID: id, Key: bytes.Clone(key)})
+	}
+}
+
+// MasterKeyFile reads master keys from a file (see MasterKey), one per line
+// as "<id>:<base64 of 32 bytes>"; the first line is the current key, empty
+// lines and lines starting with # are skipped. A file that cannot be read
+// or parsed makes the node refuse to start with a message naming the line.
+func MasterKeyFile(path string) Option {
+	return func(c *config) {
+		keys, err := keyring.ReadMasterKeys(path)
+		if err != nil {
+			c.masterKeyErr = err
+			return
+		}
+		c.masterKeys = append(c.masterKeys, keys...)
+	}
+}
+
 func (c *config) validate() error {
+	if c.masterKeyErr != nil {
+		return c.masterKeyErr
+	}
 	if len(c.brokers) == 0 {
 		return fmt.Errorf("esker: no brokers: pass esker.Brokers(\"host:9092\")")
 	}

@@ -30,6 +30,7 @@ func expectedProjections(t testing.TB, brokers []string) (owners map[string]bank
 	t.Helper()
 	rows := map[string]bank.AccountRow{}
 	days = map[string]bank.DayTotals{}
+	open := testOpener(t, brokers)
 	for _, r := range readTopic(t, brokers, "account-events") {
 		hs := make([]aggregate.Header, len(r.Headers))
 		for i, h := range r.Headers {
@@ -39,6 +40,7 @@ func expectedProjections(t testing.TB, brokers []string) (owners map[string]bank
 		if err != nil {
 			t.Fatal(err)
 		}
+		ev = open(ev) // the owner is sealed
 		v, err := bank.Account.DecodeEvent(ev)
 		if err != nil {
 			t.Fatal(err)

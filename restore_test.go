@@ -111,7 +111,7 @@ func TestRefusesWrongTopics(t *testing.T) {
 				t.Fatal(err)
 			}
 			n, _ := esker.NewNode(esker.Brokers(c.ListenAddrs()...), esker.ApplicationID("bank"),
-				esker.StateDir(t.TempDir()), esker.HTTPListen(""), esker.Partitions(4), esker.Logger(testLogger()))
+				esker.StateDir(t.TempDir()), esker.HTTPListen(""), esker.Partitions(4), esker.Logger(testLogger()), testMasterKeyOption())
 			n.Register(bankAccount())
 			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 			defer cancel()

@@ -146,6 +146,9 @@ func (f *entityFeed) current() (statestore.StateRecord, bool, error) {
 	if err != nil {
 		return statestore.StateRecord{}, false, fmt.Errorf("state record of %s %q: %w", f.typ, f.id, err)
 	}
+	if rec.Forgotten {
+		return statestore.StateRecord{}, false, interactive.ErrGone
+	}
 	return rec, true, nil
 }
 
@@ -165,7 +168,11 @@ func (f *entityFeed) storeErr(err error) error {
 // beginning.
 func (f *entityFeed) startFrom(rec statestore.StateRecord, found bool) error {
 	if found && rec.Version < f.next {
-		s, err := f.def.DecodeState(rec.State)
+		st, err := f.b.openState(context.Background(), f.typ, interactive.State{ID: f.id, State: rec.State})
+		if err != nil {
+			return err
+		}
+		s, err := f.def.DecodeState(st.State)
 		if err != nil {
 			return err
 		}
@@ -205,6 +212,9 @@ func (f *entityFeed) read(limit int) ([]interactive.EntityVersion, error) {
 		}
 		if len(evs) == 0 {
 			return out, fmt.Errorf("the store holds version %d of %s %q but no event after version %d", f.head, f.typ, f.id, f.folded)
+		}
+		if evs, err = f.b.openEvents(context.Background(), f.typ, evs); err != nil {
+			return out, err
 		}
 		for _, e := range evs {
 			if e.Version != f.folded+1 {
@@ -313,7 +323,7 @@ func (b backend) StreamEvents(ctx context.Context, aggregateType string, from ma
 	if err != nil {
 		return nil, fmt.Errorf("kafka client for %s: %w", topic, err)
 	}
-	return &eventStream{b: b, cl: cl, topic: topic, start: start}, nil
+	return &eventStream{b: b, cl: cl, topic: topic, typ: aggregateType, start: start}, nil
 }
 
 // eventStream reads an events topic with its own client.
@@ -321,6 +331,7 @@ type eventStream struct {
 	b     backend
 	cl    *kgo.Client
 	topic string
+	typ   string
 	start map[int32]int64
 }
 
@@ -354,6 +365,12 @@ func (s *eventStream) Next(ctx context.Context) ([]interactive.StreamedEvent, er
 		if err != nil {
 			s.b.n.cfg.logger.Warn("event stream: skipping a record that is not an esker event", "topic", r.Topic, "partition", r.Partition, "offset", r.Offset, "err", err)
 			return
+		}
+		opened, err := s.b.openEvents(ctx, s.typ, []aggregate.Event{ev})
+		if err != nil {
+			s.b.n.cfg.logger.Warn("event stream: cannot open an event's personal fields; sent sealed", "topic", r.Topic, "partition", r.Partition, "offset", r.Offset, "err", err)
+		} else {
+			ev = opened[0]
 		}
 		out = append(out, interactive.StreamedEvent{Partition: r.Partition, Offset: r.Offset, Event: ev})
 	})

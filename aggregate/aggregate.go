@@ -83,7 +83,9 @@ func New[S, C, E any](name string, decide Decide[S, C, E], evolve Evolve[S, E], 
 // and panics on duplicate names.
 func (t *Type[S, C, E]) Commands(examples ...C) *Type[S, C, E] {
 	for _, c := range examples {
-		t.commands.add(c, 1)
+		if t.commands.add(c, 1) == ForgetCommand {
+			panic(fmt.Sprintf("aggregate: the command name %q is reserved for forgetting an entity", ForgetCommand))
+		}
 	}
 	return t
 }
@@ -99,7 +101,9 @@ func (t *Type[S, C, E]) Events(examples ...E) *Type[S, C, E] {
 				panic(fmt.Sprintf("aggregate: %T.SchemaVersion() is %d; schema versions start at 1", e, version))
 			}
 		}
-		t.events.add(e, version)
+		if t.events.add(e, version) == ForgottenEvent {
+			panic(fmt.Sprintf("aggregate: the event name %q is reserved for forgetting an entity", ForgottenEvent))
+		}
 	}
 	return t
 }
@@ -260,6 +264,20 @@ type Definition interface {
 	CommandNames() []string
 	EventNames() []string
 	ContentType() string
+
+	// Personal reports whether the type's commands, events or state have
+	// personal fields (see PersonalTag); a node needs a master key to run
+	// such a type.
+	Personal() bool
+	// SealCommand returns a command's JSON payload with its personal
+	// fields sealed by c (unchanged if the command has none).
+	SealCommand(name string, data []byte, c FieldCipher) ([]byte, error)
+	// OpenEvent returns a stored event's payload upcast to its registered
+	// schema version, with its personal fields opened by c; an event type
+	// without personal fields is only upcast.
+	OpenEvent(name string, schemaVersion int, data []byte, c FieldCipher) (int, []byte, error)
+	// OpenState returns an encoded state with its personal fields opened.
+	OpenState(data []byte, c FieldCipher) ([]byte, error)
 }
 
 // Errors returned when decoding commands; the HTTP layer maps them to 4xx.
@@ -276,6 +294,59 @@ func (u untyped[S, C, E]) NewState() any          { return u.t.initial() }
 func (u untyped[S, C, E]) CommandNames() []string { return u.t.commands.names() }
 func (u untyped[S, C, E]) EventNames() []string   { return u.t.events.names() }
 func (u untyped[S, C, E]) ContentType() string    { return u.t.codec.ContentType() }
+
+func (u untyped[S, C, E]) Personal() bool {
+	return u.statePersonal() || u.t.commands.personal() || u.t.events.personal()
+}
+
+func (u untyped[S, C, E]) statePersonal() bool { return HasPersonal(reflect.TypeFor[S]()) }
+
+func (u untyped[S, C, E]) SealCommand(name string, data []byte, c FieldCipher) ([]byte, error) {
+	if e, ok := u.t.commands.byName[name]; !ok || !e.personal {
+		return data, nil
+	}
+	v, err := u.DecodeCommand(name, data)
+	if err != nil {
+		return nil, err
+	}
+	if v, err = SealPersonal(v, c); err != nil {
+		return nil, err
+	}
+	return json.Marshal(v)
+}
+
+func (u untyped[S, C, E]) OpenEvent(name string, schemaVersion int, data []byte, c FieldCipher) (int, []byte, error) {
+	version, data, err := u.t.upcast(name, schemaVersion, data)
+	if err != nil {
+		return version, nil, err
+	}
+	if e, ok := u.t.events.byName[name]; !ok || !e.personal {
+		return version, data, nil
+	}
+	v, err := u.t.events.decode(name, data, u.t.codec)
+	if err != nil {
+		return version, nil, err
+	}
+	if v, err = OpenPersonal(v, c); err != nil {
+		return version, nil, err
+	}
+	data, err = u.t.codec.Marshal(v)
+	return version, data, err
+}
+
+func (u untyped[S, C, E]) OpenState(data []byte, c FieldCipher) ([]byte, error) {
+	if !u.statePersonal() {
+		return data, nil
+	}
+	s, err := u.DecodeState(data)
+	if err != nil {
+		return nil, err
+	}
+	if s, err = OpenPersonal(s, c); err != nil {
+		return nil, err
+	}
+	return u.t.codec.Marshal(s.(S))
+}
 
 func (u untyped[S, C, E]) DecodeState(data []byte) (any, error) {
 	s := u.t.initial()
@@ -366,9 +437,10 @@ type registry struct {
 }
 
 type registryEntry struct {
-	name    string
-	typ     reflect.Type
-	version int
+	name     string
+	typ      reflect.Type
+	version  int
+	personal bool // has fields tagged esker:"pii"
 }
 
 var errUnknownName = errors.New("unknown name")
@@ -377,7 +449,7 @@ func newRegistry() registry {
 	return registry{byName: map[string]registryEntry{}, byType: map[reflect.Type]registryEntry{}}
 }
 
-func (r registry) add(example any, version int) {
+func (r registry) add(example any, version int) string {
 	if example == nil {
 		panic("aggregate: cannot register a nil example")
 	}
@@ -395,9 +467,20 @@ func (r registry) add(example any, version int) {
 	if _, dup := r.byName[name]; dup {
 		panic(fmt.Sprintf("aggregate: type name %q registered twice", name))
 	}
-	e := registryEntry{name: name, typ: typ, version: version}
+	e := registryEntry{name: name, typ: typ, version: version, personal: HasPersonal(typ)}
 	r.byName[name] = e
 	r.byType[typ] = e
+	return name
+}
+
+// personal reports whether any registered type has personal fields.
+func (r registry) personal() bool {
+	for _, e := range r.byName {
+		if e.personal {
+			return true
+		}
+	}
+	return false
 }
 
 func (r registry) names() []string {

@@ -18,4 +18,8 @@ type Outcome struct {
 	// Conflict marks a rejection by optimistic concurrency: the command's
 	// expected version did not match Version.
 	Conflict bool `json:"conflict,omitempty"`
+	// Gone marks a rejection because the entity was forgotten (HTTP 410).
+	Gone bool `json:"gone,omitempty"`
+	// NotFound marks a forget of an entity that never existed (HTTP 404).
+	NotFound bool `json:"notFound,omitempty"`
 }

@@ -67,7 +67,9 @@ func StaleAllowed(ctx context.Context) bool {
 // Errors a Backend returns; the HTTP layer maps each to a status code.
 var (
 	ErrNotFound = errors.New("not found")
-	ErrTimeout  = errors.New("timed out")
+	// ErrGone: the entity was forgotten (410 Gone).
+	ErrGone    = errors.New("gone")
+	ErrTimeout = errors.New("timed out")
 	// ErrTooLarge: Kafka refused the command as too large; nothing was
 	// written and a retry cannot succeed.
 	ErrTooLarge = errors.New("too large")

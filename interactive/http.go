@@ -107,6 +107,7 @@ func Logger(l *slog.Logger) HandlerOption {
 //
 //	POST /v1/aggregates/{type}/{id}/commands   submit a command, await its outcome
 //	GET  /v1/aggregates/{type}/{id}            committed state (?minVersion=&wait=)
+//	DELETE /v1/aggregates/{type}/{id}          forget the entity (crypto-shredding): 200, then 410 Gone
 //	GET  /v1/aggregates/{type}/{id}/events     the entity's events (?from=&limit=)
 //	GET  /v1/aggregates/{type}/{id}/watch      its versions as Server-Sent Events; GET /v1/streams/{type}: all its type's events (watch.go)
 //	GET  /v1/projections/{name}/{key}          one projection row (Backend implements Projections)
@@ -118,7 +119,7 @@ func Logger(l *slog.Logger) HandlerOption {
 //
 // Every error is JSON {"error": "…"} with Content-Type application/json:
 // 400 for a request the client must fix, 404 for an unknown aggregate type,
-// entity or route, 405 (with Allow) for a wrong method, 413 for a body over
+// entity or route, 410 for a forgotten entity, 405 (with Allow) for a wrong method, 413 for a body over
 // MaxBodyBytes, 503 with Retry-After while the node cannot serve the key,
 // 504 when the answer is not known in time, and 500 for failures of the node
 // itself, which are logged. A panic in a handler is recovered, logged with
@@ -166,6 +167,7 @@ func NewHandler(b Backend, opts ...HandlerOption) http.Handler {
 	}
 	r.Post("/v1/aggregates/{type}/{id}/commands", a.submit)
 	r.Get("/v1/aggregates/{type}/{id}", a.state)
+	r.Delete("/v1/aggregates/{type}/{id}", a.forget)
 	r.Get("/v1/aggregates/{type}/{id}/events", a.events)
 	r.Get("/v1/aggregates/{type}/{id}/watch", newSSERoutes(a).watch)
 	r.Get("/v1/streams/{type}", newSSERoutes(a).stream)
@@ -207,6 +209,13 @@ type commandResponse struct {
 	CommandID string      `json:"commandId"`
 	Version   int64       `json:"version"`
 	Events    []eventJSON `json:"events"`
+}
+
+type forgetResponse struct {
+	ID        string `json:"id"`
+	CommandID string `json:"commandId"`
+	Version   int64  `json:"version"`
+	Forgotten bool   `json:"forgotten"`
 }
 
 type stateResponse struct {
@@ -307,7 +316,26 @@ func (a *api) submit(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
+	a.runCommand(w, r, def, typ, id, cmd)
+}
 
+// forget handles DELETE /v1/aggregates/{type}/{id}: it sends the Forget
+// command (see aggregate.ForgetCommand) and answers 200 once the entity is
+// forgotten, 404 if it never existed and 410 if it was forgotten before.
+func (a *api) forget(w http.ResponseWriter, r *http.Request) {
+	def, typ, id, ok := a.target(w, r)
+	if !ok {
+		return
+	}
+	cmd := aggregate.Command{Type: aggregate.ForgetCommand, CommandID: newCommandID()}
+	if a.route(w, r, typ, id, forwardRequest{commandID: cmd.CommandID, timeout: a.cfg.commandTimeout + a.cfg.forwardSlack}) {
+		return
+	}
+	a.runCommand(w, r, def, typ, id, cmd)
+}
+
+// runCommand submits a command this node serves and answers its outcome.
+func (a *api) runCommand(w http.ResponseWriter, r *http.Request, def aggregate.Definition, typ, id string, cmd aggregate.Command) {
 	ctx, cancel := context.WithTimeout(r.Context(), a.cfg.commandTimeout)
 	defer cancel()
 	out, err := a.b.Submit(ctx, typ, id, cmd)
@@ -323,6 +351,8 @@ func (a *api) submit(w http.ResponseWriter, r *http.Request) {
 			})
 		case errors.Is(err, ErrTooLarge):
 			writeJSON(w, http.StatusRequestEntityTooLarge, errorBody{Error: err.Error(), CommandID: cmd.CommandID})
+		case errors.Is(err, ErrGone):
+			writeJSON(w, http.StatusGone, errorBody{Error: fmt.Sprintf("%s %q was forgotten", typ, id), CommandID: cmd.CommandID})
 		default:
 			a.internal(w, r, "submit command", err, cmd.CommandID)
 		}
@@ -337,6 +367,12 @@ func (a *api) submit(w http.ResponseWriter, r *http.Request) {
 	}
 	current := out.Version
 	switch {
+	case out.Accepted && cmd.Type == aggregate.ForgetCommand:
+		writeJSON(w, http.StatusOK, forgetResponse{ID: out.EntityID, CommandID: out.CommandID, Version: out.Version, Forgotten: true})
+	case out.Gone:
+		writeJSON(w, http.StatusGone, errorBody{Error: out.Reason, CommandID: out.CommandID, CurrentVersion: &current})
+	case out.NotFound:
+		writeJSON(w, http.StatusNotFound, errorBody{Error: out.Reason, CommandID: out.CommandID})
 	case out.Accepted:
 		events, err := eventsJSON(def, out.Events)
 		if err != nil {
@@ -488,6 +524,8 @@ func (a *api) readFailed(w http.ResponseWriter, r *http.Request, typ, id, what s
 		writeNotReady(w, notReady, "")
 	case errors.Is(err, ErrNotFound):
 		writeError(w, http.StatusNotFound, fmt.Sprintf("%s %q has no events", typ, id))
+	case errors.Is(err, ErrGone):
+		writeError(w, http.StatusGone, fmt.Sprintf("%s %q was forgotten: its personal data was destroyed", typ, id))
 	default:
 		a.internal(w, r, what, err, "")
 	}

@@ -556,7 +556,7 @@ func TestState(t *testing.T) {
 		},
 		{
 			name: "POST on the state route", method: "POST", path: statePath, body: "{}",
-			status: 405, header: map[string]string{"Allow": "GET"}, noBackend: true,
+			status: 405, header: map[string]string{"Allow": "GET, DELETE"}, noBackend: true,
 		},
 	})
 }

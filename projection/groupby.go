@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+
+	"github.com/esker-io/esker/aggregate"
 )
 
 // groupBy is the type-erased core of a GroupBy projection.
@@ -40,6 +42,17 @@ func GroupBy[R, S any](name string, row Fold[R], group func(R) string, add, subt
 				if err := json.Unmarshal(prevRow, &prev); err != nil {
 					return nil, nil, false, fmt.Errorf("decode the row of %q: %w", ev.EntityID, err)
 				}
+			}
+			if aggregate.IsForgotten(ev.Event) {
+				// The entity leaves its group and its row is deleted.
+				if prevRow == nil {
+					return nil, nil, false, nil
+				}
+				var changes []Change
+				if key := group(prev); key != "" {
+					changes = append(changes, Change{Key: key, Old: prevRow})
+				}
+				return changes, nil, true, nil
 			}
 			next := row(prev, ev)
 			nextRow, err := json.Marshal(next)

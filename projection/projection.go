@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"reflect"
 	"regexp"
 	"time"
 
@@ -30,9 +31,15 @@ type Fold[S any] func(state S, ev Event) S
 
 // Source is an input topic of a projection and how its records are decoded.
 type Source struct {
-	topic  string
-	decode func(ev *Event) error
+	topic     string
+	decode    func(ev *Event) error
+	aggregate aggregate.Definition // the aggregate type of an Events source
 }
+
+// Aggregate returns the aggregate type whose events an Events source reads
+// (nil for a Topic source): the engine opens their personal fields before
+// Decode.
+func (s Source) Aggregate() aggregate.Definition { return s.aggregate }
 
 // Topic returns the source's Kafka topic.
 func (s Source) Topic() string { return s.topic }
@@ -48,12 +55,22 @@ type Aggregate interface {
 // Events is the source of an aggregate type's events ("<type>-events"),
 // decoded into the type's registered Go event types. An event whose type is
 // not registered (written by a newer version of the code, say) reaches the
-// fold with a nil Value.
+// fold with a nil Value. The event that forgets an entity has the Value
+// aggregate.Forgotten; a projection whose rows are keyed by entity id (no
+// KeyBy) deletes the entity's row on it, and a GroupBy removes the entity
+// from its group.
 func Events(t Aggregate) Source {
 	def := t.Untyped()
 	return Source{
-		topic: def.Name() + "-events",
+		topic:     def.Name() + "-events",
+		aggregate: def,
 		decode: func(ev *Event) error {
+			if aggregate.IsForgotten(ev.Event) {
+				var f aggregate.Forgotten
+				err := json.Unmarshal(ev.Data, &f)
+				ev.Value = f
+				return err
+			}
 			v, err := def.DecodeEvent(ev.Type, ev.SchemaVersion, ev.Data)
 			if errors.Is(err, aggregate.ErrUnknownEvent) {
 				return nil
@@ -183,6 +200,8 @@ type Change struct {
 	Event *Event
 	Old   json.RawMessage
 	New   json.RawMessage
+	// Delete removes the row (its entity was forgotten).
+	Delete bool
 }
 
 // Definition is the type-erased view of a projection used by the engine and
@@ -206,6 +225,9 @@ type Definition interface {
 	// Apply folds one change into a row's state; a panic in user code
 	// becomes an error.
 	Apply(state any, ch Change) (any, error)
+	// Empty reports whether a GroupBy row has folded back to the zero
+	// state (every entity left its group): the row is then deleted.
+	Empty(state any) bool
 	EncodeState(state any) ([]byte, error)
 	DecodeState(data []byte) (any, error)
 }
@@ -241,6 +263,8 @@ func (d definition[S]) Route(ev Event, prevRow []byte) (changes []Change, newRow
 	key := ev.EntityID
 	if d.p.opts.key != nil {
 		key = d.p.opts.key(ev)
+	} else if aggregate.IsForgotten(ev.Event) {
+		return []Change{{Key: key, Delete: true}}, nil, false, nil
 	}
 	if key == "" {
 		return nil, nil, false, nil
@@ -262,6 +286,11 @@ func (d definition[S]) Apply(state any, ch Change) (out any, err error) {
 		return nil, fmt.Errorf("projection %q: a change without an event", d.p.name)
 	}
 	return d.p.fold(s, *ch.Event), nil
+}
+
+func (d definition[S]) Empty(state any) bool {
+	s, ok := state.(S)
+	return ok && d.p.groupBy != nil && reflect.ValueOf(&s).Elem().IsZero()
 }
 
 func (d definition[S]) EncodeState(state any) ([]byte, error) { return json.Marshal(state.(S)) }

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/esker-io/esker/aggregate"
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
@@ -48,6 +50,10 @@ type Runtime struct {
 	// Registerer, if not nil, gets the consumer's metrics for the time Run
 	// runs.
 	Registerer prometheus.Registerer
+	// OpenEvent, if not nil, opens the personal fields of an esker event
+	// read from topic before the handler sees it (an esker node sets it;
+	// see aggregate.PersonalTag). An error is retried like a handler's.
+	OpenEvent func(ctx context.Context, topic string, ev aggregate.Event) (aggregate.Event, error)
 }
 
 // Consumer is a side-effect consumer: it reads event topics as a consumer
@@ -436,6 +442,9 @@ func (r *run) countLost() {
 // letter acknowledged), false when ctx ended first.
 func (r *run) process(ctx context.Context, it *item) bool {
 	ev, err := decodeEvent(it.rec, r.redriveTopic)
+	if err == nil && r.rt.OpenEvent != nil && ev.Type != "" {
+		ev.Event, err = r.rt.OpenEvent(ctx, ev.Topic, ev.Event)
+	}
 	attempts := 0
 	if err == nil {
 		for {

@@ -17,14 +17,20 @@ import (
 // StateRecord is an entity's current state as stored under StateKey and
 // written to the changelog: its version, the time of its last event and the
 // state encoded by the aggregate's codec.
+//
+// A forgotten entity keeps a state record with Forgotten set and no state:
+// its version (the Forgotten event's) and the time it was forgotten, so that
+// reads answer 410 Gone and a restore never brings the entity back.
 type StateRecord struct {
 	Version   int64
 	UpdatedAt time.Time
 	State     []byte
+	Forgotten bool
 }
 
 const (
 	stateRecordFormat   = 1
+	forgottenFormat     = 2 // a StateRecord with Forgotten set
 	journalFormat       = 1
 	commandRecordFormat = 1
 )
@@ -35,6 +41,11 @@ var errCorrupt = errors.New("statestore: corrupt record")
 // nanoseconds, state bytes.
 func (r StateRecord) Encode() []byte {
 	b := make([]byte, 0, 1+2*binary.MaxVarintLen64+len(r.State))
+	if r.Forgotten {
+		b = append(b, forgottenFormat)
+		b = binary.AppendUvarint(b, uint64(r.Version))
+		return binary.AppendVarint(b, r.UpdatedAt.UnixNano())
+	}
 	b = append(b, stateRecordFormat)
 	b = binary.AppendUvarint(b, uint64(r.Version))
 	b = binary.AppendVarint(b, r.UpdatedAt.UnixNano())
@@ -43,7 +54,7 @@ func (r StateRecord) Encode() []byte {
 
 // DecodeStateRecord parses Encode's output.
 func DecodeStateRecord(b []byte) (StateRecord, error) {
-	if len(b) < 1 || b[0] != stateRecordFormat {
+	if len(b) < 1 || b[0] != stateRecordFormat && b[0] != forgottenFormat {
 		return StateRecord{}, errors.New("statestore: unknown state record format")
 	}
 	d := decoder{b: b[1:]}
@@ -51,6 +62,12 @@ func DecodeStateRecord(b []byte) (StateRecord, error) {
 	ts := d.varint()
 	if d.err != nil {
 		return StateRecord{}, d.err
+	}
+	if b[0] == forgottenFormat {
+		if len(d.b) != 0 {
+			return StateRecord{}, errCorrupt
+		}
+		return StateRecord{Version: v, UpdatedAt: time.Unix(0, ts).UTC(), Forgotten: true}, nil
 	}
 	return StateRecord{Version: v, UpdatedAt: time.Unix(0, ts).UTC(), State: d.b}, nil
 }
@@ -65,6 +82,8 @@ type CommandRecord struct {
 	At        int64 // unix nanoseconds of the outcome
 	Rejected  string
 	Conflict  bool
+	Gone      bool  // rejected: the entity was forgotten
+	NotFound  bool  // rejected: the entity does not exist (a forget of nothing)
 	Current   int64 // version when rejected
 }
 
@@ -78,11 +97,16 @@ func (r CommandRecord) Encode() []byte {
 	b = binary.AppendUvarint(b, uint64(r.To))
 	b = binary.AppendVarint(b, r.At)
 	b = appendString(b, r.Rejected)
-	conflict := byte(0)
-	if r.Conflict {
-		conflict = 1
+	status := byte(0)
+	switch {
+	case r.Conflict:
+		status = 1
+	case r.Gone:
+		status = 2
+	case r.NotFound:
+		status = 3
 	}
-	b = append(b, conflict)
+	b = append(b, status)
 	return binary.AppendUvarint(b, uint64(r.Current))
 }
 
@@ -100,12 +124,16 @@ func DecodeCommandRecord(b []byte) (CommandRecord, error) {
 		At:        d.varint(),
 		Rejected:  d.string(),
 	}
-	// Encode writes the conflict flag as 0 or 1; any other byte means the
-	// record is corrupt, not "no conflict".
+	// Encode writes the status as 0 (none), 1 (conflict), 2 (gone) or 3
+	// (not found); any other byte means the record is corrupt.
 	switch d.byte() {
 	case 0:
 	case 1:
 		r.Conflict = true
+	case 2:
+		r.Gone = true
+	case 3:
+		r.NotFound = true
 	default:
 		d.fail()
 	}

@@ -52,18 +52,36 @@ func TestStateRecordLayout(t *testing.T) {
 	}
 }
 
+func TestForgottenStateRecordRoundTrip(t *testing.T) {
+	in := statestore.StateRecord{Version: 7, UpdatedAt: time.Unix(0, 42).UTC(), Forgotten: true}
+	out, err := statestore.DecodeStateRecord(in.Encode())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !out.Forgotten || out.Version != 7 || !out.UpdatedAt.Equal(in.UpdatedAt) || out.State != nil {
+		t.Fatalf("round trip: %+v, want %+v", out, in)
+	}
+	for _, rec := range []statestore.CommandRecord{{CommandID: "c", Gone: true}, {CommandID: "d", NotFound: true}} {
+		got, err := statestore.DecodeCommandRecord(rec.Encode())
+		if err != nil || got.Gone != rec.Gone || got.NotFound != rec.NotFound {
+			t.Fatalf("command record %+v: %+v, %v", rec, got, err)
+		}
+	}
+}
+
 func TestDecodeStateRecordErrors(t *testing.T) {
 	overlong := append([]byte{1}, bytes.Repeat([]byte{0xff}, 11)...)
 	cases := map[string][]byte{
-		"empty":             nil,
-		"unknown format":    {2, 1, 2},
-		"JSON":              []byte(`{"version":1}`),
-		"format byte only":  {1},
-		"truncated version": {1, 0x80},
-		"version overflow":  overlong,
-		"missing time":      {1, 5},
-		"truncated time":    {1, 5, 0x80, 0x80},
-		"time overflow":     append([]byte{1, 5}, bytes.Repeat([]byte{0xff}, 11)...),
+		"empty":                nil,
+		"unknown format":       {3, 1, 2},
+		"forgotten with state": {2, 1, 2, 'S'},
+		"JSON":                 []byte(`{"version":1}`),
+		"format byte only":     {1},
+		"truncated version":    {1, 0x80},
+		"version overflow":     overlong,
+		"missing time":         {1, 5},
+		"truncated time":       {1, 5, 0x80, 0x80},
+		"time overflow":        append([]byte{1, 5}, bytes.Repeat([]byte{0xff}, 11)...),
 		// A uvarint above 2^63-1 would decode to a negative version.
 		"version above int64": binary.AppendUvarint([]byte{1}, 1<<63),
 	}
@@ -109,8 +127,8 @@ func TestDecodeCommandRecordErrors(t *testing.T) {
 		"truncated length":         {1, 0x80},
 		// Found by FuzzCommandRecordRoundTrip: trailing bytes were ignored.
 		"trailing byte": append(statestore.CommandRecord{CommandID: "c", At: 1}.Encode(), 0),
-		// A conflict flag other than 0 or 1 read as "no conflict".
-		"conflict flag 2": {1, 1, 'c', 0, 0, 0, 2, 0, 2, 0},
+		// A status other than 0 to 3 read as "no conflict".
+		"status byte 4": {1, 1, 'c', 0, 0, 0, 2, 0, 4, 0},
 		// Found by FuzzDecodeCommandRecord: versions above 2^63-1 decoded
 		// as negative numbers.
 		"from above int64":    binary.AppendUvarint([]byte{1, 0, 0}, 1<<63),

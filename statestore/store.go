@@ -331,6 +331,26 @@ func (s *Store) Events(t Task, id string, from int64, limit int) ([]aggregate.Ev
 	return out, it.Error()
 }
 
+// JournalKeys returns the task-relative keys of every journal of the
+// entity: what forgetting it deletes.
+func (s *Store) JournalKeys(t Task, id string) ([][]byte, error) {
+	prefix := t.Prefix()
+	lower := join(prefix, JournalKey(id, 0))
+	upper := bytes.Clone(lower)
+	upper[len(upper)-9] = 1
+	upper = upper[:len(upper)-8]
+	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: upper})
+	if err != nil {
+		return nil, err
+	}
+	defer it.Close()
+	var keys [][]byte
+	for valid := it.First(); valid; valid = it.Next() {
+		keys = append(keys, bytes.Clone(it.Key()[len(prefix):]))
+	}
+	return keys, it.Error()
+}
+
 // DropTask deletes every key of a task, checkpoint included.
 func (s *Store) DropTask(t Task) error {
 	p := t.Prefix()

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -11,6 +12,7 @@ import (
 	"strings"
 
 	"github.com/esker-io/esker"
+	"github.com/esker-io/esker/internal/keyring"
 )
 
 func runDev(e *env, args []string) int {
@@ -76,6 +78,11 @@ need partitioner=murmur2_random.`)
 		return 1
 	}
 
+	masterKeys, err := devMasterKeys(filepath.Join(*dataDir, "master.key"))
+	if err != nil {
+		fmt.Fprintf(e.stderr, "esker dev: %v\n", err)
+		return 1
+	}
 	logger := newLogger(e.stderr, *level)
 	kafkaDir := filepath.Join(*dataDir, "kafka")
 	broker, err := startBroker(*kafkaAddr, kafkaDir, *partitions, logger)
@@ -121,6 +128,7 @@ need partitioner=murmur2_random.`)
 			standbys:        *standbys,
 			alertsURL:       *alertsURL,
 			postgres:        *postgres,
+			masterKeys:      masterKeys,
 			logger:          logger.With("node", i+1),
 		})
 		if err != nil {
@@ -179,4 +187,17 @@ Try it:
 
 Press Ctrl-C to stop; the data directory is kept.
 `, brokerAddr, kafkaDir, nodes.String(), account, account, account, base, base, base)
+}
+
+// devMasterKeys reads the master key esker dev keeps in its data directory,
+// generating it on the first run: the demo's personal data stays readable
+// across restarts, and deleting the data directory forgets everything.
+func devMasterKeys(path string) ([]keyring.MasterKey, error) {
+	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+		line := keyring.NewMasterKey("dev-1") + "\n"
+		if err := os.WriteFile(path, []byte(line), 0o600); err != nil {
+			return nil, fmt.Errorf("write the master key: %w", err)
+		}
+	}
+	return keyring.ReadMasterKeys(path)
 }

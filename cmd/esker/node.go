@@ -8,12 +8,14 @@ import (
 	"log/slog"
 	"net"
 	"net/url"
+	"os"
 	"path/filepath"
 	"strings"
 	"time"
 
 	"github.com/esker-io/esker"
 	"github.com/esker-io/esker/examples/bank"
+	"github.com/esker-io/esker/internal/keyring"
 	"github.com/esker-io/esker/projection/pgsink"
 )
 
@@ -40,7 +42,9 @@ type nodeConfig struct {
 	// postgres, when set, is the connection string of the database the
 	// bank's accounts sink keeps its accounts table in.
 	postgres string
-	logger   *slog.Logger
+	// masterKeys seal the bank's personal fields (the owner's name).
+	masterKeys []keyring.MasterKey
+	logger     *slog.Logger
 }
 
 // newBankNode returns a node running the whole bank demo (bank.AddTo).
@@ -67,6 +71,9 @@ func newBankNode(c nodeConfig) (*esker.Node, error) {
 	}
 	if c.sessionTimeout > 0 {
 		opts = append(opts, esker.SessionTimeout(c.sessionTimeout))
+	}
+	for _, k := range c.masterKeys {
+		opts = append(opts, esker.MasterKey(k.ID, k.Key))
 	}
 	node, err := esker.NewNode(opts...)
 	if err != nil {
@@ -134,6 +141,7 @@ Commands are processed exactly once (one Kafka transaction per batch) unless
 	alertsURL := fs.String("alerts-url", "", "`URL` that receives a JSON POST for every withdrawal or outgoing transfer of at least --alerts-threshold (a side-effect consumer, at least once; none when empty)")
 	alertsThreshold := fs.Int64("alerts-threshold", 100000, "smallest `amount` in cents that raises a withdrawal alert")
 	postgres := fs.String("postgres", "", "PostgreSQL connection `URL` (e.g. postgres://user@host/db): keep the table accounts(id, owner, balance, version, updated_at) there, exactly once (none when empty)")
+	masterKeyFile := fs.String("master-key-file", "", "`file` of master keys, one \"<id>:<base64 of 32 bytes>\" per line, the current one first (default: the key in $ESKER_MASTER_KEY); they wrap the keys that seal each account's personal data, and every node needs the same ones")
 	level := fs.logLevel()
 	if code, ok := fs.parse(e, args); !ok {
 		return code
@@ -160,6 +168,10 @@ Commands are processed exactly once (one Kafka transaction per batch) unless
 	} else if listensOnAllInterfaces(*httpListen) {
 		return fs.fail(e, "--http %s listens on all interfaces: set --advertise to a URL other nodes can reach, e.g. http://%s", *httpListen, exampleHost(*httpListen))
 	}
+	masterKeys, err := loadMasterKeys(*masterKeyFile, os.Getenv("ESKER_MASTER_KEY"))
+	if err != nil {
+		return fs.fail(e, "%v", err)
+	}
 
 	logger := newLogger(e.stderr, *level)
 	node, err := newBankNode(nodeConfig{
@@ -176,6 +188,7 @@ Commands are processed exactly once (one Kafka transaction per batch) unless
 		alertsURL:         *alertsURL,
 		alertsThreshold:   *alertsThreshold,
 		postgres:          *postgres,
+		masterKeys:        masterKeys,
 		logger:            logger,
 	})
 	if err != nil {
@@ -192,6 +205,23 @@ Commands are processed exactly once (one Kafka transaction per batch) unless
 
 // trimPrefix drops the "esker: " prefix of the node's errors, which the
 // CLI's own "esker <command>: " prefix replaces.
+// loadMasterKeys reads the master keys from --master-key-file, else from
+// $ESKER_MASTER_KEY ("<id>:<base64>"). The bank keeps personal data, so a
+// node needs one.
+func loadMasterKeys(file, env string) ([]keyring.MasterKey, error) {
+	switch {
+	case file != "":
+		return keyring.ReadMasterKeys(file)
+	case env != "":
+		k, err := keyring.ParseMasterKey(env)
+		if err != nil {
+			return nil, fmt.Errorf("$ESKER_MASTER_KEY: %w", err)
+		}
+		return []keyring.MasterKey{k}, nil
+	}
+	return nil, errors.New("no master key: the bank seals each owner's name with a key wrapped by a master key; pass --master-key-file FILE or set ESKER_MASTER_KEY (make one with: echo k1:$(head -c 32 /dev/urandom | base64) > master.key)")
+}
+
 func trimPrefix(err error) string { return strings.TrimPrefix(err.Error(), "esker: ") }
 
 // parseBrokers splits a comma-separated broker list and checks each entry

@@ -59,6 +59,7 @@ type accountChange struct {
 	first     int64 // version of the first event in the batch
 	last      int64 // version of the last event in the batch
 	updatedAt time.Time
+	forgotten bool // the batch forgets the account: its row is deleted
 }
 
 // ApplyAccounts is the apply function of AccountsSink. It folds the batch
@@ -69,7 +70,7 @@ type accountChange struct {
 // and only where the stored version is the version before the batch's
 // first event for the account; otherwise the batch fails with an error.
 // An event type this build does not know takes its version and changes
-// nothing.
+// nothing. The Forgotten event deletes the account's row.
 func ApplyAccounts(ctx context.Context, tx pgx.Tx, events []pgsink.Event) error {
 	byID := make(map[string]*accountChange)
 	var order []*accountChange
@@ -87,6 +88,10 @@ func ApplyAccounts(ctx context.Context, tx pgx.Tx, events []pgsink.Event) error 
 		}
 		c.last = e.Version
 		c.updatedAt = e.Time
+		if aggregate.IsForgotten(e.Event) {
+			c.forgotten = true
+			continue
+		}
 		ev, err := Account.DecodeEvent(e.Event)
 		switch {
 		case errors.Is(err, aggregate.ErrUnknownEvent):
@@ -144,7 +149,7 @@ RETURNING a.id`, ids, owners, deltas, firsts, lasts, times)
 		return fmt.Errorf("updating accounts: %w", err)
 	}
 	if len(updated) == len(order) {
-		return nil
+		return deleteForgotten(ctx, tx, order)
 	}
 	done := make(map[string]bool, len(updated))
 	for _, id := range updated {
@@ -164,4 +169,22 @@ RETURNING a.id`, ids, owners, deltas, firsts, lasts, times)
 		return fmt.Errorf("account %s: event version %d does not follow stored version %d: an event was applied twice or skipped", c.id, c.first, stored)
 	}
 	return fmt.Errorf("updated %d accounts, want %d", len(updated), len(order))
+}
+
+// deleteForgotten deletes the rows of the accounts the batch forgets: the
+// account's owner must not outlive it here either.
+func deleteForgotten(ctx context.Context, tx pgx.Tx, order []*accountChange) error {
+	var ids []string
+	for _, c := range order {
+		if c.forgotten {
+			ids = append(ids, c.id)
+		}
+	}
+	if len(ids) == 0 {
+		return nil
+	}
+	if _, err := tx.Exec(ctx, `DELETE FROM accounts WHERE id = ANY($1)`, ids); err != nil {
+		return fmt.Errorf("deleting forgotten accounts: %w", err)
+	}
+	return nil
 }

@@ -34,7 +34,7 @@ import (
 // AccountState is the state of one account. The zero value is an account
 // that has not been opened.
 type AccountState struct {
-	Owner string `json:"owner"`
+	Owner string `json:"owner" esker:"pii"`
 	// Balance in cents; never negative.
 	Balance int64 `json:"balance"`
 	// Open is true from the Opened event until the Closed event.
@@ -56,7 +56,7 @@ const MaxOwnerLength = 200
 
 // Open opens a new account for an owner.
 type Open struct {
-	Owner string `json:"owner"`
+	Owner string `json:"owner" esker:"pii"`
 }
 
 // Deposit adds Amount cents to the balance. Currency is recorded on the
@@ -74,7 +74,7 @@ type Withdraw struct {
 
 // ChangeOwner gives an open account to another owner.
 type ChangeOwner struct {
-	Owner string `json:"owner"`
+	Owner string `json:"owner" esker:"pii"`
 }
 
 // Close closes an account whose balance is zero.
@@ -123,7 +123,7 @@ func validateAmount(amount int64) error {
 
 // Opened records that an account was opened.
 type Opened struct {
-	Owner string `json:"owner"`
+	Owner string `json:"owner" esker:"pii"`
 }
 
 // Deposited records a deposit of Amount cents. It is at schema version 2,
@@ -153,7 +153,7 @@ type Withdrawn struct {
 
 // OwnerChanged records that an account was given to another owner.
 type OwnerChanged struct {
-	Owner string `json:"owner"`
+	Owner string `json:"owner" esker:"pii"`
 }
 
 // Closed records that an account was closed.

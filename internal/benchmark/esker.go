@@ -2,6 +2,7 @@ package benchmark
 
 import (
 	"context"
+	cryptorand "crypto/rand"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -68,6 +69,9 @@ func RunEsker(ctx context.Context, cfg Config) (Result, error) {
 		esker.ProcessingGuarantee(cfg.Guarantee),
 		esker.InstanceID("bench"),
 		esker.Logger(cfg.Logger),
+		// The bank's owner is personal data. Runs on one broker share the
+		// keys topic, so they share the master key too.
+		esker.MasterKey("bench", benchMasterKey()),
 	)
 	if err != nil {
 		return Result{}, err
@@ -368,3 +372,10 @@ func metricSum(g prometheus.Gatherer, name string, labels map[string]string) flo
 	}
 	return sum
 }
+
+// benchMasterKey returns the process's master key, random.
+var benchMasterKey = sync.OnceValue(func() []byte {
+	key := make([]byte, 32)
+	_, _ = cryptorand.Read(key) // never fails (crypto/rand)
+	return key
+})

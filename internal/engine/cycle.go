@@ -96,6 +96,10 @@ type entity struct {
 	updatedAt time.Time
 	dirty     bool
 	journal   statestore.Journal
+	// forgotten: the entity was forgotten (its state record is a marker);
+	// forgetNow: this cycle forgets it, so its stored journals are deleted.
+	forgotten, forgetNow bool
+	cipher               aggregate.FieldCipher // nil unless the type has personal fields
 }
 
 // cycle runs steps 2–5 of the package comment for the records of one poll
@@ -355,9 +359,10 @@ func (tc *taskCycle) handle(r *kgo.Record, p *parsedCommand) {
 	}
 
 	now := tc.c.now
+	var gone, notFound bool
 	reject := func(reason string, conflict bool, current int64) {
 		rec := statestore.CommandRecord{CommandID: cmdID, EntityID: id, At: now.UnixNano(),
-			Rejected: reason, Conflict: conflict, Current: current}
+			Rejected: reason, Conflict: conflict, Gone: gone, NotFound: notFound, Current: current}
 		tc.commands[cmdID] = rec
 		// Rejections stay local: nothing reaches any topic for them.
 		if err := tc.batch.Set(tc.task, statestore.CommandKey(cmdID), rec.Encode()); err != nil {
@@ -365,7 +370,7 @@ func (tc *taskCycle) handle(r *kgo.Record, p *parsedCommand) {
 		}
 		if awaited {
 			tc.outcomes = append(tc.outcomes, aggregate.Outcome{CommandID: cmdID, EntityID: id,
-				Version: current, Reason: reason, Conflict: conflict})
+				Version: current, Reason: reason, Conflict: conflict, Gone: gone, NotFound: notFound})
 		}
 		if conflict {
 			tc.count("conflict")
@@ -399,8 +404,30 @@ func (tc *taskCycle) handle(r *kgo.Record, p *parsedCommand) {
 		tc.c.fail(fmt.Errorf("read state of %s %q: %w", tc.task.Type, id, err))
 		return
 	}
+	if ent.forgotten {
+		gone = true
+		reject(fmt.Sprintf("%s %q was forgotten", tc.task.Type, id), false, ent.version)
+		return
+	}
 	if !aggregate.ExpectationMet(cmd.ExpectedVersion, ent.version) {
 		reject(fmt.Sprintf("version conflict: the command expected: %s; current version is %d", aggregate.DescribeExpected(*cmd.ExpectedVersion), ent.version), true, ent.version)
+		return
+	}
+	if cmd.Type == aggregate.ForgetCommand {
+		if ent.version == 0 {
+			notFound = true
+			reject(fmt.Sprintf("%s %q does not exist", tc.task.Type, id), false, 0)
+			return
+		}
+		ev := tc.forget(ent, cmd, cmdID)
+		rec := statestore.CommandRecord{CommandID: cmdID, EntityID: id, At: now.UnixNano(), From: ev.Version, To: ev.Version}
+		ent.journal.Commands = append(ent.journal.Commands, rec)
+		tc.commands[cmdID] = rec
+		if awaited {
+			tc.outcomes = append(tc.outcomes, aggregate.Outcome{CommandID: cmdID, EntityID: id,
+				Accepted: true, Version: ent.version, Events: []aggregate.Event{ev}})
+		}
+		tc.count("accepted")
 		return
 	}
 	events, state, version, err := tc.decide(ent, cmd, cmdID)
@@ -444,6 +471,11 @@ func (tc *taskCycle) decide(ent *entity, cmd aggregate.Command, cmdID string) (e
 	if err != nil {
 		return nil, nil, 0, err
 	}
+	if ent.cipher != nil {
+		if value, err = aggregate.OpenPersonal(value, ent.cipher); err != nil {
+			return nil, nil, 0, fmt.Errorf("cannot open the command's personal fields: %w", err)
+		}
+	}
 	if err := def.ValidateCommand(value); err != nil {
 		return nil, nil, 0, err
 	}
@@ -454,7 +486,13 @@ func (tc *taskCycle) decide(ent *entity, cmd aggregate.Command, cmdID string) (e
 	events = make([]aggregate.Event, 0, len(decided))
 	state, version = ent.state, ent.version
 	for _, ev := range decided {
-		name, schema, data, err := def.EncodeEvent(ev)
+		stored := ev
+		if ent.cipher != nil {
+			if stored, err = aggregate.SealPersonal(ev, ent.cipher); err != nil {
+				return nil, nil, 0, fmt.Errorf("cannot seal the event's personal fields: %w", err)
+			}
+		}
+		name, schema, data, err := def.EncodeEvent(stored)
 		if err != nil {
 			return nil, nil, 0, fmt.Errorf("cannot encode event: %w", err)
 		}
@@ -473,9 +511,74 @@ func (tc *taskCycle) decide(ent *entity, cmd aggregate.Command, cmdID string) (e
 	return events, state, version, nil
 }
 
+// encodeState encodes an entity's state for the store and the changelog,
+// its personal fields sealed.
+func (tc *taskCycle) encodeState(ent *entity, state any) ([]byte, error) {
+	if ent != nil && ent.cipher != nil {
+		sealed, err := aggregate.SealPersonal(state, ent.cipher)
+		if err != nil {
+			return nil, fmt.Errorf("seal personal fields: %w", err)
+		}
+		state = sealed
+	}
+	return tc.def.EncodeState(state)
+}
+
+// forget forgets an entity (the Forget command): it writes the plain
+// Forgotten event, destroys the entity's data keys in the keys topic, and
+// leaves a forgotten marker as its state; stageChangelog then deletes its
+// journals, in the store and (tombstones) on the changelog. All of it
+// commits in this cycle's transaction, or none of it.
+func (tc *taskCycle) forget(ent *entity, cmd aggregate.Command, cmdID string) aggregate.Event {
+	now, id := tc.c.now, ent.id
+	ev := aggregate.Event{
+		EntityID: id, Version: ent.version + 1, EventID: aggregate.EventID(tc.def.Name(), id, ent.version+1),
+		Type: aggregate.ForgottenEvent, SchemaVersion: 1, CommandID: cmdID,
+		CorrelationID: orDefault(cmd.CorrelationID, cmdID), CausationID: orDefault(cmd.CausationID, cmdID),
+		Time: now, Data: aggregate.ForgottenEventData(now),
+	}
+	rec := tc.eventRecord(&ev)
+	// The Forgotten event is plain JSON whatever the aggregate's codec.
+	for i := range rec.Headers {
+		if rec.Headers[i].Key == aggregate.HeaderContentType {
+			rec.Headers[i].Value = []byte("application/json")
+		}
+	}
+	tc.produce(rec, false)
+	if keys := tc.c.e.cfg.Keys; keys != nil {
+		// Destroy every key, including one another node created a moment ago.
+		if err := keys.Sync(tc.c.ctx); err != nil {
+			tc.c.fail(err)
+		}
+		for _, r := range keys.ForgetRecords(tc.task.Type, id, now) {
+			tc.produce(r, false)
+		}
+	}
+	ent.state, ent.version, ent.updatedAt = tc.def.NewState(), ev.Version, now
+	ent.dirty, ent.forgotten, ent.forgetNow = true, true, true
+	ent.journal.Events = nil // this cycle's events of the entity go too
+	return ev
+}
+
+// dropJournals deletes the entity's stored journals: from the store, and
+// from the changelog with tombstones, so no restore brings them back.
+func (tc *taskCycle) dropJournals(ent *entity) {
+	keys, err := tc.c.e.cfg.Store.JournalKeys(tc.task, ent.id)
+	if err != nil {
+		tc.c.fail(fmt.Errorf("list journals of %s %q: %w", tc.task.Type, ent.id, err))
+		return
+	}
+	for _, k := range keys {
+		tc.produce(&kgo.Record{Topic: tc.changelogTopic, Partition: tc.task.Partition, Key: k}, true)
+		if err := tc.batch.Delete(tc.task, k); err != nil {
+			tc.c.fail(err)
+		}
+	}
+}
+
 // checkStateSize rejects a command whose new state is too large to write.
 func (tc *taskCycle) checkStateSize(id string, state any) error {
-	data, err := tc.def.EncodeState(state)
+	data, err := tc.encodeState(tc.entities[id], state)
 	if err != nil {
 		return fmt.Errorf("cannot encode the new state: %w", err)
 	}
@@ -576,8 +679,19 @@ func (tc *taskCycle) entity(id string) (*entity, error) {
 		return ent, nil
 	}
 	ent := &entity{id: id}
+	decode := tc.def.DecodeState
+	if keys := tc.c.e.cfg.Keys; keys != nil && tc.def.Personal() {
+		ent.cipher = keys.Cipher(tc.c.ctx, tc.task.Type, id)
+		decode = func(b []byte) (any, error) {
+			s, err := tc.def.DecodeState(b)
+			if err != nil {
+				return nil, err
+			}
+			return aggregate.OpenPersonal(s, ent.cipher)
+		}
+	}
 	var err error
-	ent.state, ent.version, ent.updatedAt, err = loadState(tc.c.e.cfg.Store, tc.task, id, tc.def.NewState, tc.def.DecodeState)
+	ent.state, ent.version, ent.updatedAt, ent.forgotten, err = loadState(tc.c.e.cfg.Store, tc.task, id, tc.def.NewState, decode)
 	if err != nil {
 		return nil, err
 	}
@@ -589,19 +703,23 @@ func (tc *taskCycle) entity(id string) (*entity, error) {
 // loadState reads the state record of an entity (or a projection row) and
 // decodes its state; one that was never written is zero (newState). A
 // record or state that does not decode is a stateDecodeError.
-func loadState(store *statestore.Store, t statestore.Task, id string, newState func() any, decode func([]byte) (any, error)) (state any, version int64, updatedAt time.Time, err error) {
+// A forgotten entity has the zero state, its last version and forgotten set.
+func loadState(store *statestore.Store, t statestore.Task, id string, newState func() any, decode func([]byte) (any, error)) (state any, version int64, updatedAt time.Time, forgotten bool, err error) {
 	raw, found, err := store.Get(t, statestore.StateKey(id))
 	if err != nil || !found {
-		return newState(), 0, time.Time{}, err
+		return newState(), 0, time.Time{}, false, err
 	}
 	rec, err := statestore.DecodeStateRecord(raw)
 	if err != nil {
-		return nil, 0, time.Time{}, stateDecodeError{err}
+		return nil, 0, time.Time{}, false, stateDecodeError{err}
+	}
+	if rec.Forgotten {
+		return newState(), rec.Version, rec.UpdatedAt, true, nil
 	}
 	if state, err = decode(rec.State); err != nil {
-		return nil, 0, time.Time{}, stateDecodeError{err}
+		return nil, 0, time.Time{}, false, stateDecodeError{err}
 	}
-	return state, rec.Version, rec.UpdatedAt, nil
+	return state, rec.Version, rec.UpdatedAt, false, nil
 }
 
 // lookupCommand finds an earlier outcome of the command id within the
@@ -700,8 +818,17 @@ func (tc *taskCycle) stageChangelog() {
 		if !ent.dirty && len(ent.journal.Commands) == 0 {
 			continue
 		}
-		if ent.dirty {
-			state, err := tc.def.EncodeState(ent.state)
+		if ent.forgetNow {
+			tc.dropJournals(ent)
+		}
+		if ent.dirty && ent.forgotten {
+			k, v := changelog.StateRecord(ent.id, statestore.StateRecord{Version: ent.version, UpdatedAt: ent.updatedAt, Forgotten: true})
+			tc.produce(&kgo.Record{Topic: topic, Partition: tc.task.Partition, Key: k, Value: v}, true)
+			if err := tc.batch.Set(tc.task, k, v); err != nil {
+				tc.c.fail(err)
+			}
+		} else if ent.dirty {
+			state, err := tc.encodeState(ent, ent.state)
 			if err != nil {
 				tc.c.fail(fmt.Errorf("encode state of %s %q: %w", tc.task.Type, ent.id, err))
 				return

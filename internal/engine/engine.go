@@ -74,8 +74,20 @@ type Config struct {
 	StateCleanupDelay time.Duration
 	// Balancer, when set, replaces the default cooperative-sticky balancer.
 	Balancer kgo.GroupBalancer
-	Metrics  *Metrics
-	Logger   *slog.Logger
+	// Keys seals and opens personal fields (internal/keyring); nil when no
+	// registered type has any.
+	Keys    Keys
+	Metrics *Metrics
+	Logger  *slog.Logger
+}
+
+// Keys is the keyring the engine seals personal fields with.
+type Keys interface {
+	Cipher(ctx context.Context, typ, id string) aggregate.FieldCipher
+	Sync(ctx context.Context) error
+	// ForgetRecords returns the keys-topic records that destroy the
+	// entity's data keys, produced in the forgetting transaction.
+	ForgetRecords(typ, id string, at time.Time) []*kgo.Record
 }
 
 // Engine runs the processing loop of one node.

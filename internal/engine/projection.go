@@ -112,6 +112,7 @@ type projRow struct {
 	version   int64 // changes folded into the row
 	updatedAt time.Time
 	dirty     bool
+	deleted   bool // written as a tombstone (its entity was forgotten, or its group emptied)
 }
 
 type entityRow struct {
@@ -243,6 +244,11 @@ func (pc *projCycle) handle(r *kgo.Record) {
 		return
 	}
 	ev := eventOf(r)
+	if err := pc.open(&ev); err != nil {
+		// A key that cannot be read now may be readable on the retry.
+		pc.c.fail(err)
+		return
+	}
 	if err := pc.def.Decode(&ev); err != nil {
 		pc.skip(r, "cannot decode an event", err)
 		return
@@ -300,6 +306,28 @@ func (pc *projCycle) handle(r *kgo.Record) {
 	}
 }
 
+// open opens the personal fields of an aggregate's event (a forgotten
+// entity's read as empty) before the projection decodes it.
+func (pc *projCycle) open(ev *projection.Event) error {
+	keys := pc.c.e.cfg.Keys
+	if keys == nil {
+		return nil
+	}
+	for _, s := range pc.def.Sources() {
+		if def := s.Aggregate(); s.Topic() == ev.Topic && def != nil && def.Personal() {
+			schema, data, err := def.OpenEvent(ev.Type, ev.SchemaVersion, ev.Data, keys.Cipher(pc.c.ctx, def.Name(), ev.EntityID))
+			if err != nil {
+				if errors.Is(err, aggregate.ErrUnknownEvent) || errors.Is(err, aggregate.ErrMalformed) {
+					return nil // Decode reports it
+				}
+				return fmt.Errorf("open the personal fields of %s event %s of %q: %w", def.Name(), ev.Type, ev.EntityID, err)
+			}
+			ev.SchemaVersion, ev.Data = schema, data
+		}
+	}
+	return nil
+}
+
 func (pc *projCycle) skip(r *kgo.Record, what string, err error) {
 	pc.count("skipped")
 	pc.c.e.log.Warn("projection skipped a record: "+what, "projection", pc.def.Name(), "topic", r.Topic, "partition", r.Partition, "offset", r.Offset, "err", err)
@@ -323,13 +351,18 @@ func (pc *projCycle) apply(ch projection.Change) {
 		pc.c.fail(err) // a store read error may pass: abort and retry
 		return
 	}
+	if ch.Delete {
+		row.state, row.dirty, row.deleted = pc.def.NewState(), true, true
+		pc.count("deleted")
+		return
+	}
 	state, err := pc.def.Apply(row.state, ch)
 	if err != nil {
 		pc.count("failed")
 		pc.c.e.log.Error("projection fold failed; change skipped", "projection", pc.def.Name(), "key", ch.Key, "err", err)
 		return
 	}
-	row.state, row.dirty = state, true
+	row.state, row.dirty, row.deleted = state, true, pc.def.Empty(state)
 	row.version++
 	row.updatedAt = pc.c.now
 	if ch.Event != nil && !ch.Event.Time.IsZero() {
@@ -345,7 +378,7 @@ func (pc *projCycle) row(key string) (*projRow, error) {
 	}
 	row := &projRow{key: key}
 	var err error
-	row.state, row.version, row.updatedAt, err = loadState(pc.c.e.cfg.Store, pc.task, key, pc.def.NewState, pc.def.DecodeState)
+	row.state, row.version, row.updatedAt, _, err = loadState(pc.c.e.cfg.Store, pc.task, key, pc.def.NewState, pc.def.DecodeState)
 	if err != nil {
 		return nil, err
 	}
@@ -394,6 +427,10 @@ func (pc *projCycle) stageChangelog() {
 	}
 	for _, row := range pc.rowOrder {
 		if !row.dirty {
+			continue
+		}
+		if row.deleted {
+			write(statestore.StateKey(row.key), nil)
 			continue
 		}
 		state, err := pc.def.EncodeState(row.state)

@@ -24,9 +24,10 @@ type Reactor interface {
 // and its handle sends commands instead of folding (projCycle.react).
 type reactorTask struct{ Reactor }
 
-func (reactorTask) Rekeys() bool  { return false }
-func (reactorTask) GroupBy() bool { return false }
-func (reactorTask) NewState() any { return nil }
+func (reactorTask) Rekeys() bool   { return false }
+func (reactorTask) GroupBy() bool  { return false }
+func (reactorTask) NewState() any  { return nil }
+func (reactorTask) Empty(any) bool { return false }
 
 func (reactorTask) Route(projection.Event, []byte) ([]projection.Change, []byte, bool, error) {
 	return nil, nil, false, nil
@@ -67,6 +68,16 @@ func (pc *projCycle) react(rt reactorTask, ev projection.Event) {
 		cmd.CommandID = cause + "/" + rt.Name() + "/" + strconv.Itoa(i)
 		cmd.CausationID = orDefault(ev.EventID, cause)
 		cmd.CorrelationID = orDefault(ev.CorrelationID, cmd.CausationID)
+		if def, ok := pc.c.e.types[s.Type]; ok && pc.c.e.cfg.Keys != nil && def.Personal() {
+			// A plaintext copy on the commands topic would outlive forgetting.
+			data, err := def.SealCommand(cmd.Type, cmd.Data, pc.c.e.cfg.Keys.Cipher(pc.c.ctx, s.Type, s.ID))
+			if err != nil {
+				pc.count("failed")
+				pc.c.e.log.Error("reactor command's personal fields cannot be sealed; not sent", "reactor", rt.Name(), "type", s.Type, "id", s.ID, "command", cmd.Type, "err", err)
+				continue
+			}
+			cmd.Data = data
+		}
 		rec := CommandRecord(s.Type, s.ID, aggregate.Partition(s.ID, pc.c.e.cfg.Partitions), cmd)
 		rec.Timestamp = pc.c.now
 		pc.produce(rec, false)

@@ -370,6 +370,12 @@ func (r *run) build(fetches kgo.Fetches) (*batch, error) {
 					s.name, fp.Topic, fp.Partition, rec.Offset, e)
 				return
 			}
+			if r.rt.OpenEvent != nil {
+				if ev, e = r.rt.OpenEvent(r.ctx, fp.Topic, ev); e != nil {
+					err = fmt.Errorf("pgsink: sink %s: record %s/%d at offset %d: %w", s.name, fp.Topic, fp.Partition, rec.Offset, e)
+					return
+				}
+			}
 			b.events = append(b.events, Event{Event: ev, Topic: fp.Topic, Partition: fp.Partition, Offset: rec.Offset})
 			pb.events++
 		}

@@ -429,6 +429,7 @@ func (s *Sink) Run(ctx context.Context, rt Runtime) (err error) {
 
 	r := &run{
 		s:       s,
+		rt:      rt,
 		ctx:     runCtx,
 		pool:    pool,
 		log:     log,
@@ -494,6 +495,7 @@ func (s *Sink) Run(ctx context.Context, rt Runtime) (err error) {
 // run is the state of one Run.
 type run struct {
 	s     *Sink
+	rt    Runtime
 	ctx   context.Context
 	pool  *pgxpool.Pool
 	log   *slog.Logger

@@ -1,0 +1,203 @@
+package aggregate
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"reflect"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Personal data and forgetting (crypto-shredding).
+//
+// A string field tagged `esker:"pii"` in a command, event or state type holds
+// personal data. esker never writes such a field to Kafka in plaintext: the
+// node seals it with the entity's own data key (AES-256-GCM) before a
+// command, event or state leaves the process, and opens it on every read
+// path. Forgetting an entity destroys its data key, so every copy of its
+// personal fields (in "<type>-events", "<type>-commands", the changelog and
+// any consumer's log) becomes unreadable at once, while the other fields and
+// all headers stay plain for consumers in any language.
+//
+// A sealed field is a string "esker:pii:1:<key id>:<base64 ciphertext>". An
+// empty string stays empty: there is nothing to hide and zero values keep
+// their meaning. A field that does not carry the prefix (written before the
+// field was tagged) is read as it is.
+
+// PersonalTag is the struct tag value that marks a personal field:
+// `esker:"pii"`. Only string fields (at any depth of nested structs) may
+// carry it.
+const PersonalTag = "pii"
+
+// SealedPrefix starts every sealed personal field.
+const SealedPrefix = "esker:pii:1:"
+
+// ForgetCommand is the command type of a forget request on
+// "<type>-commands" (DELETE /v1/aggregates/{type}/{id} produces it). It is
+// reserved: an aggregate cannot register a command of that name.
+const ForgetCommand = "Forget"
+
+// ForgottenEvent is the event type esker writes when it forgets an entity.
+// Its payload is plain JSON {"forgottenAt": time}. Projections drop the
+// entity's rows when they see it; other consumers should delete whatever
+// they hold about the entity. The name is reserved.
+const ForgottenEvent = "Forgotten"
+
+// Forgotten is the payload of a ForgottenEvent, and the Value a projection
+// fold sees for it.
+type Forgotten struct {
+	ForgottenAt time.Time `json:"forgottenAt"`
+}
+
+// IsForgotten reports whether ev is the event that forgets its entity.
+func IsForgotten(ev Event) bool { return ev.Type == ForgottenEvent }
+
+// FieldCipher seals and opens the personal fields of one entity. The node
+// gives the engine and its read paths one per entity; Open of a field whose
+// entity was forgotten returns "" and no error.
+type FieldCipher interface {
+	Seal(plaintext string) (string, error)
+	Open(sealed string) (string, error)
+}
+
+// ErrForgotten is returned for an entity that was forgotten: its commands,
+// state and events answer 410 Gone.
+var ErrForgotten = errors.New("the entity was forgotten")
+
+// HasPersonal reports whether values of t carry fields tagged personal.
+func HasPersonal(t reflect.Type) bool { return len(personalPlan(t)) > 0 }
+
+// SealPersonal returns a copy of v with every non-empty personal field
+// sealed by c; v is not modified. A value without personal fields is
+// returned as it is, without a copy.
+func SealPersonal(v any, c FieldCipher) (any, error) { return transformPersonal(v, c.Seal) }
+
+// OpenPersonal returns a copy of v with every sealed personal field opened
+// by c (see SealPersonal).
+func OpenPersonal(v any, c FieldCipher) (any, error) {
+	return transformPersonal(v, func(s string) (string, error) {
+		if !strings.HasPrefix(s, SealedPrefix) {
+			return s, nil
+		}
+		return c.Open(s)
+	})
+}
+
+func transformPersonal(v any, fn func(string) (string, error)) (any, error) {
+	if v == nil {
+		return nil, nil
+	}
+	rv := reflect.ValueOf(v)
+	plan := personalPlan(rv.Type())
+	if len(plan) == 0 {
+		return v, nil
+	}
+	out := reflect.New(rv.Type()).Elem()
+	out.Set(rv)
+	if rv.Kind() == reflect.Pointer {
+		if rv.IsNil() {
+			return v, nil
+		}
+		cp := reflect.New(rv.Type().Elem())
+		cp.Elem().Set(rv.Elem())
+		out.Set(cp)
+	}
+	for _, path := range plan {
+		if err := transformPath(out, path, fn); err != nil {
+			return nil, err
+		}
+	}
+	return out.Interface(), nil
+}
+
+// transformPath rewrites the string field at path inside v (addressable),
+// copying any struct a pointer on the way leads to so the caller's value
+// stays untouched.
+func transformPath(v reflect.Value, path []int, fn func(string) (string, error)) error {
+	for _, i := range path {
+		if v.Kind() == reflect.Pointer {
+			if v.IsNil() {
+				return nil
+			}
+			cp := reflect.New(v.Type().Elem())
+			cp.Elem().Set(v.Elem())
+			v.Set(cp)
+			v = cp.Elem()
+		}
+		v = v.Field(i)
+	}
+	if v.Kind() == reflect.Pointer { // *string
+		if v.IsNil() {
+			return nil
+		}
+		s, err := fn(v.Elem().String())
+		if err != nil {
+			return err
+		}
+		v.Set(reflect.ValueOf(&s))
+		return nil
+	}
+	if v.String() == "" {
+		return nil
+	}
+	s, err := fn(v.String())
+	if err != nil {
+		return err
+	}
+	v.SetString(s)
+	return nil
+}
+
+var plans sync.Map // reflect.Type → [][]int
+
+// personalPlan lists the field index paths of t's personal fields. It panics
+// on a tag on a field that cannot hold a sealed string: a programming error
+// found when the type is registered.
+func personalPlan(t reflect.Type) [][]int {
+	if p, ok := plans.Load(t); ok {
+		return p.([][]int)
+	}
+	p := buildPlan(t, nil, map[reflect.Type]bool{})
+	plans.Store(t, p)
+	return p
+}
+
+func buildPlan(t reflect.Type, prefix []int, seen map[reflect.Type]bool) [][]int {
+	if t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	if t.Kind() != reflect.Struct || seen[t] {
+		return nil
+	}
+	seen[t] = true
+	defer delete(seen, t)
+	var out [][]int
+	for i := range t.NumField() {
+		f := t.Field(i)
+		path := append(append([]int(nil), prefix...), i)
+		if tag, ok := f.Tag.Lookup("esker"); ok && tag == PersonalTag {
+			ft := f.Type
+			if ft.Kind() == reflect.Pointer {
+				ft = ft.Elem()
+			}
+			if ft.Kind() != reflect.String || !f.IsExported() {
+				panic(fmt.Sprintf("aggregate: field %s.%s is tagged esker:%q but is not an exported string; personal data must be kept in string fields", t.Name(), f.Name, PersonalTag))
+			}
+			out = append(out, path)
+			continue
+		}
+		if !f.IsExported() {
+			continue
+		}
+		out = append(out, buildPlan(f.Type, path, seen)...)
+	}
+	return out
+}
+
+// ForgottenEventData returns the payload of the ForgottenEvent written at t.
+func ForgottenEventData(t time.Time) []byte {
+	b, _ := json.Marshal(Forgotten{ForgottenAt: t.UTC()})
+	return b
+}
