@@ -1,4 +1,5 @@
-# The esker CLI in a static, distroless image.
+# The esker CLI in a static, distroless image (docker-compose.yml runs it as
+# "esker node"; .dockerignore keeps .git and local data out of the context).
 #   docker build -t esker .
 #   docker run --rm esker help
 FROM golang:1.26 AS build

@@ -142,7 +142,7 @@ func NewNode(opts ...Option) (*Node, error) {
 		types:   map[string]aggregate.Definition{},
 		started: make(chan struct{}),
 	}
-	reg.MustRegister(n.generation, n.rebalances, prometheus.NewCounterFunc(prometheus.CounterOpts{
+	reg.MustRegister(readiness{n}, n.generation, n.rebalances, prometheus.NewCounterFunc(prometheus.CounterOpts{
 		Name: "esker_event_journals_read_total",
 		Help: "Journal records read from the state store to serve entity event streams (GET …/events, Node.Events): proportional to the events read, not to the partition.",
 	}, func() float64 {

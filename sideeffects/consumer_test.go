@@ -120,7 +120,7 @@ func TestAtLeastOnceRetriesKeepKeyOrder(t *testing.T) {
 	if got := metricValue(t, reg, "esker_sideeffect_handler_seconds", labels); got != float64(total+2*failing) {
 		t.Errorf("handler_seconds count = %v, want %d", got, total+2*failing)
 	}
-	waitFor(t, 5*time.Second, "lag gauge 0", func() bool { return metricValue(t, reg, "esker_sideeffect_lag", labels) == 0 })
+	waitFor(t, 5*time.Second, "lag gauge 0", func() bool { return metricValue(t, reg, "esker_sideeffect_lag_records", labels) == 0 })
 	if dead := readAll(t, brokers, sideeffects.DeadLetterTopic(testApp, "mailer")); len(dead) != 0 {
 		t.Errorf("%d dead letters, want none", len(dead))
 	}

@@ -122,8 +122,8 @@
 //
 // Run registers, on Runtime.Registerer, esker_sideeffect_events_total
 // {consumer, outcome="handled"|"dead_lettered"}, esker_sideeffect_retries_total
-// {consumer}, esker_sideeffect_lag{consumer} (records not yet handled) and
-// esker_sideeffect_handler_seconds{consumer}. Status returns assigned
+// {consumer}, esker_sideeffect_lag_records{consumer} (records not yet
+// handled) and esker_sideeffect_handler_seconds{consumer}. Status returns assigned
 // partitions, lags, in-flight events and counters for GET /v1/cluster; Ready
 // says whether the consumer is a member of its group and not stuck. While
 // the lag is 1000 records or more, Run logs every 5 s how far it has caught

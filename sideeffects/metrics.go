@@ -39,7 +39,7 @@ func newMetrics(consumer string) *metrics {
 			ConstLabels: labels,
 		}),
 		lag: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name:        "esker_sideeffect_lag",
+			Name:        "esker_sideeffect_lag_records",
 			Help:        "Records of a side-effect consumer's assigned partitions not yet handled: high watermark minus the lowest unfinished offset, summed over the partitions whose end is known.",
 			ConstLabels: labels,
 		}),

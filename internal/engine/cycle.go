@@ -85,6 +85,7 @@ type taskCycle struct {
 	timestamps  []time.Time                         // command record timestamps, for latency
 	processedTo int64                               // the store's command offset at the start of the cycle
 	nextCommand int64                               // the command offset after this cycle
+	end         int64                               // the partition's high watermark in this cycle's fetch, -1 if unknown
 }
 
 // entity is an entity's state within a cycle: loaded from the store on first
@@ -192,6 +193,7 @@ func (c *cycle) process(fetches kgo.Fetches) {
 			return // revoked; the session aborts this cycle anyway
 		}
 		tc := c.taskCycle(task, def)
+		tc.end = max(tc.end, p.HighWatermark)
 		records := tc.skipProcessed(p)
 		if len(records) == 0 {
 			return
@@ -247,7 +249,7 @@ func (c *cycle) taskCycle(task statestore.Task, def aggregate.Definition) *taskC
 		if err != nil {
 			c.fail(fmt.Errorf("read the command offset of %s: %w", task, err))
 		}
-		tc.processedTo, tc.nextCommand = next, next
+		tc.processedTo, tc.nextCommand, tc.end = next, next, -1
 		c.tasks[task] = tc
 		c.order = append(c.order, tc)
 	}
@@ -987,6 +989,9 @@ func (c *cycle) commit() error {
 		pc.committed()
 	}
 	for _, tc := range c.order {
+		if tc.end >= 0 {
+			e.progress.report(tc.task, max(tc.end-tc.nextCommand, 0), 0)
+		}
 		e.waiters.resolve(tc.outcomes)
 	}
 	for _, b := range c.bases {

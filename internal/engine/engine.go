@@ -103,7 +103,7 @@ type Engine struct {
 	readers map[string][]string
 	// taskTypes lists every task type: aggregate type and projection names.
 	taskTypes []string
-	progress  *progress // projections' catch-up (progress.go)
+	progress  *progress // command and projection lag, projections' catch-up (progress.go)
 	startMu   sync.Mutex
 	starts    map[statestore.Task]map[string]int64 // start offsets of projection tasks that folded nothing yet
 
@@ -274,12 +274,10 @@ func (e *Engine) Run(ctx context.Context) error {
 		go func() { defer close(done); e.runStandbys(standbyCtx) }()
 		defer func() { stopStandbys(); <-done }()
 	}
-	if len(e.projections) > 0 {
-		progressCtx, stopProgress := context.WithCancel(context.Background())
-		done := make(chan struct{})
-		go func() { defer close(done); e.progress.run(progressCtx) }()
-		defer func() { stopProgress(); <-done }()
-	}
+	progressCtx, stopProgress := context.WithCancel(context.Background())
+	progressDone := make(chan struct{})
+	go func() { defer close(progressDone); e.progress.run(progressCtx) }()
+	defer func() { stopProgress(); <-progressDone }()
 	if e.cfg.StateCleanupDelay > 0 {
 		cleanupCtx, stopCleanup := context.WithCancel(context.Background())
 		done := make(chan struct{})

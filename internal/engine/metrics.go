@@ -10,6 +10,7 @@ import (
 // aggregate type and an outcome or result from a fixed set.
 type Metrics struct {
 	Commands        *prometheus.CounterVec   // type, outcome
+	CommandLag      *prometheus.GaugeVec     // type
 	CommandLatency  *prometheus.HistogramVec // type
 	Transactions    *prometheus.CounterVec   // result
 	BatchCommands   prometheus.Histogram
@@ -76,6 +77,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "esker_commands_total",
 			Help: "Commands processed, by aggregate type and outcome (accepted, rejected, conflict, duplicate).",
 		}, []string{"type", "outcome"}),
+		CommandLag: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "esker_command_lag_records",
+			Help: "Commands on this node's partitions of an aggregate type not processed yet: the commands partitions' high watermarks, as of the last committed transaction, minus the next command to process (summed over the partitions this node owns).",
+		}, []string{"type"}),
 		CommandLatency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "esker_command_processing_seconds",
 			Help:    "Time from a command's record timestamp to the commit of its outcome.",
@@ -120,6 +125,9 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Buckets: prometheus.ExponentialBuckets(0.001, 4, 10),
 		}),
 	}
-	reg.MustRegister(m.Commands, m.CommandLatency, m.Transactions, m.BatchCommands, m.RestoreRecords, m.RestoreDuration, m.StandbyLag, m.StateCleanups, m.Fenced, m.ProjectionEvents, m.ProjectionLag)
+	for _, result := range []string{"committed", "aborted"} {
+		m.Transactions.WithLabelValues(result) // export both results from 0
+	}
+	reg.MustRegister(m.Commands, m.CommandLag, m.CommandLatency, m.Transactions, m.BatchCommands, m.RestoreRecords, m.RestoreDuration, m.StandbyLag, m.StateCleanups, m.Fenced, m.ProjectionEvents, m.ProjectionLag)
 	return m
 }

@@ -8,14 +8,15 @@ import (
 	"github.com/esker-io/esker/statestore"
 )
 
-// progress follows how far the projections this node runs are behind their
-// inputs: the lag gauge, and while a projection catches up (added to a
+// progress follows how far the command tasks and the projections this node
+// runs are behind their inputs: the lag gauges, and while a projection catches up (added to a
 // running system, or after downtime) a log line every few seconds with the
 // share done and the rate.
 type progress struct {
 	e  *Engine
 	mu sync.Mutex
-	// lag per task, from the high watermarks of its last committed cycle.
+	// lag per task (command tasks and projection tasks: their names are
+	// distinct), from the high watermarks of its last committed cycle.
 	lag map[statestore.Task]int64
 	// handled counts input records per projection since the node started.
 	handled map[string]int64
@@ -41,7 +42,7 @@ func newProgress(e *Engine) *progress {
 	return &progress{e: e, lag: map[statestore.Task]int64{}, handled: map[string]int64{}, catchUps: map[string]*catchUp{}}
 }
 
-// report records a committed cycle of a projection task.
+// report records a committed cycle of a command or projection task.
 func (p *progress) report(t statestore.Task, lag int64, handled int) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -49,7 +50,8 @@ func (p *progress) report(t statestore.Task, lag int64, handled int) {
 	p.handled[t.Type] += int64(handled)
 }
 
-// Lag returns a projection's lag summed over the tasks this node owns.
+// Lag returns a projection's (or an aggregate type's) lag summed over the
+// tasks this node owns.
 func (p *progress) Lag(name string) int64 {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -71,7 +73,7 @@ func (p *progress) lagLocked(name string) int64 {
 	return sum
 }
 
-// run updates the lag gauge every second and logs catch-ups until ctx ends.
+// run updates the lag gauges every second and logs catch-ups until ctx ends.
 func (p *progress) run(ctx context.Context) {
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
@@ -88,6 +90,11 @@ func (p *progress) run(ctx context.Context) {
 func (p *progress) tick(now time.Time) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if m := p.e.cfg.Metrics; m != nil {
+		for name := range p.e.types {
+			m.CommandLag.WithLabelValues(name).Set(float64(p.lagLocked(name)))
+		}
+	}
 	for _, name := range p.e.ProjectionNames() {
 		lag, handled := p.lagLocked(name), p.handled[name]
 		if m := p.e.cfg.Metrics; m != nil {

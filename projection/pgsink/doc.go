@@ -117,8 +117,8 @@
 // # Metrics and status
 //
 // On Runtime.Registerer: esker_sink_events_total, esker_sink_batch_seconds
-// (BEGIN to COMMIT of a written batch), esker_sink_lag (offsets between the
-// stored positions and the partitions' last stable offsets),
+// (BEGIN to COMMIT of a written batch), esker_sink_lag_records (offsets
+// between the stored positions and the partitions' last stable offsets),
 // esker_sink_retries_total and esker_sink_fenced_total, each labelled by
 // sink name only. Status returns the assigned partitions with their stored
 // and end offsets, the lag, the last batch's latency and whether the

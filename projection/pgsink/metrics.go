@@ -27,7 +27,7 @@ func newVecs() (events *prometheus.CounterVec, batch *prometheus.HistogramVec, l
 		Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30},
 	}, []string{"sink"})
 	lag = prometheus.NewGaugeVec(prometheus.GaugeOpts{
-		Name: "esker_sink_lag",
+		Name: "esker_sink_lag_records",
 		Help: "Offsets between a sink's stored position and the end of its assigned partitions (last stable offset).",
 	}, []string{"sink"})
 	retries = prometheus.NewCounterVec(prometheus.CounterOpts{

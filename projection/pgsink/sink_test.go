@@ -54,8 +54,8 @@ func TestBasic(t *testing.T) {
 	if got := metricValue(t, rs, "esker_sink_events_total"); got != float64(total) {
 		t.Errorf("esker_sink_events_total = %v, want %d", got, total)
 	}
-	if got := metricValue(t, rs, "esker_sink_lag"); got != 0 {
-		t.Errorf("esker_sink_lag = %v after catching up, want 0", got)
+	if got := metricValue(t, rs, "esker_sink_lag_records"); got != 0 {
+		t.Errorf("esker_sink_lag_records = %v after catching up, want 0", got)
 	}
 	if n := metricCount(t, rs, "esker_sink_batch_seconds"); n == 0 {
 		t.Error("esker_sink_batch_seconds observed no batch")
