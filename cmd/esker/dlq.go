@@ -87,12 +87,16 @@ Flags may come before or after NAME.`)
 // parseInterleaved parses flags that may come before, between and after
 // positional arguments ("list NAME --app x" and "--app x list NAME" alike).
 // ok is false when the caller must return code at once (after --help, or
-// on a bad flag).
+// on a bad flag). --help after an action of fs (see flagSet.actions) prints
+// the action's help.
 func parseInterleaved(e *env, fs *flagSet, args []string) (positional []string, code int, ok bool) {
 	for {
 		err := fs.Parse(args)
 		switch {
 		case errors.Is(err, flag.ErrHelp):
+			if len(positional) > 0 {
+				fs.useAction(positional[0])
+			}
 			fs.usage(e.stdout)
 			return nil, 0, false
 		case err != nil:

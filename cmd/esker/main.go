@@ -4,6 +4,8 @@
 //	esker node     a bank demo node against any Kafka cluster
 //	esker kafka    the embedded broker alone
 //	esker bench    esker's write path against a raw Kafka transactional loop
+//	esker dlq      dead letters of a side-effect consumer
+//	esker inspect  an application's topics, consumer group and entities, read from Kafka
 //	esker version  the build's module version
 //
 // Run "esker help" or "esker <command> --help" for the flags.
@@ -50,6 +52,7 @@ func init() {
 		{"kafka", "run the embedded Kafka-protocol broker alone", runKafka},
 		{"bench", "benchmark esker against a raw Kafka transactional loop", runBench},
 		{"dlq", "list or replay the dead letters of a side-effect consumer", runDLQ},
+		{"inspect", "show an application's topics, consumer group or one entity, read from Kafka", runInspect},
 		{"version", "print the version of this build", runVersion},
 		{"help", "show help for esker or one of its commands", runHelp},
 	}
@@ -113,6 +116,11 @@ Commands:
 Start here:
   esker dev       (or: go run ./cmd/esker dev)
 
+Examples:
+  esker dev --data /tmp/esker
+  esker inspect group --brokers 127.0.0.1:9092
+  esker help node
+
 Run 'esker help <command>' or 'esker <command> --help' for a command's flags.
 `)
 }
@@ -132,6 +140,10 @@ func runHelp(e *env, args []string) int {
 		return 0
 	}
 	c := lookup(args[0])
+	if c == nil && strings.HasPrefix(args[0], "-") {
+		fmt.Fprintf(e.stderr, "esker help: unknown flag %s (help takes no flags)\nRun 'esker help' for usage.\n", args[0])
+		return 2
+	}
 	if c == nil {
 		fmt.Fprintf(e.stderr, "esker help: unknown command %q\nRun 'esker help' for usage.\n", args[0])
 		return 2
@@ -145,7 +157,16 @@ type flagSet struct {
 	name     string // subcommand name
 	synopsis string // "esker dev [flags]"
 	about    string // what the command does, one or more paragraphs
+	examples string // example command lines, one a line
+	// actions, when set, is the help of the actions the command takes as
+	// its first argument ("esker inspect group"): --help after an action
+	// prints the action's help, with the command's flags (see
+	// parseInterleaved and useAction).
+	actions map[string]helpText
 }
+
+// helpText is the help of one action of a command.
+type helpText struct{ synopsis, about, examples string }
 
 func newFlagSet(name, synopsis, about string) *flagSet {
 	fs := flag.NewFlagSet("esker "+name, flag.ContinueOnError)
@@ -165,6 +186,14 @@ func (f *flagSet) usage(w io.Writer) {
 		f.PrintDefaults()
 		f.SetOutput(io.Discard)
 	}
+	if f.examples != "" {
+		fmt.Fprintf(w, "\nExamples:\n%s\n", indent(strings.TrimSpace(f.examples)))
+	}
+}
+
+// indent indents every line of s by two spaces.
+func indent(s string) string {
+	return "  " + strings.ReplaceAll(s, "\n", "\n  ")
 }
 
 // parse parses args. ok is false when the caller must return code at once:
@@ -189,6 +218,19 @@ func (f *flagSet) fail(e *env, format string, args ...any) int {
 	fmt.Fprintf(e.stderr, "esker %s: %s\nUsage: %s\nRun 'esker %s --help' for details.\n",
 		f.name, fmt.Sprintf(format, args...), f.synopsis, f.name)
 	return 2
+}
+
+// useAction makes the usage and the usage errors of f those of its action
+// (see flagSet.actions): "esker inspect group: ..." and "Run 'esker inspect
+// group --help'". It does nothing for a name that is not an action.
+func (f *flagSet) useAction(action string) {
+	h, ok := f.actions[action]
+	if !ok {
+		return
+	}
+	f.name += " " + action
+	f.synopsis, f.about, f.examples = h.synopsis, strings.TrimSpace(h.about), h.examples
+	f.actions = nil
 }
 
 // logLevel adds the --log-level flag.
