@@ -135,6 +135,8 @@ func (in *inspector) entity(typ, id string) (*entityReport, error) {
 		return nil, err
 	case g.clusterMap == nil && len(g.Members) == 0:
 		r.OwnerNote = fmt.Sprintf("group %s has no members: no node runs", in.app)
+	case !readsTopic(g, engine.CommandsTopic(typ)):
+		r.OwnerNote = fmt.Sprintf("no member of group %s reads %s: %s is not an aggregate type of application %s", in.app, engine.CommandsTopic(typ), typ, in.app)
 	case g.clusterMap == nil:
 		r.OwnerNote = fmt.Sprintf("group %s is rebalancing: the owner is not decided yet", in.app)
 	default:
@@ -218,6 +220,16 @@ func (in *inspector) entity(typ, id string) (*entityReport, error) {
 		r.StateNote = fmt.Sprintf("no state record in %s/%d", r.ChangelogTopic, r.Partition)
 	}
 	return r, nil
+}
+
+// readsTopic reports whether a member of the group reads topic.
+func readsTopic(g *groupReport, topic string) bool {
+	for _, m := range g.Members {
+		if slices.Contains(m.Topics, topic) {
+			return true
+		}
+	}
+	return false
 }
 
 // scanProgressMin is the number of offsets from which a scan reports its

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kfake"
 	"github.com/twmb/franz-go/pkg/kgo"
 
@@ -283,6 +284,18 @@ func TestInspect(t *testing.T) {
 			if code != 1 || stdout != "" || !strings.Contains(stderr, tt.want) {
 				t.Errorf("%v: exit %d, stdout %q, stderr %q; want 1 and %q", tt.args, code, stdout, stderr, tt.want)
 			}
+		}
+		// An events topic of a type the application does not have: no
+		// owner, and the note says why.
+		adm := kadm.NewClient(newClient(t, addr))
+		defer adm.Close()
+		if _, err := adm.CreateTopic(context.Background(), 4, 1, nil, "ledger-events"); err != nil {
+			t.Fatal(err)
+		}
+		code, stdout, stderr := runCLI(t, "inspect", "entity", "ledger", "x", "--brokers", addr)
+		if code != 0 || !strings.Contains(stdout, "  owner      -; no member of group bank reads ledger-commands: ledger is not an aggregate type of application bank\n") ||
+			!strings.Contains(stdout, "No events in ledger-events/") {
+			t.Errorf("exit %d, stderr %q, stdout:\n%s", code, stderr, stdout)
 		}
 	})
 
