@@ -165,9 +165,6 @@ type flagSet struct {
 	actions map[string]helpText
 }
 
-// helpText is the help of one action of a command.
-type helpText struct{ synopsis, about, examples string }
-
 func newFlagSet(name, synopsis, about string) *flagSet {
 	fs := flag.NewFlagSet("esker "+name, flag.ContinueOnError)
 	fs.SetOutput(io.Discard) // parse reports errors itself
@@ -189,11 +186,6 @@ func (f *flagSet) usage(w io.Writer) {
 	if f.examples != "" {
 		fmt.Fprintf(w, "\nExamples:\n%s\n", indent(strings.TrimSpace(f.examples)))
 	}
-}
-
-// indent indents every line of s by two spaces.
-func indent(s string) string {
-	return "  " + strings.ReplaceAll(s, "\n", "\n  ")
 }
 
 // parse parses args. ok is false when the caller must return code at once:
@@ -218,19 +210,6 @@ func (f *flagSet) fail(e *env, format string, args ...any) int {
 	fmt.Fprintf(e.stderr, "esker %s: %s\nUsage: %s\nRun 'esker %s --help' for details.\n",
 		f.name, fmt.Sprintf(format, args...), f.synopsis, f.name)
 	return 2
-}
-
-// useAction makes the usage and the usage errors of f those of its action
-// (see flagSet.actions): "esker inspect group: ..." and "Run 'esker inspect
-// group --help'". It does nothing for a name that is not an action.
-func (f *flagSet) useAction(action string) {
-	h, ok := f.actions[action]
-	if !ok {
-		return
-	}
-	f.name += " " + action
-	f.synopsis, f.about, f.examples = h.synopsis, strings.TrimSpace(h.about), h.examples
-	f.actions = nil
 }
 
 // logLevel adds the --log-level flag.
