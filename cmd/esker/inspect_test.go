@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"regexp"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -27,22 +28,22 @@ import (
 // startInspectNode runs a bank node (application "bank", 4 partitions) on
 // the broker at addr, with its HTTP API on a test server whose URL it
 // advertises, and waits until it is ready. stop ends it and waits.
-func startInspectNode(t *testing.T, addr string) (url string, stop func()) {
+func startInspectNode(t *testing.T, addr string, opts ...esker.Option) (url string, stop func()) {
 	t.Helper()
 	var handler atomic.Pointer[http.Handler]
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		(*handler.Load()).ServeHTTP(w, r)
 	}))
-	n, err := esker.NewNode(
+	n, err := esker.NewNode(append([]esker.Option{
 		esker.AdvertisedURL(srv.URL),
 		esker.Brokers(addr),
 		esker.ApplicationID("bank"),
 		esker.StateDir(t.TempDir()),
 		esker.HTTPListen(""),
 		esker.Partitions(4),
-		esker.SessionTimeout(3*time.Second),
+		esker.SessionTimeout(3 * time.Second),
 		esker.Logger(quietLogger()),
-	)
+	}, opts...)...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -335,6 +336,77 @@ func TestInspect(t *testing.T) {
 			t.Errorf("exit %d, entity:\n%s", code, stdout)
 		}
 	})
+}
+
+// TestInspectStandbys runs two nodes with a standby replica each: the
+// group shows every member with two active and two standby partitions, and
+// the entity's owner and standby are the two nodes.
+func TestInspectStandbys(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a broker and two nodes")
+	}
+	broker, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.GroupMinSessionTimeout(100*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer broker.Close()
+	addr := broker.ListenAddrs()[0]
+	url1, _ := startInspectNode(t, addr, esker.StandbyReplicas(1))
+	url2, _ := startInspectNode(t, addr, esker.StandbyReplicas(1))
+
+	var r groupReport
+	waitUntil(t, func() bool {
+		r = inspectJSON[groupReport](t, "inspect", "group", "--brokers", addr)
+		if r.State != "Stable" || len(r.Members) != 2 {
+			return false
+		}
+		for _, m := range r.Members {
+			if len(m.Active) != 2 || len(m.Standby) != 2 || len(m.Pending) != 0 {
+				return false
+			}
+		}
+		return true
+	})
+	urls := map[string]bool{url1: true, url2: true}
+	owned := map[int32]string{}
+	for _, m := range r.Members {
+		if !urls[m.URL] {
+			t.Errorf("member URL %q is neither node's", m.URL)
+		}
+		for _, p := range m.Active {
+			owned[p] = m.URL
+		}
+		if slices.ContainsFunc(m.Standby, func(p int32) bool { return slices.Contains(m.Active, p) }) {
+			t.Errorf("member %s is standby of a partition it owns: %+v", m.URL, m)
+		}
+	}
+	if len(owned) != 4 {
+		t.Errorf("owned partitions %v, want 0-3", owned)
+	}
+	code, stdout, _ := runCLI(t, "inspect", "group", "--brokers", addr)
+	t.Log("\n" + stdout)
+	for _, m := range r.Members {
+		re := `(?m)^` + regexp.QuoteMeta(m.ID) + ` +` + regexp.QuoteMeta(m.URL) + ` +\S+ +` +
+			regexp.QuoteMeta(partitionList(m.Active)) + ` +- +` + regexp.QuoteMeta(partitionList(m.Standby)) + `$`
+		if code != 0 || !regexp.MustCompile(re).MatchString(stdout) {
+			t.Errorf("no line matches %s", re)
+		}
+	}
+
+	p := aggregate.Partition("alice", 4)
+	sendCommand(t, owned[p], "alice", `{"type":"Open","data":{"owner":"Alice"}}`)
+	e := inspectJSON[entityReport](t, "inspect", "entity", "account", "alice", "--brokers", addr)
+	other := url1
+	if owned[p] == url1 {
+		other = url2
+	}
+	if e.Owner != owned[p] || fmt.Sprint(e.Standbys) != "["+other+"]" || len(e.Events) != 1 {
+		t.Errorf("entity: owner %s standbys %v events %d; want %s, [%s], 1", e.Owner, e.Standbys, len(e.Events), owned[p], other)
+	}
+	_, stdout, _ = runCLI(t, "inspect", "entity", "account", "alice", "--brokers", addr)
+	if !strings.Contains(stdout, "  standbys   "+other+"\n") {
+		t.Errorf("entity lacks the standby line:\n%s", stdout)
+	}
 }
 
 // TestInspectUnreachable checks that a broker nobody listens on is reported
