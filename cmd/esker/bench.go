@@ -67,6 +67,10 @@ holds anything you want to keep.`,
 
 func runBench(e *env, args []string) int {
 	fs := newFlagSet("bench", "esker bench [flags]", benchAbout())
+	fs.examples = `
+esker bench
+esker bench --commands 20000 --entities 500 --runs 1 --latency-commands 0
+esker bench --brokers scratch-kafka:9092 --partitions 8 --cpuprofile eos.prof`
 	commands := fs.Int("commands", 50000, "`number` of timed Deposit commands per part of a run")
 	entities := fs.Int("entities", 1000, "`number` of accounts the commands spread over (at most --commands)")
 	partitions := fs.Int("partitions", 4, "partition `count` of every topic")

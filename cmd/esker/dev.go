@@ -34,6 +34,11 @@ Other Kafka clients can use the broker too, for example
 Producers must partition by Kafka's murmur2 key hash, as esker does: the
 Java client does by default, librdkafka-based clients (kcat, confluent-kafka)
 need partitioner=murmur2_random.`)
+	fs.examples = `
+esker dev
+esker dev --data /tmp/esker --partitions 4
+esker dev --nodes 3 --standby-replicas 1
+esker dev --postgres postgres://postgres@127.0.0.1/test`
 	httpListen := fs.String("http", "127.0.0.1:8080", "`address` the HTTP API listens on")
 	kafkaAddr := fs.String("kafka", "127.0.0.1:9092", "`address` the embedded broker listens on and advertises (port 0 picks a free port)")
 	dataDir := fs.String("data", "esker-data", "data `directory`, kept across restarts: the broker's data in DIR/kafka, the node's state in DIR/state")

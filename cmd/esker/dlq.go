@@ -37,6 +37,10 @@ topic <app>-NAME-dlq.
                           it again copies only newer dead letters.
 
 Flags may come before or after NAME.`)
+	fs.examples = `
+esker dlq list mailer --brokers 127.0.0.1:9092
+esker dlq replay mailer --brokers 127.0.0.1:9092 --app shop`
+	fs.actions = dlqActions
 	brokers := fs.String("brokers", "127.0.0.1:9092", "comma-separated Kafka seed `brokers` (the default is where 'esker dev' listens)")
 	app := fs.String("app", "bank", "application `id` the consumer runs in (its topics are named <app>-NAME-...)")
 	limit := fs.Int("limit", 50, "list: show at most the newest `n` dead letters (0: all)")
@@ -51,6 +55,9 @@ Flags may come before or after NAME.`)
 		return fs.fail(e, "missing action: list or replay")
 	case positional[0] != "list" && positional[0] != "replay":
 		return fs.fail(e, "unknown action %q: use list or replay", positional[0])
+	}
+	fs.useAction(positional[0])
+	switch {
 	case len(positional) == 1:
 		return fs.fail(e, "missing consumer NAME")
 	case len(positional) > 2:
@@ -84,18 +91,55 @@ Flags may come before or after NAME.`)
 	return dlqReplay(e, opts, *app, name)
 }
 
+var dlqActions = map[string]helpText{
+	"list": {
+		synopsis: "esker dlq list NAME [flags]",
+		about: `
+Prints the newest --limit dead letters of the side-effect consumer NAME, read
+from the topic <app>-NAME-dlq, oldest first: offset in the dead-letter topic,
+when it was dead-lettered, the source record (topic/partition@offset),
+attempts, entity id, event type, whether it was replayed, and the error.
+
+Flags may come before or after NAME.`,
+		examples: `
+esker dlq list mailer --brokers 127.0.0.1:9092
+esker dlq list mailer --brokers kafka-1:9092 --app shop --limit 0`,
+	},
+	"replay": {
+		synopsis: "esker dlq replay NAME [flags]",
+		about: `
+Copies the dead letters of the side-effect consumer NAME that were not
+replayed yet from <app>-NAME-dlq to the topic <app>-NAME-redrive; the
+running consumer hands them to its handler again. Replay once the cause is
+fixed. What was copied is remembered (consumer group <app>-NAME-dlq-replay),
+so running it again copies only newer dead letters. --limit is ignored.
+
+Flags may come before or after NAME.`,
+		examples: `
+esker dlq replay mailer --brokers 127.0.0.1:9092
+esker dlq replay mailer --brokers kafka-1:9092 --app shop`,
+	},
+}
+
 // parseInterleaved parses flags that may come before, between and after
 // positional arguments ("list NAME --app x" and "--app x list NAME" alike).
 // ok is false when the caller must return code at once (after --help, or
-// on a bad flag).
+// on a bad flag). --help after an action of fs (see flagSet.actions) prints
+// the action's help, and a bad flag after it points to that help.
 func parseInterleaved(e *env, fs *flagSet, args []string) (positional []string, code int, ok bool) {
 	for {
 		err := fs.Parse(args)
 		switch {
 		case errors.Is(err, flag.ErrHelp):
+			if len(positional) > 0 {
+				fs.useAction(positional[0])
+			}
 			fs.usage(e.stdout)
 			return nil, 0, false
 		case err != nil:
+			if len(positional) > 0 {
+				fs.useAction(positional[0])
+			}
 			return nil, fs.fail(e, "%v", err), false
 		}
 		rest := fs.Args()

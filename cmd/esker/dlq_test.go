@@ -42,8 +42,12 @@ func TestDLQUsageErrors(t *testing.T) {
 			if code != 2 || stdout != "" {
 				t.Errorf("exit %d, stdout %q; want 2 and nothing", code, stdout)
 			}
-			if !strings.Contains(stderr, tt.wantStderr) || !strings.Contains(stderr, "esker dlq: ") ||
-				!strings.Contains(stderr, "Run 'esker dlq --help' for details.") {
+			cmd := "dlq"
+			if len(tt.args) > 1 && (tt.args[1] == "list" || tt.args[1] == "replay") {
+				cmd += " " + tt.args[1] // the action's usage once it is known
+			}
+			if !strings.Contains(stderr, tt.wantStderr) || !strings.Contains(stderr, "esker "+cmd+": ") ||
+				!strings.Contains(stderr, "Run 'esker "+cmd+" --help' for details.") {
 				t.Errorf("stderr lacks %q or the pointer to --help:\n%s", tt.wantStderr, stderr)
 			}
 		})
@@ -51,7 +55,7 @@ func TestDLQUsageErrors(t *testing.T) {
 }
 
 func TestDLQHelp(t *testing.T) {
-	for _, args := range [][]string{{"dlq", "--help"}, {"dlq", "-h"}, {"help", "dlq"}, {"dlq", "list", "x", "--help"}} {
+	for _, args := range [][]string{{"dlq", "--help"}, {"dlq", "-h"}, {"help", "dlq"}, {"dlq", "--app", "x", "--help", "list"}} {
 		code, stdout, stderr := runCLI(t, args...)
 		if code != 0 || stderr != "" {
 			t.Fatalf("%v: exit %d, stderr %q", args, code, stderr)
@@ -68,6 +72,14 @@ func TestDLQHelp(t *testing.T) {
 			if !strings.Contains(stdout, s) {
 				t.Errorf("%v: usage lacks %q", args, s)
 			}
+		}
+	}
+	// After an action, --help is the action's.
+	for action, want := range map[string]string{"list": "<app>-NAME-dlq", "replay": "<app>-NAME-redrive"} {
+		code, stdout, stderr := runCLI(t, "dlq", action, "x", "--help")
+		if code != 0 || stderr != "" || !strings.HasPrefix(stdout, "Usage:\n  esker dlq "+action+" NAME [flags]") ||
+			!strings.Contains(stdout, want) || !strings.Contains(stdout, "\nExamples:\n  esker dlq "+action+" mailer") {
+			t.Errorf("dlq %s --help: exit %d, stderr %q, stdout:\n%s", action, code, stderr, stdout)
 		}
 	}
 }

@@ -96,6 +96,9 @@ Use it to run "esker node" processes by hand, or to point any Kafka client
 auto.create.topics.enable, a topic a client uses before it exists is
 created, with --partitions partitions. It is a development tool, not a
 production Kafka.`)
+	fs.examples = `
+esker kafka
+esker kafka --port 19092 --data /tmp/esker --partitions 4`
 	port := fs.Int("port", 9092, "`port` to listen on (0 picks a free port)")
 	dataDir := fs.String("data", "esker-data", "data `directory`; the broker's data goes in DIR/kafka")
 	partitions := fs.Int("partitions", 8, "partition `count` of topics created automatically (esker nodes create theirs with their own --partitions)")

@@ -4,6 +4,8 @@
 //	esker node     a bank demo node against any Kafka cluster
 //	esker kafka    the embedded broker alone
 //	esker bench    esker's write path against a raw Kafka transactional loop
+//	esker dlq      dead letters of a side-effect consumer
+//	esker inspect  an application's topics, consumer group and entities, read from Kafka
 //	esker version  the build's module version
 //
 // Run "esker help" or "esker <command> --help" for the flags.
@@ -50,6 +52,7 @@ func init() {
 		{"kafka", "run the embedded Kafka-protocol broker alone", runKafka},
 		{"bench", "benchmark esker against a raw Kafka transactional loop", runBench},
 		{"dlq", "list or replay the dead letters of a side-effect consumer", runDLQ},
+		{"inspect", "show an application's topics, consumer group or one entity, read from Kafka", runInspect},
 		{"version", "print the version of this build", runVersion},
 		{"help", "show help for esker or one of its commands", runHelp},
 	}
@@ -113,6 +116,11 @@ Commands:
 Start here:
   esker dev       (or: go run ./cmd/esker dev)
 
+Examples:
+  esker dev --data /tmp/esker
+  esker inspect group --brokers 127.0.0.1:9092
+  esker help node
+
 Run 'esker help <command>' or 'esker <command> --help' for a command's flags.
 `)
 }
@@ -132,6 +140,10 @@ func runHelp(e *env, args []string) int {
 		return 0
 	}
 	c := lookup(args[0])
+	if c == nil && strings.HasPrefix(args[0], "-") {
+		fmt.Fprintf(e.stderr, "esker help: unknown flag %s (help takes no flags)\nRun 'esker help' for usage.\n", args[0])
+		return 2
+	}
 	if c == nil {
 		fmt.Fprintf(e.stderr, "esker help: unknown command %q\nRun 'esker help' for usage.\n", args[0])
 		return 2
@@ -145,6 +157,12 @@ type flagSet struct {
 	name     string // subcommand name
 	synopsis string // "esker dev [flags]"
 	about    string // what the command does, one or more paragraphs
+	examples string // example command lines, one a line
+	// actions, when set, is the help of the actions the command takes as
+	// its first argument ("esker inspect group"): --help after an action
+	// prints the action's help, with the command's flags (see
+	// parseInterleaved and useAction).
+	actions map[string]helpText
 }
 
 func newFlagSet(name, synopsis, about string) *flagSet {
@@ -164,6 +182,9 @@ func (f *flagSet) usage(w io.Writer) {
 		f.SetOutput(w)
 		f.PrintDefaults()
 		f.SetOutput(io.Discard)
+	}
+	if f.examples != "" {
+		fmt.Fprintf(w, "\nExamples:\n%s\n", indent(strings.TrimSpace(f.examples)))
 	}
 }
 

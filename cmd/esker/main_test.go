@@ -3,8 +3,14 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -113,6 +119,7 @@ func TestSubcommandHelp(t *testing.T) {
 		"bench": {"-commands", "-entities", "-partitions", "-concurrency", "-latency-commands", "-runs",
 			"-cpuprofile", "-projections", "-brokers", "-log-level"},
 		"dlq":     {"-brokers", "-app", "-limit", "-timeout"},
+		"inspect": {"-brokers", "-app", "-json", "-timeout"},
 		"version": nil,
 	}
 	for _, c := range commands {
@@ -316,5 +323,180 @@ func TestShellQuote(t *testing.T) {
 	got := benchCommandLine([]string{"--brokers", "a:9092,b:9092", "--cpuprofile", "my file's.prof", ""})
 	if want := `esker bench --brokers a:9092,b:9092 --cpuprofile 'my file'\''s.prof' ''`; got != want {
 		t.Errorf("got %s, want %s", got, want)
+	}
+}
+
+// cliSpec is one command (or command and action) of the CLI, as
+// TestCLIProcess checks it.
+type cliSpec struct {
+	path  string   // "dlq list": what follows "esker"
+	flags []string // flags its usage must list
+	// bad are arguments after path that miss a required argument or flag
+	// (or, for a command with none, give a bad one), and badMsg is part
+	// of the message they must print on stderr.
+	bad    []string
+	badMsg string
+}
+
+// cliSpecs lists every command and action of the CLI: adding one is adding
+// a line. TestCLIProcess fails when a command or action is missing here.
+var cliSpecs = []cliSpec{
+	{"dev", []string{"-http", "-kafka", "-data", "-partitions", "-nodes", "-standby-replicas", "-alerts-url", "-postgres", "-log-level"}, []string{"--partitions", "0"}, "--partitions must be between 1 and 100000"},
+	{"node", []string{"-brokers", "-http", "-advertise", "-data", "-app", "-partitions", "-at-least-once", "-log-level"}, nil, "--brokers is required"},
+	{"kafka", []string{"-port", "-data", "-partitions", "-log-level"}, []string{"--port", "70000"}, "--port 70000 is not a TCP port"},
+	{"bench", []string{"-commands", "-entities", "-partitions", "-runs", "-brokers", "-log-level"}, []string{"--runs", "0"}, "--runs must be at least 1"},
+	{"dlq", []string{"-brokers", "-app", "-limit", "-timeout"}, nil, "missing action: list or replay"},
+	{"dlq list", []string{"-brokers", "-app", "-limit", "-timeout"}, nil, "missing consumer NAME"},
+	{"dlq replay", []string{"-brokers", "-app", "-timeout"}, nil, "missing consumer NAME"},
+	{"inspect", []string{"-brokers", "-app", "-json", "-timeout"}, nil, "missing what to inspect: topics, group or entity"},
+	{"inspect topics", []string{"-brokers", "-app", "-json", "-timeout"}, nil, "--brokers is required"},
+	{"inspect group", []string{"-brokers", "-app", "-json", "-timeout"}, nil, "--brokers is required"},
+	{"inspect entity", []string{"-brokers", "-app", "-json", "-timeout"}, []string{"account", "--brokers", "127.0.0.1:9092"}, "missing entity ID"},
+	{"version", nil, []string{"extra"}, `unexpected argument "extra"`},
+	{"help", nil, []string{"nope"}, `unknown command "nope"`},
+}
+
+// eskerBin is the esker binary TestCLIProcess runs, built once.
+var eskerBin struct {
+	once sync.Once
+	dir  string
+	path string
+	err  error
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if eskerBin.dir != "" {
+		os.RemoveAll(eskerBin.dir)
+	}
+	os.Exit(code)
+}
+
+// buildEsker builds this package's binary once per test process.
+func buildEsker(t *testing.T) string {
+	t.Helper()
+	eskerBin.once.Do(func() {
+		if eskerBin.dir, eskerBin.err = os.MkdirTemp("", "esker-cli-test"); eskerBin.err != nil {
+			return
+		}
+		eskerBin.path = filepath.Join(eskerBin.dir, "esker")
+		out, err := exec.Command("go", "build", "-o", eskerBin.path, ".").CombinedOutput()
+		if err != nil {
+			eskerBin.err = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if eskerBin.err != nil {
+		t.Fatal(eskerBin.err)
+	}
+	return eskerBin.path
+}
+
+// runEsker runs the built binary and returns its exit status and output.
+func runEsker(t *testing.T, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	bin := buildEsker(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, bin, args...)
+	var out, errOut bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	err := cmd.Run()
+	var exit *exec.ExitError
+	switch {
+	case errors.As(err, &exit):
+		code = exit.ExitCode()
+	case err != nil:
+		t.Fatalf("esker %v: %v", args, err)
+	}
+	return code, out.String(), errOut.String()
+}
+
+// TestCLIProcess runs the esker binary: for every command and action,
+// --help and -h print the complete usage (synopsis, description, flags,
+// examples) on stdout and exit 0; an unknown flag exits 2 and names the
+// flag; missing or bad arguments exit non-zero with a message on stderr.
+// Unknown commands and actions exit 2.
+func TestCLIProcess(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the binary")
+	}
+	listed := map[string]bool{}
+	for _, s := range cliSpecs {
+		listed[s.path] = true
+	}
+	for _, c := range commands {
+		if !listed[c.name] {
+			t.Errorf("command %q is missing from cliSpecs", c.name)
+		}
+	}
+	for cmd, actions := range map[string]map[string]helpText{"dlq": dlqActions, "inspect": inspectActions} {
+		for a := range actions {
+			if !listed[cmd+" "+a] {
+				t.Errorf("action %q of %s is missing from cliSpecs", a, cmd)
+			}
+		}
+	}
+
+	for _, s := range cliSpecs {
+		t.Run(s.path, func(t *testing.T) {
+			path := strings.Fields(s.path)
+			var help string
+			for _, h := range []string{"--help", "-h"} {
+				code, stdout, stderr := runEsker(t, append(slices.Clone(path), h)...)
+				if code != 0 || stderr != "" {
+					t.Fatalf("%s %s: exit %d, stderr %q", s.path, h, code, stderr)
+				}
+				synopsis := "Usage:\n  esker " + s.path
+				if s.path == "help" {
+					synopsis = "Usage:\n  esker <command>"
+				}
+				for _, want := range []string{synopsis, "\nExamples:\n  esker "} {
+					if !strings.Contains(stdout, want) {
+						t.Errorf("%s %s: usage lacks %q:\n%s", s.path, h, want, stdout)
+					}
+				}
+				for _, f := range s.flags {
+					if !regexp.MustCompile(`(?m)^  ` + f + `( |$)`).MatchString(stdout) {
+						t.Errorf("%s %s: usage lacks flag %s:\n%s", s.path, h, f, stdout)
+					}
+				}
+				if help == "" {
+					help = stdout
+				} else if stdout != help {
+					t.Errorf("%s: -h and --help differ", s.path)
+				}
+			}
+			if len(s.flags) > 0 && !strings.Contains(help, "\nFlags:\n") {
+				t.Errorf("%s: usage has no Flags section:\n%s", s.path, help)
+			}
+			if paragraphs := strings.Count(help, "\n\n"); paragraphs < 2 {
+				t.Errorf("%s: usage has no description:\n%s", s.path, help)
+			}
+
+			code, stdout, stderr := runEsker(t, append(slices.Clone(path), "--no-such-flag")...)
+			if code != 2 || stdout != "" || !strings.Contains(stderr, "-no-such-flag") || !strings.HasPrefix(stderr, "esker "+path[0]) {
+				t.Errorf("unknown flag: exit %d, stdout %q, stderr %q", code, stdout, stderr)
+			}
+
+			code, stdout, stderr = runEsker(t, append(slices.Clone(path), s.bad...)...)
+			if code == 0 || stdout != "" || !strings.Contains(stderr, s.badMsg) || !strings.HasPrefix(stderr, "esker "+path[0]) {
+				t.Errorf("%s %q: exit %d, stdout %q, stderr %q; want non-zero and %q", s.path, s.bad, code, stdout, stderr, s.badMsg)
+			}
+		})
+	}
+
+	for _, tt := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"nope"}, `esker: unknown command "nope"`},
+		{[]string{"help", "nope"}, `esker help: unknown command "nope"`},
+		{[]string{"inspect", "nope"}, `esker inspect: unknown inspect command "nope": use topics, group or entity`},
+		{[]string{"dlq", "nope", "mailer"}, `esker dlq: unknown action "nope": use list or replay`},
+	} {
+		code, stdout, stderr := runEsker(t, tt.args...)
+		if code != 2 || stdout != "" || !strings.Contains(stderr, tt.want) {
+			t.Errorf("%v: exit %d, stdout %q, stderr %q; want 2 and %q", tt.args, code, stdout, stderr, tt.want)
+		}
 	}
 }

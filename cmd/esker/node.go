@@ -128,6 +128,10 @@ restores what changed while it was down.
 
 Commands are processed exactly once (one Kafka transaction per batch) unless
 --at-least-once is given.`)
+	fs.examples = `
+esker node --brokers 127.0.0.1:9092
+esker node --brokers kafka-1:9092,kafka-2:9092 --http :8080 --advertise http://node-1:8080 --data /var/lib/esker
+esker node --brokers 127.0.0.1:9092 --http 127.0.0.1:8081 --data esker-data-2 --standby-replicas 1`
 	brokers := fs.String("brokers", "", "comma-separated Kafka seed `brokers` (required)")
 	httpListen := fs.String("http", "127.0.0.1:8080", "`address` the HTTP API listens on")
 	advertise := fs.String("advertise", "", "base `URL` other nodes and clients reach this node's HTTP API at (default http://<--http address>; required when --http listens on all interfaces)")

@@ -11,6 +11,8 @@ func runVersion(e *env, args []string) int {
 	fs := newFlagSet("version", "esker version", `
 Prints the module version of this build, the Go version and, when built from
 a git checkout, the commit.`)
+	fs.examples = `
+esker version`
 	if code, ok := fs.parse(e, args); !ok {
 		return code
 	}
