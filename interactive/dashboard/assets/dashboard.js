@@ -197,7 +197,13 @@ async function refreshRates() {
   }
   const now = performance.now(), prev = lastRates;
   lastRates = { time: now, totals };
-  $("rate-table").tBodies[0].replaceChildren(...[...totals].map(([key, value]) => {
+  // Counters still at 0 are left out: they say nothing yet.
+  const counting = [...totals].filter(([, value]) => value > 0);
+  if (counting.length === 0) {
+    $("rate-table").tBodies[0].replaceChildren(el("tr", {}, el("td", { colSpan: 4, className: "hint" }, "nothing counted yet")));
+    return;
+  }
+  $("rate-table").tBodies[0].replaceChildren(...counting.map(([key, value]) => {
     const [title, label] = key.split("\t");
     const before = prev?.totals.get(key);
     const rate = before === undefined || value < before ? "–" : ((value - before) * 1000 / (now - prev.time)).toFixed(1);
