@@ -4,13 +4,16 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/chromedp/cdproto/network"
 	"github.com/chromedp/cdproto/runtime"
 	"github.com/chromedp/chromedp"
 
@@ -42,7 +45,7 @@ func chromium(t *testing.T) string {
 // browser starts a headless Chromium with a fresh profile and returns a tab
 // context. Exceptions the page throws are collected; check them with the
 // returned func.
-func browser(t *testing.T, timeout time.Duration) (ctx context.Context, pageErrors func() []string) {
+func browser(t *testing.T, timeout time.Duration) (ctx context.Context, pageErrors func() []string, authSent func(path string) string) {
 	t.Helper()
 	opts := append(chromedp.DefaultExecAllocatorOptions[:],
 		chromedp.ExecPath(chromium(t)),
@@ -60,9 +63,25 @@ func browser(t *testing.T, timeout time.Duration) (ctx context.Context, pageErro
 
 	var mu sync.Mutex
 	var errs []string
+	auth := map[string]string{} // path → Authorization of its last request
 	err := chromedp.Listen(ctx, func(ev any) {
 		var msg string
 		switch ev := ev.(type) {
+		case *network.EventRequestWillBeSent:
+			u, err := url.Parse(ev.Request.URL)
+			if err != nil {
+				return
+			}
+			var a string
+			for k, v := range ev.Request.Headers {
+				if strings.EqualFold(k, "Authorization") {
+					a, _ = v.(string)
+				}
+			}
+			mu.Lock()
+			auth[u.Path] = a
+			mu.Unlock()
+			return
 		case *runtime.EventExceptionThrown:
 			msg = ev.ExceptionDetails.Text
 			if ex := ev.ExceptionDetails.Exception; ex != nil {
@@ -86,10 +105,14 @@ func browser(t *testing.T, timeout time.Duration) (ctx context.Context, pageErro
 		t.Fatalf("starting Chromium: %v", err)
 	}
 	return ctx, func() []string {
-		mu.Lock()
-		defer mu.Unlock()
-		return append([]string(nil), errs...)
-	}
+			mu.Lock()
+			defer mu.Unlock()
+			return append([]string(nil), errs...)
+		}, func(path string) string {
+			mu.Lock()
+			defer mu.Unlock()
+			return auth[path]
+		}
 }
 
 // TestDashboard loads the dashboard from node 1 of a 2-node bank cluster in
@@ -99,7 +122,7 @@ func browser(t *testing.T, timeout time.Duration) (ctx context.Context, pageErro
 // without a reload; a projection row and the command rates show too. With
 // ESKER_UPDATE_SCREENSHOT=1 it saves docs/dashboard.png.
 func TestDashboard(t *testing.T) {
-	ctx, pageErrors := browser(t, 3*time.Minute)
+	ctx, pageErrors, authSent := browser(t, 3*time.Minute)
 	c := newCluster(t)
 	brokers := c.ListenAddrs()
 	n1 := startBankNode(t, brokers, t.TempDir(), esker.StandbyReplicas(1))
@@ -167,6 +190,26 @@ func TestDashboard(t *testing.T) {
 	if os.Getenv("ESKER_UPDATE_SCREENSHOT") == "1" {
 		screenshot(t, ctx, n1, n2)
 	}
+
+	// With an API token, every call carries it, the watch's too.
+	if err := chromedp.Do(ctx,
+		chromedp.SetValue(chromedp.ID("token"), "s3cret"),
+		chromedp.Click(chromedp.CSS("#token-form button")),
+		chromedp.Click(chromedp.CSS("#entity-form button")),
+	); err != nil {
+		t.Fatal(err)
+	}
+	entity := "/v1/aggregates/account/" + id
+	for _, path := range []string{"/v1/cluster", "/metrics", entity, entity + "/events", entity + "/watch"} {
+		deadline := time.Now().Add(20 * time.Second)
+		for authSent(path) != "Bearer s3cret" {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: the page sent Authorization %q, want the saved token", path, authSent(path))
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	waitPage(t, ctx, "the token kept in localStorage", `localStorage.getItem('esker.apiToken') === 's3cret'`)
 	if errs := pageErrors(); len(errs) > 0 {
 		t.Errorf("the page reported errors: %q", errs)
 	}
