@@ -119,7 +119,9 @@ func browser(t *testing.T, timeout time.Duration) (ctx context.Context, pageErro
 // headless Chromium: the cluster map shows both nodes; looking up an
 // account owned by node 2 shows its state and history (forwarded by node
 // 1); a command sent over HTTP appears on the page through the live watch,
-// without a reload; a projection row and the command rates show too. With
+// without a reload; a projection row and the command rates show too; the
+// API token goes with every call; when node 2 stops, the watch resumes on
+// node 1. With
 // ESKER_UPDATE_SCREENSHOT=1 it saves docs/dashboard.png.
 func TestDashboard(t *testing.T) {
 	ctx, pageErrors, authSent := browser(t, 3*time.Minute)
@@ -210,6 +212,15 @@ func TestDashboard(t *testing.T) {
 		}
 	}
 	waitPage(t, ctx, "the token kept in localStorage", `localStorage.getItem('esker.apiToken') === 's3cret'`)
+
+	// Node 2 stops: the watch ends or fails, node 1 takes the account's
+	// partition over, and the page resumes the watch after the version it
+	// has (Last-Event-ID) and shows the next command.
+	n2.stop()
+	waitPage(t, ctx, "the cluster map with node 1 alone", `document.querySelectorAll('#members tbody tr').length === 1`)
+	send(t, n1, id, "deposit-3-"+id, cmd("Deposit", bank.Deposit{Amount: 25}))
+	waitEntity(t, ctx, 4, 175, []string{"Deposited", "Deposited", "Deposited", "Opened"})
+	waitPage(t, ctx, "the watch to be live again", `document.getElementById('watch-status').classList.contains('ok')`)
 	if errs := pageErrors(); len(errs) > 0 {
 		t.Errorf("the page reported errors: %q", errs)
 	}
