@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"time"
 
@@ -97,6 +98,13 @@ func (b backend) Definition(t string) (aggregate.Definition, bool) {
 	defer b.n.mu.Unlock()
 	d, ok := b.n.types[t]
 	return d, ok
+}
+
+// AggregateTypes lists the registered aggregate types (GET /v1/cluster).
+func (b backend) AggregateTypes() []string {
+	b.n.mu.Lock()
+	defer b.n.mu.Unlock()
+	return slices.Collect(maps.Keys(b.n.types))
 }
 
 func (b backend) started() (*engine.Engine, error) {

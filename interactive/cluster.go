@@ -13,9 +13,12 @@ type clusterResponse struct {
 	// Self is this node's advertised URL (Router.Self).
 	Self string `json:"self"`
 	// Partitions is the partition count (the number of tasks).
-	Partitions int             `json:"partitions"`
-	Members    []clusterMember `json:"members"`
-	Tasks      []clusterTask   `json:"tasks"`
+	Partitions int `json:"partitions"`
+	// AggregateTypes are the aggregate types registered on this node
+	// (TypeLister), sorted.
+	AggregateTypes []string        `json:"aggregateTypes"`
+	Members        []clusterMember `json:"members"`
+	Tasks          []clusterTask   `json:"tasks"`
 	// Processors are this node's projections, reactors, side-effect
 	// consumers and sinks (ProcessorReporter).
 	Processors []ProcessorStatus `json:"processors,omitempty"`
@@ -35,6 +38,12 @@ type ProcessorStatus struct {
 	Error string `json:"error,omitempty"`
 	// Details are kind-specific figures (handled, retried, dead-lettered…).
 	Details any `json:"details,omitempty"`
+}
+
+// TypeLister may be implemented by a Backend to list its registered
+// aggregate types in GET /v1/cluster.
+type TypeLister interface {
+	AggregateTypes() []string
 }
 
 // ProcessorReporter may be implemented by a Router to list the node's
@@ -76,16 +85,21 @@ func (a *api) cluster(w http.ResponseWriter, _ *http.Request) {
 		writeRetry(w, http.StatusServiceUnavailable, "this node has not received a cluster assignment yet (joining the group); retry after the Retry-After delay", "")
 		return
 	}
-	writeJSON(w, http.StatusOK, clusterJSON(m, a.rt))
+	out := clusterJSON(m, a.rt)
+	if tl, ok := a.b.(TypeLister); ok {
+		out.AggregateTypes = slices.Sorted(slices.Values(tl.AggregateTypes()))
+	}
+	writeJSON(w, http.StatusOK, out)
 }
 
 func clusterJSON(m Map, rt Router) clusterResponse {
 	out := clusterResponse{
-		Generation: m.Generation,
-		Self:       rt.Self(),
-		Partitions: len(m.Partitions),
-		Members:    make([]clusterMember, 0, len(m.Members)),
-		Tasks:      make([]clusterTask, 0, len(m.Partitions)),
+		Generation:     m.Generation,
+		Self:           rt.Self(),
+		Partitions:     len(m.Partitions),
+		AggregateTypes: []string{},
+		Members:        make([]clusterMember, 0, len(m.Members)),
+		Tasks:          make([]clusterTask, 0, len(m.Partitions)),
 	}
 	for id, u := range m.Members {
 		out.Members = append(out.Members, clusterMember{ID: id, URL: u})

@@ -40,6 +40,7 @@ func TestCluster(t *testing.T) {
 		"generation": 7,
 		"self": "` + n.url + `",
 		"partitions": 4,
+		"aggregateTypes": [],
 		"members": [
 			{"id": "m-a", "url": "http://a:8080"},
 			{"id": "m-b", "url": "http://b:8080"},
@@ -92,6 +93,32 @@ func TestClusterLocalTasks(t *testing.T) {
 		case w != "":
 			sameJSON(t, mustJSON(l), w)
 		}
+	}
+}
+
+type typedBackend struct{ *fakeBackend }
+
+func (typedBackend) AggregateTypes() []string { return []string{"order", "account"} }
+
+// TestClusterAggregateTypes: a Backend that is a TypeLister has its
+// aggregate types listed, sorted.
+func TestClusterAggregateTypes(t *testing.T) {
+	c := newTestCluster()
+	c.m = testMap()
+	h := NewHandler(typedBackend{&fakeBackend{def: counterType()}}, Routing(&fakeRouter{c: c, self: "http://a:8080"}), Logger(quietLogger()))
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest("GET", "/v1/cluster", nil))
+	if rec.Code != 200 {
+		t.Fatalf("status %d: %s", rec.Code, rec.Body)
+	}
+	var got struct {
+		AggregateTypes []string `json:"aggregateTypes"`
+	}
+	if err := json.Unmarshal(rec.Body.Bytes(), &got); err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(got.AggregateTypes, []string{"account", "order"}) {
+		t.Errorf("aggregateTypes %q, want [account order]", got.AggregateTypes)
 	}
 }
 

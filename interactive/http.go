@@ -21,6 +21,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/esker-io/esker/aggregate"
+	"github.com/esker-io/esker/interactive/dashboard"
 )
 
 // Defaults of the HTTP API's options.
@@ -116,6 +117,7 @@ func Logger(l *slog.Logger) HandlerOption {
 //	GET  /healthz                              liveness: always 200
 //	GET  /readyz                               readiness: b.Ready()
 //	GET  /metrics                              the Metrics handler, if any
+//	GET  /, /ui/…                              the web dashboard (package dashboard), which reads this API
 //
 // Every error is JSON {"error": "…"} with Content-Type application/json:
 // 400 for a request the client must fix, 404 for an unknown aggregate type,
@@ -165,6 +167,9 @@ func NewHandler(b Backend, opts ...HandlerOption) http.Handler {
 	if cfg.metrics != nil {
 		r.Method(http.MethodGet, "/metrics", cfg.metrics)
 	}
+	ui := dashboard.Handler()
+	r.Method(http.MethodGet, "/", ui)
+	r.Method(http.MethodGet, dashboard.AssetsPrefix+"*", ui)
 	r.Post("/v1/aggregates/{type}/{id}/commands", a.submit)
 	r.Get("/v1/aggregates/{type}/{id}", a.state)
 	r.Delete("/v1/aggregates/{type}/{id}", a.forget)
