@@ -2,6 +2,7 @@ package esker
 
 import (
 	"crypto/sha256"
+	"crypto/tls"
 	"encoding/hex"
 	"fmt"
 	"log/slog"
@@ -56,6 +57,18 @@ type config struct {
 	instanceID        string
 	standbys          int
 	stateCleanupDelay time.Duration
+
+	// Security (security.go).
+	clusterToken   string
+	apiTokens      []string
+	protectMetrics bool
+	ratePerSecond  float64
+	rateBurst      int
+	rateSet        bool
+	saslMechanism  string
+	saslUser       string
+	saslPassword   string
+	kafkaTLS       *tls.Config
 }
 
 func defaultConfig() config {
@@ -122,7 +135,8 @@ func IdempotencyWindow(d time.Duration) Option { return func(c *config) { c.idem
 // outcome before answering that it is unknown. Default 5s.
 func CommandTimeout(d time.Duration) Option { return func(c *config) { c.commandTimeout = d } }
 
-// MaxBodyBytes limits HTTP request bodies. Default 1 MiB.
+// MaxBodyBytes limits HTTP request bodies: a longer body is answered 413.
+// Default 1 MiB.
 func MaxBodyBytes(n int64) Option { return func(c *config) { c.maxBodyBytes = n } }
 
 // CommandRetention is retention.ms for "<type>-commands" topics the node
@@ -183,6 +197,9 @@ func (c *config) validate() error {
 	}
 	if c.commandTimeout <= 0 || c.maxBodyBytes <= 0 || c.idempotencyWindow <= 0 {
 		return fmt.Errorf("esker: command timeout, body limit and idempotency window must be positive")
+	}
+	if err := c.validateSecurity(); err != nil {
+		return err
 	}
 	if c.advertisedURL == "" {
 		c.advertisedURL = "http://" + c.httpListen
