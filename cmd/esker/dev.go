@@ -41,9 +41,14 @@ need partitioner=murmur2_random.`)
 	alertsURL := fs.String("alerts-url", "", "`URL` that receives the withdrawal alerts (default: a receiver in this process that logs them)")
 	alertsThreshold := fs.Int64("alerts-threshold", 100000, "smallest `amount` in cents that raises a withdrawal alert")
 	postgres := fs.String("postgres", "", "PostgreSQL connection `URL` (e.g. postgres://postgres@127.0.0.1/test): also keep the table accounts(id, owner, balance, version, updated_at) there, exactly once")
+	httpSec := addHTTPSecurityFlags(fs)
 	level := fs.logLevel()
 	if code, ok := fs.parse(e, args); !ok {
 		return code
+	}
+	security, msg := httpSec.options()
+	if msg != "" {
+		return fs.fail(e, "%s", msg)
 	}
 	if msg := checkCommon(*httpListen, *dataDir, *partitions); msg != "" {
 		return fs.fail(e, "%s", msg)
@@ -122,6 +127,7 @@ need partitioner=murmur2_random.`)
 			alertsURL:       *alertsURL,
 			postgres:        *postgres,
 			logger:          logger.With("node", i+1),
+			security:        security,
 		})
 		if err != nil {
 			return fs.fail(e, "%s", trimPrefix(err))

@@ -41,6 +41,8 @@ type nodeConfig struct {
 	// bank's accounts sink keeps its accounts table in.
 	postgres string
 	logger   *slog.Logger
+	// security holds the options of the security and limit flags.
+	security []esker.Option
 }
 
 // newBankNode returns a node running the whole bank demo (bank.AddTo).
@@ -68,7 +70,7 @@ func newBankNode(c nodeConfig) (*esker.Node, error) {
 	if c.sessionTimeout > 0 {
 		opts = append(opts, esker.SessionTimeout(c.sessionTimeout))
 	}
-	node, err := esker.NewNode(opts...)
+	node, err := esker.NewNode(append(opts, c.security...)...)
 	if err != nil {
 		return nil, err
 	}
@@ -134,6 +136,8 @@ Commands are processed exactly once (one Kafka transaction per batch) unless
 	alertsURL := fs.String("alerts-url", "", "`URL` that receives a JSON POST for every withdrawal or outgoing transfer of at least --alerts-threshold (a side-effect consumer, at least once; none when empty)")
 	alertsThreshold := fs.Int64("alerts-threshold", 100000, "smallest `amount` in cents that raises a withdrawal alert")
 	postgres := fs.String("postgres", "", "PostgreSQL connection `URL` (e.g. postgres://user@host/db): keep the table accounts(id, owner, balance, version, updated_at) there, exactly once (none when empty)")
+	httpSec := addHTTPSecurityFlags(fs)
+	kafkaSec := addKafkaSecurityFlags(fs)
 	level := fs.logLevel()
 	if code, ok := fs.parse(e, args); !ok {
 		return code
@@ -143,6 +147,15 @@ Commands are processed exactly once (one Kafka transaction per batch) unless
 			return fs.fail(e, "%s", msg)
 		}
 	}
+	security, msg := httpSec.options()
+	if msg != "" {
+		return fs.fail(e, "%s", msg)
+	}
+	kafkaOpts, msg := kafkaSec.options()
+	if msg != "" {
+		return fs.fail(e, "%s", msg)
+	}
+	security = append(security, kafkaOpts...)
 	if *cleanupDelay == 0 {
 		*cleanupDelay = -1 // 0 would mean "the default" below
 	}
@@ -177,6 +190,7 @@ Commands are processed exactly once (one Kafka transaction per batch) unless
 		alertsThreshold:   *alertsThreshold,
 		postgres:          *postgres,
 		logger:            logger,
+		security:          security,
 	})
 	if err != nil {
 		return fs.fail(e, "%s", trimPrefix(err))
