@@ -149,6 +149,12 @@ func (c *config) kafkaPreflight(ctx context.Context, clientOpts []kgo.Opt) error
 			break
 		}
 	}
+	var firstRead *kgo.ErrFirstReadEOF
+	if errors.As(err, &firstRead) {
+		// Closed before authentication: its message says what is likely
+		// missing (TLS, SASL).
+		return fmt.Errorf("esker: kafka: the brokers closed the connection at once: %v", err)
+	}
 	if closedDuringHandshake(err) {
 		if c.saslMechanism != "" {
 			return fmt.Errorf("esker: kafka: SASL authentication failed for user %q (mechanism %s): the brokers closed the connection during authentication (%v); check the user, password and mechanism", c.saslUser, c.saslMechanism, err)

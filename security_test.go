@@ -2,7 +2,15 @@ package esker_test
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"fmt"
+	"math/big"
+	"net"
 	"net/http"
 	"strings"
 	"testing"
@@ -183,7 +191,7 @@ func TestSecurityKafkaSCRAMWrong(t *testing.T) {
 	}{
 		{"wrong password", []esker.Option{esker.KafkaSASL("SCRAM-SHA-256", "esker", "wrong-pw")}, `SASL authentication failed for user "esker"`},
 		{"unknown user", []esker.Option{esker.KafkaSASL("SCRAM-SHA-256", "nobody", "pw")}, `SASL authentication failed for user "nobody"`},
-		{"no SASL", nil, "they may require SASL or TLS"},
+		{"no SASL", nil, "is SASL missing?"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			n, err := esker.NewNode(append([]esker.Option{esker.Brokers(c.ListenAddrs()...), esker.StateDir(t.TempDir()),
@@ -222,5 +230,79 @@ func TestSecurityOptionsValidated(t *testing.T) {
 		if _, err := esker.NewNode(append([]esker.Option{esker.Brokers("localhost:9092")}, opts...)...); err == nil {
 			t.Errorf("NewNode accepted %d options", len(opts))
 		}
+	}
+}
+
+// testTLS returns a server TLS config for 127.0.0.1 and a pool holding its
+// self-signed certificate.
+func testTLS(t *testing.T) (*tls.Config, *x509.CertPool) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "esker test broker"},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(time.Hour),
+		IPAddresses:           []net.IP{net.ParseIP("127.0.0.1")},
+		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(cert)
+	return &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key, Leaf: cert}}}, pool
+}
+
+// TestSecurityKafkaTLS: a node that trusts the brokers' certificate works
+// over TLS (with SCRAM on top); one that does not fails to start at once.
+func TestSecurityKafkaTLS(t *testing.T) {
+	serverCfg, pool := testTLS(t)
+	c := newCluster(t, kfake.TLS(serverCfg), kfake.EnableSASL(), kfake.Superuser("SCRAM-SHA-256", "esker", "pw"))
+	n := startBankNode(t, c.ListenAddrs(), t.TempDir(),
+		esker.KafkaTLS(&tls.Config{RootCAs: pool}), esker.KafkaSASL("SCRAM-SHA-256", "esker", "pw"))
+	code, body := do(t, n, "POST", "/v1/aggregates/account/acc-1/commands", cmd("Open", map[string]any{"owner": "Ada"}))
+	mustStatus(t, 200, code, body, "open over TLS")
+
+	for _, tc := range []struct {
+		name string
+		opt  esker.Option
+		want string
+	}{
+		{"untrusted certificate", esker.KafkaTLS(nil), "TLS handshake with the brokers failed"},
+		{"no TLS", esker.KafkaSASL("SCRAM-SHA-256", "esker", "pw"), "is TLS missing?"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			bad, err := esker.NewNode(esker.Brokers(c.ListenAddrs()...), esker.StateDir(t.TempDir()), esker.HTTPListen(""),
+				esker.Logger(testLogger()), esker.KafkaSASL("SCRAM-SHA-256", "esker", "pw"), tc.opt)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := bad.Register(bank.Account); err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+			start := time.Now()
+			err = bad.Run(ctx)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("Run returned %v, want an error containing %q", err, tc.want)
+			}
+			if took := time.Since(start); took > 12*time.Second {
+				t.Errorf("Run took %s to fail", took)
+			}
+			t.Logf("%v after %s", err, time.Since(start).Round(time.Millisecond))
+		})
 	}
 }
