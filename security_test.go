@@ -76,6 +76,28 @@ func TestSecurityForgedForwardDoesNothing(t *testing.T) {
 	if h.Get(interactive.ServedByHeader) != b.srv.URL {
 		t.Fatalf("served by %q, want B %s", h.Get(interactive.ServedByHeader), b.srv.URL)
 	}
+	// Projection listings fan out to every node, watches are relayed from
+	// the owner: both signed.
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		code, body := do(t, a, "GET", "/v1/projections/owners", nil)
+		if code == 200 && len(body["rows"].([]any)) == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("projection listing through A: %d %v", code, body)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	res, err := http.Get(a.srv.URL + path + "/watch")
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	if res.StatusCode != 200 || res.Header.Get(interactive.ServedByHeader) != b.srv.URL {
+		t.Fatalf("watch through A: %d served by %q", res.StatusCode, res.Header.Get(interactive.ServedByHeader))
+	}
+
 	before := len(readTopic(t, brokers, "account-commands"))
 
 	deposit := `{"type":"Deposit","data":{"amount":1000000}}`
