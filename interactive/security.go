@@ -178,7 +178,7 @@ func (g *guard) checkBearer(w http.ResponseWriter, r *http.Request) (i int, ok b
 	if h == "" {
 		g.refused.WithLabelValues(refusedUnauthenticated).Inc()
 		w.Header().Set("WWW-Authenticate", `Bearer realm="esker"`)
-		writeError(w, http.StatusUnauthorized, "missing bearer token: this API requires the header Authorization: Bearer <token>")
+		writeError(w, http.StatusUnauthorized, "missing bearer token: this API requires the header Authorization: Bearer TOKEN")
 		return 0, false
 	}
 	scheme, tok, _ := strings.Cut(h, " ")
@@ -186,7 +186,7 @@ func (g *guard) checkBearer(w http.ResponseWriter, r *http.Request) (i int, ok b
 	if !strings.EqualFold(scheme, "Bearer") || tok == "" {
 		g.refused.WithLabelValues(refusedUnauthenticated).Inc()
 		w.Header().Set("WWW-Authenticate", `Bearer realm="esker", error="invalid_request"`)
-		writeError(w, http.StatusUnauthorized, "malformed Authorization header: want Authorization: Bearer <token>")
+		writeError(w, http.StatusUnauthorized, "malformed Authorization header: want Authorization: Bearer TOKEN")
 		return 0, false
 	}
 	sum := sha256.Sum256([]byte(tok))

@@ -50,6 +50,10 @@ need partitioner=murmur2_random.`)
 	if msg != "" {
 		return fs.fail(e, "%s", msg)
 	}
+	if !httpSec.hasClusterToken() {
+		// The nodes all run here: they can share a secret nobody else knows.
+		security = append(security, esker.ClusterToken(randomToken()))
+	}
 	if msg := checkCommon(*httpListen, *dataDir, *partitions); msg != "" {
 		return fs.fail(e, "%s", msg)
 	}

@@ -1,8 +1,10 @@
 package main
 
 import (
+	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"fmt"
 	"os"
 	"strings"
@@ -30,13 +32,25 @@ type httpSecurityFlags struct {
 
 func addHTTPSecurityFlags(fs *flagSet) *httpSecurityFlags {
 	return &httpSecurityFlags{
-		clusterToken:   fs.String("cluster-token", "", "shared `secret` that authenticates requests the nodes forward to each other; the same on every node (default $"+envClusterToken+"; without one, forwarding is unauthenticated)"),
+		clusterToken:   fs.String("cluster-token", "", "shared `secret` that authenticates requests the nodes forward to each other; the same on every node (default $"+envClusterToken+"; without one, forwarding is unauthenticated; esker dev generates one for its nodes)"),
 		apiTokens:      fs.String("api-token", "", "comma-separated bearer `tokens`: every /v1/ request then needs Authorization: Bearer <token> (default $"+envAPIToken+"; none: the API is open)"),
 		protectMetrics: fs.Bool("protect-metrics", false, "require a bearer token on /metrics too (with --api-token)"),
 		rateLimit:      fs.Float64("rate-limit", 0, "`requests` per second each client (bearer token, else IP) may send to /v1/ on average; over it: 429 (0: no limit)"),
 		rateBurst:      fs.Int("rate-burst", 0, "`requests` a client may send at once under --rate-limit (default: twice the rate, at least 1)"),
 		maxBodyBytes:   fs.Int64("max-body-bytes", 1<<20, "largest request body in `bytes`; a longer one is answered 413"),
 	}
+}
+
+// hasClusterToken reports whether a cluster token was given.
+func (f *httpSecurityFlags) hasClusterToken() bool {
+	return firstSet(*f.clusterToken, os.Getenv(envClusterToken)) != ""
+}
+
+// randomToken returns 32 random bytes in hex.
+func randomToken() string {
+	var b [32]byte
+	_, _ = rand.Read(b[:]) // never fails (crypto/rand.Read panics instead)
+	return hex.EncodeToString(b[:])
 }
 
 // options returns the node options of the flags, or a message for the user.
