@@ -163,12 +163,6 @@ func TestSecurityNodeBearerAndRateLimit(t *testing.T) {
 	if h.Get("Retry-After") == "" || !strings.Contains(body["error"].(string), "0.2 requests per second") {
 		t.Errorf("429 without Retry-After or the limit: %v %v", h.Get("Retry-After"), body)
 	}
-	// 413 from the node's own limit.
-	huge := `{"type":"Deposit","data":{"amount":1},"correlationId":"` + strings.Repeat("x", 2<<20) + `"}`
-	code, body, _ = rawDo(t, "POST", n.srv.URL+"/v1/aggregates/account/acc-2/commands", huge, "Authorization", "Bearer tok-a")
-	if code != 413 && code != 429 {
-		t.Errorf("huge body: %d %v", code, body)
-	}
 }
 
 // TestSecurityMaxBodyBytes: the node's body limit answers 413 naming it.
