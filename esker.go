@@ -151,14 +151,23 @@ func NewNode(opts ...Option) (*Node, error) {
 		}
 		return 0
 	}))
-	n.handler = interactive.NewHandler(backend{n},
+	hopts := []interactive.HandlerOption{
 		interactive.MaxBodyBytes(cfg.maxBodyBytes),
 		interactive.CommandTimeout(cfg.commandTimeout),
 		interactive.Metrics(promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg})),
 		interactive.Logger(cfg.logger),
 		interactive.Routing(router{n}),
 		interactive.Registerer(reg),
-	)
+		interactive.ClusterToken(cfg.clusterToken),
+		interactive.APITokens(cfg.apiTokens...),
+	}
+	if cfg.protectMetrics {
+		hopts = append(hopts, interactive.ProtectMetrics())
+	}
+	if cfg.rateSet {
+		hopts = append(hopts, interactive.RateLimit(cfg.ratePerSecond, cfg.rateBurst))
+	}
+	n.handler = interactive.NewHandler(backend{n}, hopts...)
 	return n, nil
 }
 
@@ -294,6 +303,12 @@ func (n *Node) Run(ctx context.Context) error {
 
 	clientOpts := append([]kgo.Opt{kgo.SeedBrokers(c.brokers...), kgo.WithLogger(kgolog.New(log))}, c.kafkaOpts...)
 	n.clientOpts = clientOpts
+	if err := c.kafkaPreflight(ctx, clientOpts); err != nil {
+		return err
+	}
+	if c.clusterToken == "" {
+		log.Warn("esker: forwarding between nodes is unauthenticated: any client that reaches a node can pose as another node; set a cluster token (esker.ClusterToken, --cluster-token or ESKER_CLUSTER_TOKEN)")
+	}
 	producer, err := kgo.NewClient(append(append([]kgo.Opt{}, clientOpts...),
 		kgo.RecordPartitioner(kgo.ManualPartitioner()))...)
 	if err != nil {

@@ -3,6 +3,7 @@ package esker
 import (
 	"bytes"
 	"crypto/sha256"
+	"crypto/tls"
 	"encoding/hex"
 	"fmt"
 	"log/slog"
@@ -61,6 +62,18 @@ type config struct {
 	stateCleanupDelay time.Duration
 	masterKeys        []keyring.MasterKey
 	masterKeyErr      error
+
+	// Security (security.go).
+	clusterToken   string
+	apiTokens      []string
+	protectMetrics bool
+	ratePerSecond  float64
+	rateBurst      int
+	rateSet        bool
+	saslMechanism  string
+	saslUser       string
+	saslPassword   string
+	kafkaTLS       *tls.Config
 }
 
 func defaultConfig() config {
@@ -127,7 +140,8 @@ func IdempotencyWindow(d time.Duration) Option { return func(c *config) { c.idem
 // outcome before answering that it is unknown. Default 5s.
 func CommandTimeout(d time.Duration) Option { return func(c *config) { c.commandTimeout = d } }
 
-// MaxBodyBytes limits HTTP request bodies. Default 1 MiB.
+// MaxBodyBytes limits HTTP request bodies: a longer body is answered 413.
+// Default 1 MiB.
 func MaxBodyBytes(n int64) Option { return func(c *config) { c.maxBodyBytes = n } }
 
 // CommandRetention is retention.ms for "<type>-commands" topics the node
@@ -221,6 +235,9 @@ func (c *config) validate() error {
 	}
 	if c.commandTimeout <= 0 || c.maxBodyBytes <= 0 || c.idempotencyWindow <= 0 {
 		return fmt.Errorf("esker: command timeout, body limit and idempotency window must be positive")
+	}
+	if err := c.validateSecurity(); err != nil {
+		return err
 	}
 	if c.advertisedURL == "" {
 		c.advertisedURL = "http://" + c.httpListen

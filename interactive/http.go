@@ -50,6 +50,13 @@ type handlerConfig struct {
 	// forwardSlack is added to the command timeout or maximum wait to get
 	// a forwarded request's deadline (defaultForwardSlack; shorter in tests).
 	forwardSlack time.Duration
+	// Security (security.go).
+	clusterKey     []byte
+	apiTokens      [][32]byte
+	protectMetrics bool
+	ratePerSecond  float64
+	rateBurst      int
+	rateClients    int // DefaultRateLimitClients when 0
 }
 
 // MaxBodyBytes limits request bodies to n bytes; a longer body is answered
@@ -120,9 +127,11 @@ func Logger(l *slog.Logger) HandlerOption {
 //	GET  /, /ui/…                              the web dashboard (package dashboard), which reads this API
 //
 // Every error is JSON {"error": "…"} with Content-Type application/json:
-// 400 for a request the client must fix, 404 for an unknown aggregate type,
-// entity or route, 410 for a forgotten entity, 405 (with Allow) for a wrong method, 413 for a body over
-// MaxBodyBytes, 503 with Retry-After while the node cannot serve the key,
+// 400 for a request the client must fix, 401 and 403 for a request that is
+// not authenticated (APITokens, ClusterToken), 404 for an unknown aggregate
+// type, entity or route, 405 (with Allow) for a wrong method, 410 for a
+// forgotten entity, 413 for a body over MaxBodyBytes, 429 (with Retry-After)
+// over the RateLimit, 503 with Retry-After while the node cannot serve the key,
 // 504 when the answer is not known in time, and 500 for failures of the node
 // itself, which are logged. A panic in a handler is recovered, logged with
 // its stack and answered with 500.
@@ -148,6 +157,7 @@ func NewHandler(b Backend, opts ...HandlerOption) http.Handler {
 		a.fwdMetrics = newRouteMetrics(cfg.registerer)
 		r.Use(servedBy(a.rt))
 	}
+	r.Use(newGuard(cfg).middleware)
 	r.NotFound(func(w http.ResponseWriter, req *http.Request) {
 		writeError(w, http.StatusNotFound, fmt.Sprintf("no route for %s %s; the API lives under /v1/aggregates/{type}/{id}", req.Method, req.URL.Path))
 	})

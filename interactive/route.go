@@ -31,6 +31,8 @@ const (
 	// carrying it serves the request if it owns the entity's partition and
 	// refuses it (503) otherwise: a request crosses the network at most
 	// once, even while two nodes disagree about who owns a partition.
+	// With a ClusterToken the request must also carry a valid
+	// ForwardAuthHeader, or it is refused (401/403) before it is served.
 	ForwardedHeader = "Esker-Forwarded"
 	// ServedByHeader, on every answer of a handler with Routing, is the URL
 	// of the node that served the request: this node, or the owner the
@@ -237,6 +239,20 @@ func (a *api) route(w http.ResponseWriter, r *http.Request, typ, id string, fr f
 	return true
 }
 
+// authenticateForward proves that req, which this node forwards for r with
+// body, comes from a node of the cluster: signed with the cluster token, or
+// without one carrying r's Authorization header, for the owner to check
+// the client's bearer token itself.
+func (a *api) authenticateForward(r, req *http.Request, body []byte) {
+	if a.cfg.clusterKey != nil {
+		signForward(a.cfg.clusterKey, req, body, time.Now())
+		return
+	}
+	if v := r.Header.Get("Authorization"); v != "" {
+		req.Header.Set("Authorization", v)
+	}
+}
+
 // isForwarded reports whether another node forwarded r.
 func isForwarded(r *http.Request) bool {
 	return len(r.Header.Values(ForwardedHeader)) > 0
@@ -283,6 +299,7 @@ func (a *api) forward(w http.ResponseWriter, r *http.Request, base string, fr fo
 		self = "unknown"
 	}
 	req.Header.Set(ForwardedHeader, self)
+	a.authenticateForward(r, req, fr.body)
 	if fr.commandID != "" {
 		// The command id makes the POST idempotent: this lets the
 		// transport resend it on a kept-alive connection the owner had

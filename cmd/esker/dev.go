@@ -48,9 +48,18 @@ esker dev --postgres postgres://postgres@127.0.0.1/test`
 	alertsURL := fs.String("alerts-url", "", "`URL` that receives the withdrawal alerts (default: a receiver in this process that logs them)")
 	alertsThreshold := fs.Int64("alerts-threshold", 100000, "smallest `amount` in cents that raises a withdrawal alert")
 	postgres := fs.String("postgres", "", "PostgreSQL connection `URL` (e.g. postgres://postgres@127.0.0.1/test): also keep the table accounts(id, owner, balance, version, updated_at) there, exactly once")
+	httpSec := addHTTPSecurityFlags(fs)
 	level := fs.logLevel()
 	if code, ok := fs.parse(e, args); !ok {
 		return code
+	}
+	security, msg := httpSec.options()
+	if msg != "" {
+		return fs.fail(e, "%s", msg)
+	}
+	if !httpSec.hasClusterToken() {
+		// The nodes all run here: they can share a secret nobody else knows.
+		security = append(security, esker.ClusterToken(randomToken()))
 	}
 	if msg := checkCommon(*httpListen, *dataDir, *partitions); msg != "" {
 		return fs.fail(e, "%s", msg)
@@ -135,6 +144,7 @@ esker dev --postgres postgres://postgres@127.0.0.1/test`
 			postgres:        *postgres,
 			masterKeys:      masterKeys,
 			logger:          logger.With("node", i+1),
+			security:        security,
 		})
 		if err != nil {
 			return fs.fail(e, "%s", trimPrefix(err))

@@ -45,6 +45,8 @@ type nodeConfig struct {
 	// masterKeys seal the bank's personal fields (the owner's name).
 	masterKeys []keyring.MasterKey
 	logger     *slog.Logger
+	// security holds the options of the security and limit flags.
+	security []esker.Option
 }
 
 // newBankNode returns a node running the whole bank demo (bank.AddTo).
@@ -75,7 +77,7 @@ func newBankNode(c nodeConfig) (*esker.Node, error) {
 	for _, k := range c.masterKeys {
 		opts = append(opts, esker.MasterKey(k.ID, k.Key))
 	}
-	node, err := esker.NewNode(opts...)
+	node, err := esker.NewNode(append(opts, c.security...)...)
 	if err != nil {
 		return nil, err
 	}
@@ -146,6 +148,8 @@ esker node --brokers 127.0.0.1:9092 --http 127.0.0.1:8081 --data esker-data-2 --
 	alertsThreshold := fs.Int64("alerts-threshold", 100000, "smallest `amount` in cents that raises a withdrawal alert")
 	postgres := fs.String("postgres", "", "PostgreSQL connection `URL` (e.g. postgres://user@host/db): keep the table accounts(id, owner, balance, version, updated_at) there, exactly once (none when empty)")
 	masterKeyFile := fs.String("master-key-file", "", "`file` of master keys, one \"<id>:<base64 of 32 bytes>\" per line, the current one first (default: the key in $ESKER_MASTER_KEY); they wrap the keys that seal each account's personal data, and every node needs the same ones")
+	httpSec := addHTTPSecurityFlags(fs)
+	kafkaSec := addKafkaSecurityFlags(fs)
 	level := fs.logLevel()
 	if code, ok := fs.parse(e, args); !ok {
 		return code
@@ -155,6 +159,15 @@ esker node --brokers 127.0.0.1:9092 --http 127.0.0.1:8081 --data esker-data-2 --
 			return fs.fail(e, "%s", msg)
 		}
 	}
+	security, msg := httpSec.options()
+	if msg != "" {
+		return fs.fail(e, "%s", msg)
+	}
+	kafkaOpts, msg := kafkaSec.options()
+	if msg != "" {
+		return fs.fail(e, "%s", msg)
+	}
+	security = append(security, kafkaOpts...)
 	if *cleanupDelay == 0 {
 		*cleanupDelay = -1 // 0 would mean "the default" below
 	}
@@ -194,6 +207,7 @@ esker node --brokers 127.0.0.1:9092 --http 127.0.0.1:8081 --data esker-data-2 --
 		postgres:          *postgres,
 		masterKeys:        masterKeys,
 		logger:            logger,
+		security:          security,
 	})
 	if err != nil {
 		return fs.fail(e, "%s", trimPrefix(err))

@@ -1,0 +1,324 @@
+package esker_test
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"fmt"
+	"math/big"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kfake"
+
+	"github.com/esker-io/esker"
+	"github.com/esker-io/esker/aggregate"
+	"github.com/esker-io/esker/examples/bank"
+	"github.com/esker-io/esker/interactive"
+)
+
+// rawDo sends a request with headers (pairs) and decodes the JSON answer.
+func rawDo(t *testing.T, method, url, body string, headers ...string) (int, map[string]any, http.Header) {
+	t.Helper()
+	req, err := http.NewRequest(method, url, stringsReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	for i := 0; i+1 < len(headers); i += 2 {
+		req.Header.Set(headers[i], headers[i+1])
+	}
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	var out map[string]any
+	if err := jsonDecode(res.Body, &out); err != nil {
+		t.Fatalf("%s %s: answer is not JSON: %v", method, url, err)
+	}
+	return res.StatusCode, out, res.Header
+}
+
+// TestSecurityForgedForwardDoesNothing: in a two-node cluster with a
+// cluster token, a request forwarded by a node works, and one that only
+// claims to be forwarded (no proof, wrong proof) is refused with 401/403 and
+// produces no command: the command topic and the entity's version do not
+// change.
+func TestSecurityForgedForwardDoesNothing(t *testing.T) {
+	c := newCluster(t)
+	brokers := c.ListenAddrs()
+	a := startBankNode(t, brokers, t.TempDir(), esker.ClusterToken("cluster-secret"))
+	b := startBankNode(t, brokers, t.TempDir(), esker.ClusterToken("cluster-secret"))
+	ctSettle(t, []*testNode{a, b})
+
+	// An account B owns, opened through A: forwarded with the token.
+	owned := ctLocalPartitions(t, b)
+	if len(owned) == 0 {
+		t.Fatal("B owns no partition")
+	}
+	id := ""
+	for i := 0; id == ""; i++ {
+		if k := fmt.Sprintf("acc-%d", i); aggregate.Partition(k, 4) == owned[0] {
+			id = k
+		}
+	}
+	path := "/v1/aggregates/account/" + id
+	code, body, h := doH(t, a, "POST", path+"/commands", cmd("Open", map[string]any{"owner": "Ada"}))
+	mustStatus(t, 200, code, body, "open through A")
+	if h.Get(interactive.ServedByHeader) != b.srv.URL {
+		t.Fatalf("served by %q, want B %s", h.Get(interactive.ServedByHeader), b.srv.URL)
+	}
+	// Projection listings fan out to every node, watches are relayed from
+	// the owner: both signed.
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		code, body := do(t, a, "GET", "/v1/projections/owners", nil)
+		if code == 200 && len(body["rows"].([]any)) == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("projection listing through A: %d %v", code, body)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	res, err := http.Get(a.srv.URL + path + "/watch")
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	if res.StatusCode != 200 || res.Header.Get(interactive.ServedByHeader) != b.srv.URL {
+		t.Fatalf("watch through A: %d served by %q", res.StatusCode, res.Header.Get(interactive.ServedByHeader))
+	}
+
+	before := len(readTopic(t, brokers, "account-commands"))
+
+	deposit := `{"type":"Deposit","data":{"amount":1000000}}`
+	code, body, _ = rawDo(t, "POST", b.srv.URL+path+"/commands", deposit, interactive.ForwardedHeader, a.srv.URL)
+	mustStatus(t, 401, code, body, "forged forward without proof")
+	code, body, _ = rawDo(t, "POST", b.srv.URL+path+"/commands", deposit, interactive.ForwardedHeader, a.srv.URL,
+		interactive.ForwardAuthHeader, fmt.Sprintf("v1 %d %s", time.Now().Unix(), strings.Repeat("ab", 32)))
+	mustStatus(t, 403, code, body, "forged forward with a wrong proof")
+	code, body, _ = rawDo(t, "GET", b.srv.URL+path, "", interactive.ForwardedHeader, a.srv.URL)
+	mustStatus(t, 401, code, body, "forged forwarded read")
+	if msg, _ := body["error"].(string); !strings.Contains(msg, "cluster token") {
+		t.Errorf("error %q does not mention the cluster token", msg)
+	}
+
+	if after := len(readTopic(t, brokers, "account-commands")); after != before {
+		t.Fatalf("account-commands grew from %d to %d records: a forged request produced a command", before, after)
+	}
+	code, body = do(t, a, "GET", path, nil)
+	mustStatus(t, 200, code, body, "read through A")
+	if v := body["version"]; v != float64(1) {
+		t.Fatalf("version %v after forged deposits, want 1", v)
+	}
+	if got := counterWith(t, b, "esker_http_refused_total", "reason", "unauthenticated"); got != 2 {
+		t.Errorf("B refused %v requests as unauthenticated, want 2", got)
+	}
+}
+
+// TestSecurityNodeBearerAndRateLimit: a node with API tokens and a rate
+// limit guards /v1/ and leaves the probes and metrics open.
+func TestSecurityNodeBearerAndRateLimit(t *testing.T) {
+	c := newCluster(t)
+	n := startBankNode(t, c.ListenAddrs(), t.TempDir(), esker.APITokens("tok-a"), esker.RateLimit(0.2, 3))
+	url := n.srv.URL + "/v1/aggregates/account/acc-1"
+	code, body, h := rawDo(t, "POST", url+"/commands", `{"type":"Open","data":{"owner":"Ada"}}`)
+	mustStatus(t, 401, code, body, "no token")
+	if !strings.HasPrefix(h.Get("WWW-Authenticate"), "Bearer") {
+		t.Errorf("WWW-Authenticate %q", h.Get("WWW-Authenticate"))
+	}
+	code, body, _ = rawDo(t, "POST", url+"/commands", `{"type":"Open","data":{"owner":"Ada"}}`, "Authorization", "Bearer tok-b")
+	mustStatus(t, 401, code, body, "wrong token")
+	code, body, _ = rawDo(t, "POST", url+"/commands", `{"type":"Open","data":{"owner":"Ada"}}`, "Authorization", "Bearer tok-a")
+	mustStatus(t, 200, code, body, "right token")
+	code, body, _ = rawDo(t, "GET", url, "", "Authorization", "Bearer tok-a")
+	mustStatus(t, 200, code, body, "read")
+	for _, p := range []string{"/healthz", "/readyz"} {
+		if code, body, _ := rawDo(t, "GET", n.srv.URL+p, ""); code != 200 {
+			t.Errorf("%s: %d %v", p, code, body)
+		}
+	}
+	res, err := http.Get(n.srv.URL + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	if res.StatusCode != 200 {
+		t.Errorf("/metrics: %d", res.StatusCode)
+	}
+	// Three tokens in the bucket, two spent: one more, then 429.
+	code, body, _ = rawDo(t, "GET", url, "", "Authorization", "Bearer tok-a")
+	mustStatus(t, 200, code, body, "third request")
+	code, body, h = rawDo(t, "GET", url, "", "Authorization", "Bearer tok-a")
+	mustStatus(t, 429, code, body, "fourth request")
+	if h.Get("Retry-After") == "" || !strings.Contains(body["error"].(string), "0.2 requests per second") {
+		t.Errorf("429 without Retry-After or the limit: %v %v", h.Get("Retry-After"), body)
+	}
+}
+
+// TestSecurityMaxBodyBytes: the node's body limit answers 413 naming it.
+func TestSecurityMaxBodyBytes(t *testing.T) {
+	c := newCluster(t)
+	n := startBankNode(t, c.ListenAddrs(), t.TempDir(), esker.MaxBodyBytes(100))
+	body := `{"type":"Open","data":{"owner":"` + strings.Repeat("x", 200) + `"}}`
+	code, out, _ := rawDo(t, "POST", n.srv.URL+"/v1/aggregates/account/acc-1/commands", body)
+	mustStatus(t, 413, code, out, "over the limit")
+	if msg, _ := out["error"].(string); !strings.Contains(msg, "limit of 100 bytes") {
+		t.Errorf("413 error %q does not name the limit", msg)
+	}
+}
+
+// saslCluster is a kfake cluster that requires SCRAM-SHA-256 (and -512)
+// credentials.
+func saslCluster(t *testing.T) *kfake.Cluster {
+	return newCluster(t, kfake.EnableSASL(),
+		kfake.Superuser("SCRAM-SHA-256", "esker", "right-pw"),
+		kfake.Superuser("SCRAM-SHA-512", "esker512", "right-pw"))
+}
+
+func TestSecurityKafkaSCRAM(t *testing.T) {
+	c := saslCluster(t)
+	for _, m := range []struct{ mech, user string }{{esker.SASLScramSHA256, "esker"}, {"scram-sha-512", "esker512"}} {
+		t.Run(m.mech, func(t *testing.T) {
+			n := startBankNode(t, c.ListenAddrs(), t.TempDir(), esker.KafkaSASL(m.mech, m.user, "right-pw"), esker.ApplicationID("bank-"+m.user))
+			code, body := do(t, n, "POST", "/v1/aggregates/account/"+m.user+"/commands", cmd("Open", map[string]any{"owner": "Ada"}))
+			mustStatus(t, 200, code, body, "open over SASL")
+		})
+	}
+}
+
+// TestSecurityKafkaSCRAMWrong: wrong credentials stop Run at once with an
+// error that names the cause.
+func TestSecurityKafkaSCRAMWrong(t *testing.T) {
+	c := saslCluster(t)
+	for _, tc := range []struct {
+		name string
+		opts []esker.Option
+		want string
+	}{
+		{"wrong password", []esker.Option{esker.KafkaSASL("SCRAM-SHA-256", "esker", "wrong-pw")}, `SASL authentication failed for user "esker"`},
+		{"unknown user", []esker.Option{esker.KafkaSASL("SCRAM-SHA-256", "nobody", "pw")}, `SASL authentication failed for user "nobody"`},
+		{"no SASL", nil, "is SASL missing?"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			n, err := esker.NewNode(append([]esker.Option{esker.Brokers(c.ListenAddrs()...), esker.StateDir(t.TempDir()),
+				esker.HTTPListen(""), esker.Logger(testLogger())}, tc.opts...)...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := n.Register(bank.Account); err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+			start := time.Now()
+			err = n.Run(ctx)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("Run returned %v, want an error containing %q", err, tc.want)
+			}
+			if strings.Contains(err.Error(), "wrong-pw") {
+				t.Errorf("the error shows the password: %v", err)
+			}
+			if took := time.Since(start); took > 12*time.Second {
+				t.Errorf("Run took %s to fail", took)
+			}
+			t.Logf("%s after %s", err, time.Since(start).Round(time.Millisecond))
+		})
+	}
+}
+
+func TestSecurityOptionsValidated(t *testing.T) {
+	for _, opts := range [][]esker.Option{
+		{esker.KafkaSASL("GSSAPI", "u", "p")},
+		{esker.KafkaSASL("PLAIN", "", "p")},
+		{esker.RateLimit(0, 1)},
+		{esker.RateLimit(1, 0)},
+	} {
+		if _, err := esker.NewNode(append([]esker.Option{esker.Brokers("localhost:9092")}, opts...)...); err == nil {
+			t.Errorf("NewNode accepted %d options", len(opts))
+		}
+	}
+}
+
+// testTLS returns a server TLS config for 127.0.0.1 and a pool holding its
+// self-signed certificate.
+func testTLS(t *testing.T) (*tls.Config, *x509.CertPool) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "esker test broker"},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(time.Hour),
+		IPAddresses:           []net.IP{net.ParseIP("127.0.0.1")},
+		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(cert)
+	return &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key, Leaf: cert}}}, pool
+}
+
+// TestSecurityKafkaTLS: a node that trusts the brokers' certificate works
+// over TLS (with SCRAM on top); one that does not fails to start at once.
+func TestSecurityKafkaTLS(t *testing.T) {
+	serverCfg, pool := testTLS(t)
+	c := newCluster(t, kfake.TLS(serverCfg), kfake.EnableSASL(), kfake.Superuser("SCRAM-SHA-256", "esker", "pw"))
+	n := startBankNode(t, c.ListenAddrs(), t.TempDir(),
+		esker.KafkaTLS(&tls.Config{RootCAs: pool}), esker.KafkaSASL("SCRAM-SHA-256", "esker", "pw"))
+	code, body := do(t, n, "POST", "/v1/aggregates/account/acc-1/commands", cmd("Open", map[string]any{"owner": "Ada"}))
+	mustStatus(t, 200, code, body, "open over TLS")
+
+	for _, tc := range []struct {
+		name string
+		opt  esker.Option
+		want string
+	}{
+		{"untrusted certificate", esker.KafkaTLS(nil), "TLS handshake with the brokers failed"},
+		{"no TLS", esker.KafkaSASL("SCRAM-SHA-256", "esker", "pw"), "is TLS missing?"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			bad, err := esker.NewNode(esker.Brokers(c.ListenAddrs()...), esker.StateDir(t.TempDir()), esker.HTTPListen(""),
+				esker.Logger(testLogger()), esker.KafkaSASL("SCRAM-SHA-256", "esker", "pw"), tc.opt)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := bad.Register(bank.Account); err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+			start := time.Now()
+			err = bad.Run(ctx)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("Run returned %v, want an error containing %q", err, tc.want)
+			}
+			if took := time.Since(start); took > 12*time.Second {
+				t.Errorf("Run took %s to fail", took)
+			}
+			t.Logf("%v after %s", err, time.Since(start).Round(time.Millisecond))
+		})
+	}
+}
