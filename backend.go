@@ -360,6 +360,12 @@ func (b backend) openEvents(ctx context.Context, aggregateType string, evs []agg
 	}
 	for i := range evs {
 		schema, data, err := def.OpenEvent(evs[i].Type, evs[i].SchemaVersion, evs[i].Data, c)
+		if errors.Is(err, aggregate.ErrUnknownKey) {
+			// Sealed with a key this application does not hold: no retry
+			// opens it, so it is shown as stored.
+			b.n.cfg.logger.Warn("an event's personal fields cannot be opened; passed on sealed", "type", aggregateType, "id", evs[i].EntityID, "version", evs[i].Version, "err", err)
+			continue
+		}
 		if err != nil {
 			return nil, fmt.Errorf("open the personal fields of %s %q version %d: %w", aggregateType, evs[i].EntityID, evs[i].Version, err)
 		}

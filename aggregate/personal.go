@@ -62,6 +62,11 @@ type FieldCipher interface {
 	Open(sealed string) (string, error)
 }
 
+// ErrUnknownKey is returned by FieldCipher.Open for a field sealed with a
+// data key the node's keyring does not hold (another application's, or a
+// keys topic that was lost): it will not open on a retry either.
+var ErrUnknownKey = errors.New("the field's data key is unknown")
+
 // ErrForgotten is returned for an entity that was forgotten: its commands,
 // state and events answer 410 Gone.
 var ErrForgotten = errors.New("the entity was forgotten")

@@ -245,9 +245,14 @@ func (pc *projCycle) handle(r *kgo.Record) {
 	}
 	ev := eventOf(r)
 	if err := pc.open(&ev); err != nil {
-		// A key that cannot be read now may be readable on the retry.
-		pc.c.fail(err)
-		return
+		if !errors.Is(err, aggregate.ErrUnknownKey) {
+			// The keys topic could not be read now: retry the cycle.
+			pc.c.fail(err)
+			return
+		}
+		// No retry can open it: fold the event with its personal fields
+		// sealed rather than stop the partition.
+		pc.c.e.log.Warn("projection folds an event whose personal fields cannot be opened", "projection", pc.def.Name(), "topic", r.Topic, "partition", r.Partition, "offset", r.Offset, "err", err)
 	}
 	if err := pc.def.Decode(&ev); err != nil {
 		pc.skip(r, "cannot decode an event", err)

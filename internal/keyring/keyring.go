@@ -472,7 +472,7 @@ func (k *Keyring) openingKey(ctx context.Context, typ, id, kid string) (a cipher
 			}
 		}
 	}
-	return nil, false, fmt.Errorf("keyring: the data key %s of %s %q is not in %s (was the topic deleted, or another application's master key used?)", kid, typ, id, k.topic)
+	return nil, false, fmt.Errorf("keyring: %w: the data key %s of %s %q is not in %s (was the topic deleted, or the event written by another application?)", aggregate.ErrUnknownKey, kid, typ, id, k.topic)
 }
 
 // unwrapLocked returns the AEAD of a data key; k.mu is held.
