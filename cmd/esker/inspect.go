@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"regexp"
 	"strings"
 	"time"
@@ -14,6 +15,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/esker-io/esker/aggregate"
+	"github.com/esker-io/esker/internal/keyring"
 	"github.com/esker-io/esker/sideeffects"
 )
 
@@ -108,6 +110,7 @@ esker inspect entity account alice --brokers 127.0.0.1:9092 --json`
 	app := fs.String("app", "bank", "application `id`: the consumer group and the prefix of the application's topics")
 	asJSON := fs.Bool("json", false, "print one JSON document instead of tables")
 	timeout := fs.Duration("timeout", 10*time.Second, "how long to `wait` for Kafka to answer a request before giving up")
+	masterKeyFile := fs.String("master-key-file", "", "`file` of the application's master keys (default: $ESKER_MASTER_KEY, if set): inspect entity then shows personal fields opened instead of sealed")
 
 	positional, code, ok := parseInterleaved(e, fs, args)
 	if !ok {
@@ -162,6 +165,11 @@ esker inspect entity account alice --brokers 127.0.0.1:9092 --json`
 	}
 	defer cl.Close()
 	in := &inspector{e: e, opts: opts, adm: kadm.NewClient(cl), app: *app, timeout: *timeout, name: fs.name}
+	if action == "entity" && (*masterKeyFile != "" || os.Getenv("ESKER_MASTER_KEY") != "") {
+		if in.masterKeys, err = loadMasterKeys(*masterKeyFile, os.Getenv("ESKER_MASTER_KEY")); err != nil {
+			return fs.fail(e, "%v", err)
+		}
+	}
 
 	var report any
 	var write func(io.Writer)
@@ -205,6 +213,8 @@ type inspector struct {
 	app     string
 	timeout time.Duration
 	name    string // "inspect group", for messages
+	// masterKeys, when set, open the personal fields inspect entity shows.
+	masterKeys []keyring.MasterKey
 }
 
 // fail reports a run-time error and returns exit status 1.

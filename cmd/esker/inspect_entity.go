@@ -20,6 +20,7 @@ import (
 	"github.com/esker-io/esker/aggregate"
 	"github.com/esker-io/esker/changelog"
 	"github.com/esker-io/esker/internal/engine"
+	"github.com/esker-io/esker/internal/keyring"
 	"github.com/esker-io/esker/statestore"
 )
 
@@ -219,7 +220,47 @@ func (in *inspector) entity(typ, id string) (*entityReport, error) {
 	if r.State == nil {
 		r.StateNote = fmt.Sprintf("no state record in %s/%d", r.ChangelogTopic, r.Partition)
 	}
+	if len(in.masterKeys) > 0 {
+		if err := in.openPersonal(r); err != nil {
+			return nil, err
+		}
+	}
 	return r, nil
+}
+
+// openPersonal opens the sealed personal fields of the report's payloads
+// with the application's keys topic and master keys.
+func (in *inspector) openPersonal(r *entityReport) error {
+	kr, err := keyring.New(keyring.Config{AppID: in.app, Partitions: 1, Masters: in.masterKeys, ClientOpts: in.opts})
+	if err != nil {
+		return err
+	}
+	defer kr.Close()
+	go func() { _ = kr.Run(in.e.ctx) }()
+	ctx, cancel := in.ctx()
+	defer cancel()
+	if err := kr.Sync(ctx); err != nil {
+		return in.kafkaErr("read "+keyring.Topic(in.app), err)
+	}
+	open := func(p *payload) error {
+		if p.Data == nil {
+			return nil
+		}
+		data, err := kr.OpenJSON(ctx, r.Type, r.ID, p.Data)
+		p.Data = data
+		return err
+	}
+	for i := range r.Events {
+		if err := open(&r.Events[i].payload); err != nil {
+			return fmt.Errorf("open the personal fields of version %d: %w", r.Events[i].Version, err)
+		}
+	}
+	if r.State != nil {
+		if err := open(&r.State.payload); err != nil {
+			return fmt.Errorf("open the personal fields of the state: %w", err)
+		}
+	}
+	return nil
 }
 
 // readsTopic reports whether a member of the group reads topic.

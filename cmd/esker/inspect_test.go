@@ -43,6 +43,7 @@ func startInspectNode(t *testing.T, addr string, opts ...esker.Option) (url stri
 		esker.Partitions(4),
 		esker.SessionTimeout(3 * time.Second),
 		esker.Logger(quietLogger()),
+		testMasterKey(),
 	}, opts...)...)
 	if err != nil {
 		t.Fatal(err)
@@ -75,6 +76,8 @@ func startInspectNode(t *testing.T, addr string, opts ...esker.Option) (url stri
 		}
 		select {
 		case err := <-done:
+			stopped = true // Run returned: the cleanup has nothing to wait for
+			srv.Close()
 			t.Fatalf("node stopped: %v", err)
 		case <-time.After(20 * time.Millisecond):
 		}

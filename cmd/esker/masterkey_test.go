@@ -2,6 +2,9 @@ package main
 
 import (
 	"os"
+
+	"github.com/esker-io/esker"
+	"github.com/esker-io/esker/internal/keyring"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -9,7 +12,19 @@ import (
 
 // The esker node processes the tests start seal the bank's personal fields
 // with this master key; TestMasterKeys checks what happens without one.
-func init() { os.Setenv("ESKER_MASTER_KEY", "cli-1:AwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM=") }
+func init() { os.Setenv("ESKER_MASTER_KEY", cliMasterKey) }
+
+const cliMasterKey = "cli-1:AwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM="
+
+// testMasterKey is cliMasterKey as an option of the nodes tests run in
+// process.
+func testMasterKey() esker.Option {
+	k, err := keyring.ParseMasterKey(cliMasterKey)
+	if err != nil {
+		panic(err)
+	}
+	return esker.MasterKey(k.ID, k.Key)
+}
 
 func TestMasterKeys(t *testing.T) {
 	if _, err := loadMasterKeys("", ""); err == nil || !strings.Contains(err.Error(), "--master-key-file") {

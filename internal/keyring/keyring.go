@@ -39,6 +39,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"regexp"
 	"strings"
 	"sync"
 	"time"
@@ -559,4 +560,29 @@ func NewMasterKey(id string) string {
 	var key [32]byte
 	_, _ = rand.Read(key[:]) // never fails (crypto/rand)
 	return id + ":" + base64.StdEncoding.EncodeToString(key[:])
+}
+
+// sealedJSON matches a sealed field as a JSON string (the sealed form has
+// no character JSON escapes).
+var sealedJSON = regexp.MustCompile(`"` + regexp.QuoteMeta(aggregate.SealedPrefix) + `[0-9a-f]{16}:[A-Za-z0-9_-]+"`)
+
+// OpenJSON opens every sealed field in a JSON document of one entity,
+// whatever its Go type, keeping the document's bytes otherwise: for tools
+// that read topics raw (esker inspect). Fields of a forgotten entity open
+// as "".
+func (k *Keyring) OpenJSON(ctx context.Context, typ, id string, doc []byte) ([]byte, error) {
+	c := k.Cipher(ctx, typ, id)
+	var firstErr error
+	out := sealedJSON.ReplaceAllFunc(doc, func(quoted []byte) []byte {
+		plain, err := c.Open(string(quoted[1 : len(quoted)-1]))
+		if err != nil {
+			if firstErr == nil {
+				firstErr = err
+			}
+			return quoted
+		}
+		b, _ := json.Marshal(plain)
+		return b
+	})
+	return out, firstErr
 }
