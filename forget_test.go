@@ -94,6 +94,7 @@ func TestForgetByCryptoShredding(t *testing.T) {
 		for _, r := range []struct{ method, path string }{
 			{"GET", "/v1/aggregates/account/gdpr-1"},
 			{"GET", "/v1/aggregates/account/gdpr-1/events"},
+			{"GET", "/v1/aggregates/account/gdpr-1/watch?fromVersion=1"},
 			{"DELETE", "/v1/aggregates/account/gdpr-1"},
 		} {
 			code, body := do(t, tn, r.method, r.path, nil)

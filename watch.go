@@ -58,12 +58,12 @@ func (b backend) WatchEntity(ctx context.Context, aggregateType, id string, from
 		return nil, err
 	}
 	f := &entityFeed{b: b, eng: b.n.engine, def: def, task: t, typ: aggregateType, id: id, next: from}
+	rec, found, err := f.current() // a forgotten entity answers ErrGone here
+	if err != nil {
+		return nil, err
+	}
 	if from <= 0 {
 		// Only versions to come: they fold onto the current state.
-		rec, found, err := f.current()
-		if err != nil {
-			return nil, err
-		}
 		f.next, f.head = rec.Version+1, rec.Version
 		if err := f.startFrom(rec, found); err != nil {
 			return nil, err
