@@ -35,6 +35,10 @@ type Type[S, C, E any] struct {
 	events   registry
 	// upcasters[event][v] turns schema version v of the event into v+1.
 	upcasters map[string]map[int]Upcaster
+	// personal: some registered command or event type, or the state, has
+	// fields tagged esker:"pii" (kept as types are registered: the engine
+	// asks on every entity it loads).
+	personal, statePersonal bool
 }
 
 // Option configures a Type.
@@ -66,14 +70,17 @@ func New[S, C, E any](name string, decide Decide[S, C, E], evolve Evolve[S, E], 
 	for _, opt := range opts {
 		opt(&o)
 	}
+	statePersonal := HasPersonal(reflect.TypeFor[S]()) // panics here on a misplaced tag
 	return &Type[S, C, E]{
-		name:     name,
-		decide:   decide,
-		evolve:   evolve,
-		initial:  func() S { var s S; return s },
-		codec:    o.codec,
-		commands: newRegistry(),
-		events:   newRegistry(),
+		statePersonal: statePersonal,
+		personal:      statePersonal,
+		name:          name,
+		decide:        decide,
+		evolve:        evolve,
+		initial:       func() S { var s S; return s },
+		codec:         o.codec,
+		commands:      newRegistry(),
+		events:        newRegistry(),
 	}
 }
 
@@ -83,9 +90,11 @@ func New[S, C, E any](name string, decide Decide[S, C, E], evolve Evolve[S, E], 
 // and panics on duplicate names.
 func (t *Type[S, C, E]) Commands(examples ...C) *Type[S, C, E] {
 	for _, c := range examples {
-		if t.commands.add(c, 1) == ForgetCommand {
+		name := t.commands.add(c, 1)
+		if name == ForgetCommand {
 			panic(fmt.Sprintf("aggregate: the command name %q is reserved for forgetting an entity", ForgetCommand))
 		}
+		t.personal = t.personal || t.commands.byName[name].personal
 	}
 	return t
 }
@@ -101,9 +110,11 @@ func (t *Type[S, C, E]) Events(examples ...E) *Type[S, C, E] {
 				panic(fmt.Sprintf("aggregate: %T.SchemaVersion() is %d; schema versions start at 1", e, version))
 			}
 		}
-		if t.events.add(e, version) == ForgottenEvent {
+		name := t.events.add(e, version)
+		if name == ForgottenEvent {
 			panic(fmt.Sprintf("aggregate: the event name %q is reserved for forgetting an entity", ForgottenEvent))
 		}
+		t.personal = t.personal || t.events.byName[name].personal
 	}
 	return t
 }
@@ -295,11 +306,7 @@ func (u untyped[S, C, E]) CommandNames() []string { return u.t.commands.names() 
 func (u untyped[S, C, E]) EventNames() []string   { return u.t.events.names() }
 func (u untyped[S, C, E]) ContentType() string    { return u.t.codec.ContentType() }
 
-func (u untyped[S, C, E]) Personal() bool {
-	return u.statePersonal() || u.t.commands.personal() || u.t.events.personal()
-}
-
-func (u untyped[S, C, E]) statePersonal() bool { return HasPersonal(reflect.TypeFor[S]()) }
+func (u untyped[S, C, E]) Personal() bool { return u.t.personal }
 
 func (u untyped[S, C, E]) SealCommand(name string, data []byte, c FieldCipher) ([]byte, error) {
 	if e, ok := u.t.commands.byName[name]; !ok || !e.personal {
@@ -335,7 +342,7 @@ func (u untyped[S, C, E]) OpenEvent(name string, schemaVersion int, data []byte,
 }
 
 func (u untyped[S, C, E]) OpenState(data []byte, c FieldCipher) ([]byte, error) {
-	if !u.statePersonal() {
+	if !u.t.statePersonal {
 		return data, nil
 	}
 	s, err := u.DecodeState(data)
@@ -471,16 +478,6 @@ func (r registry) add(example any, version int) string {
 	r.byName[name] = e
 	r.byType[typ] = e
 	return name
-}
-
-// personal reports whether any registered type has personal fields.
-func (r registry) personal() bool {
-	for _, e := range r.byName {
-		if e.personal {
-			return true
-		}
-	}
-	return false
 }
 
 func (r registry) names() []string {
