@@ -291,11 +291,7 @@ func prefixEnd(p []byte) ([]byte, bool) {
 func (s *Store) Events(t Task, id string, from int64, limit int) ([]aggregate.Event, error) {
 	from = max(from, 0)
 	prefix := t.Prefix()
-	lower := join(prefix, JournalKey(id, 0))
-	upper := bytes.Clone(lower)
-	upper[len(upper)-9] = 1 // the byte after the 0x00 that ends the id
-	upper = upper[:len(upper)-8]
-	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: upper})
+	it, err := s.db.NewIter(journalRange(prefix, id))
 	if err != nil {
 		return nil, err
 	}
@@ -331,15 +327,19 @@ func (s *Store) Events(t Task, id string, from int64, limit int) ([]aggregate.Ev
 	return out, it.Error()
 }
 
+// journalRange bounds the keys of one entity's journals in a task.
+func journalRange(prefix []byte, id string) *pebble.IterOptions {
+	lower := join(prefix, JournalKey(id, 0))
+	upper := bytes.Clone(lower)
+	upper[len(upper)-9] = 1 // the byte after the 0x00 that ends the id
+	return &pebble.IterOptions{LowerBound: lower, UpperBound: upper[:len(upper)-8]}
+}
+
 // JournalKeys returns the task-relative keys of every journal of the
 // entity: what forgetting it deletes.
 func (s *Store) JournalKeys(t Task, id string) ([][]byte, error) {
 	prefix := t.Prefix()
-	lower := join(prefix, JournalKey(id, 0))
-	upper := bytes.Clone(lower)
-	upper[len(upper)-9] = 1
-	upper = upper[:len(upper)-8]
-	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: upper})
+	it, err := s.db.NewIter(journalRange(prefix, id))
 	if err != nil {
 		return nil, err
 	}
