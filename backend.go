@@ -258,16 +258,12 @@ func (b backend) State(ctx context.Context, aggregateType, id string, minVersion
 	}
 	for {
 		changed := b.n.engine.Changed(t) // before reading: no missed change
-		raw, found, err := b.getState(t, id)
+		rec, found, err := b.stateRecord(t, id)
 		if err != nil {
 			return interactive.State{}, err
 		}
 		var st interactive.State
 		if found {
-			rec, err := statestore.DecodeStateRecord(raw)
-			if err != nil {
-				return interactive.State{}, err
-			}
 			if rec.Forgotten {
 				return interactive.State{}, interactive.ErrGone
 			}
@@ -302,16 +298,12 @@ func (b backend) standbyState(t statestore.Task, id string, minVersion int64, no
 	if !ok {
 		return interactive.State{}, notOwned
 	}
-	raw, found, err := b.getState(t, id)
+	rec, found, err := b.stateRecord(t, id)
 	if err != nil {
 		return interactive.State{}, err
 	}
 	if !found {
 		return interactive.State{}, interactive.ErrNotFound
-	}
-	rec, err := statestore.DecodeStateRecord(raw)
-	if err != nil {
-		return interactive.State{}, err
 	}
 	if rec.Forgotten {
 		return interactive.State{}, interactive.ErrGone
@@ -387,17 +379,15 @@ func (b backend) Events(ctx context.Context, aggregateType, id string, from int6
 	if err != nil {
 		return nil, err
 	}
-	raw, found, err := b.getState(t, id)
+	rec, found, err := b.stateRecord(t, id)
 	if err != nil {
 		return nil, err
 	}
 	if !found && len(evs) == 0 {
 		return nil, interactive.ErrNotFound
 	}
-	if found {
-		if rec, err := statestore.DecodeStateRecord(raw); err == nil && rec.Forgotten {
-			return nil, interactive.ErrGone
-		}
+	if rec.Forgotten {
+		return nil, interactive.ErrGone
 	}
 	return b.openEvents(ctx, aggregateType, evs)
 }
@@ -412,12 +402,21 @@ func (b backend) withStore(fn func(*statestore.Store) error) error {
 	return fn(b.n.store)
 }
 
-func (b backend) getState(t statestore.Task, id string) (raw []byte, found bool, err error) {
+// stateRecord reads and decodes the state record of id (an entity or a
+// projection row); found is false when there is none.
+func (b backend) stateRecord(t statestore.Task, id string) (rec statestore.StateRecord, found bool, err error) {
+	var raw []byte
 	err = b.withStore(func(s *statestore.Store) error {
 		raw, found, err = s.Get(t, statestore.StateKey(id))
 		return err
 	})
-	return raw, found, err
+	if err != nil || !found {
+		return rec, false, err
+	}
+	if rec, err = statestore.DecodeStateRecord(raw); err != nil {
+		return rec, false, fmt.Errorf("state record of %s %q: %w", t, id, err)
+	}
+	return rec, true, nil
 }
 
 func (b backend) Ready() error {

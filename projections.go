@@ -38,16 +38,12 @@ func (b backend) ProjectionRow(ctx context.Context, name, key string) (interacti
 	if err != nil {
 		return interactive.Row{}, err
 	}
-	raw, found, err := b.getState(t, key)
+	rec, found, err := b.stateRecord(t, key)
 	if err != nil {
 		return interactive.Row{}, err
 	}
 	if !found {
 		return interactive.Row{}, interactive.ErrNotFound
-	}
-	rec, err := statestore.DecodeStateRecord(raw)
-	if err != nil {
-		return interactive.Row{}, err
 	}
 	return interactive.Row{Key: key, Version: rec.Version, Value: rec.State, UpdatedAt: rec.UpdatedAt}, nil
 }

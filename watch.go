@@ -138,13 +138,9 @@ func (f *entityFeed) serving() error {
 
 // current reads the entity's state record.
 func (f *entityFeed) current() (statestore.StateRecord, bool, error) {
-	raw, found, err := f.b.getState(f.task, f.id)
+	rec, found, err := f.b.stateRecord(f.task, f.id)
 	if err != nil || !found {
 		return statestore.StateRecord{}, false, f.storeErr(err)
-	}
-	rec, err := statestore.DecodeStateRecord(raw)
-	if err != nil {
-		return statestore.StateRecord{}, false, fmt.Errorf("state record of %s %q: %w", f.typ, f.id, err)
 	}
 	if rec.Forgotten {
 		return statestore.StateRecord{}, false, interactive.ErrGone
