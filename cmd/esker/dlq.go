@@ -73,17 +73,9 @@ esker dlq replay mailer --brokers 127.0.0.1:9092 --app shop`
 	if *limit < 0 {
 		return fs.fail(e, "--limit must be 0 (all) or more, got %d", *limit)
 	}
-	if *timeout <= 0 {
-		return fs.fail(e, "--timeout must be positive, got %v", *timeout)
-	}
-	seeds, err := parseBrokers(*brokers)
-	if err != nil {
-		return fs.fail(e, "%v", err)
-	}
-	opts := []kgo.Opt{kgo.SeedBrokers(seeds...)}
-	if err := pingKafka(e.ctx, opts, *timeout); err != nil {
-		fmt.Fprintf(e.stderr, "esker dlq: cannot reach Kafka at %s within %v: %v\n", strings.Join(seeds, ","), *timeout, err)
-		return 1
+	opts, code, ok := connectKafka(e, fs, "dlq", *brokers, *timeout)
+	if !ok {
+		return code
 	}
 	if action == "list" {
 		return dlqList(e, opts, *app, name, *limit)
@@ -155,17 +147,31 @@ func parseInterleaved(e *env, fs *flagSet, args []string) (positional []string, 
 	}
 }
 
-// pingKafka fails when no seed broker answers within timeout, so that a
-// wrong address is reported at once instead of retried forever.
-func pingKafka(ctx context.Context, opts []kgo.Opt, timeout time.Duration) error {
-	cl, err := kgo.NewClient(opts...)
-	if err != nil {
-		return err
+// connectKafka checks --timeout and --brokers, then that a seed broker
+// answers within the timeout, so that a wrong address is reported at once
+// instead of retried forever. When ok is false it has reported why and code
+// is the exit status; label names the command in the message.
+func connectKafka(e *env, fs *flagSet, label, brokers string, timeout time.Duration) (opts []kgo.Opt, code int, ok bool) {
+	if timeout <= 0 {
+		return nil, fs.fail(e, "--timeout must be positive, got %v", timeout), false
 	}
-	defer cl.Close()
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	return cl.Ping(ctx)
+	seeds, err := parseBrokers(brokers)
+	if err != nil {
+		return nil, fs.fail(e, "%v", err), false
+	}
+	opts = []kgo.Opt{kgo.SeedBrokers(seeds...)}
+	cl, err := kgo.NewClient(opts...)
+	if err == nil {
+		ctx, cancel := context.WithTimeout(e.ctx, timeout)
+		err = cl.Ping(ctx)
+		cancel()
+		cl.Close()
+	}
+	if err != nil {
+		fmt.Fprintf(e.stderr, "esker %s: cannot reach Kafka at %s within %v: %v\n", label, strings.Join(seeds, ","), timeout, err)
+		return nil, 1, false
+	}
+	return opts, 0, true
 }
 
 func dlqList(e *env, opts []kgo.Opt, app, name string, limit int) int {

@@ -146,17 +146,9 @@ esker inspect entity account alice --brokers 127.0.0.1:9092 --json`
 	if err := sideeffects.ValidateAppID(*app); err != nil {
 		return fs.fail(e, "%s", strings.TrimPrefix(err.Error(), "sideeffects: "))
 	}
-	if *timeout <= 0 {
-		return fs.fail(e, "--timeout must be positive, got %v", *timeout)
-	}
-	seeds, err := parseBrokers(*brokers)
-	if err != nil {
-		return fs.fail(e, "%v", err)
-	}
-	opts := []kgo.Opt{kgo.SeedBrokers(seeds...)}
-	if err := pingKafka(e.ctx, opts, *timeout); err != nil {
-		fmt.Fprintf(e.stderr, "esker %s: cannot reach Kafka at %s within %v: %v\n", fs.name, strings.Join(seeds, ","), *timeout, err)
-		return 1
+	opts, code, ok := connectKafka(e, fs, fs.name, *brokers, *timeout)
+	if !ok {
+		return code
 	}
 	cl, err := kgo.NewClient(opts...)
 	if err != nil {
