@@ -58,6 +58,7 @@ type taskBase struct {
 	batch          *statestore.Batch
 	changelogTopic string
 	changelogTo    atomic.Int64             // highest changelog offset written; -1 none
+	eventsTo       atomic.Int64             // highest events offset written; -1 none
 	counts         map[string]int           // outcomes, by kind
 	onEvent        func(*kgo.Record, error) // produce promises
 	onChangelog    func(*kgo.Record, error)
@@ -66,6 +67,7 @@ type taskBase struct {
 func (c *cycle) newBase(task statestore.Task) *taskBase {
 	b := &taskBase{c: c, task: task, batch: c.e.cfg.Store.NewBatch(), changelogTopic: changelog.Topic(c.e.cfg.AppID, task.Type)}
 	b.changelogTo.Store(-1)
+	b.eventsTo.Store(-1)
 	c.bases = append(c.bases, b)
 	return b
 }
@@ -462,7 +464,7 @@ func (tc *taskCycle) decide(ent *entity, cmd aggregate.Command, cmdID string) (e
 			return nil, nil, 0, fmt.Errorf("event %s is %d bytes encoded; Kafka records are limited to about %d bytes", name, len(data), maxRecordBytes)
 		}
 		version++
-		state = def.Evolve(state, ev)
+		state = evolve(def, state, ev)
 		events = append(events, aggregate.Event{
 			EntityID: id, Version: version, EventID: aggregate.EventID(def.Name(), id, version),
 			Type: name, SchemaVersion: schema, CommandID: cmdID,
@@ -658,10 +660,17 @@ func (tc *taskBase) produce(r *kgo.Record, isChangelog bool) {
 	c.wg.Add(1)
 	if tc.onEvent == nil {
 		// Promises made once per task and cycle, not per record.
-		tc.onEvent = func(_ *kgo.Record, err error) {
+		tc.onEvent = func(r *kgo.Record, err error) {
 			defer c.wg.Done()
 			if err != nil {
 				c.fail(err)
+				return
+			}
+			for {
+				cur := tc.eventsTo.Load()
+				if r.Offset <= cur || tc.eventsTo.CompareAndSwap(cur, r.Offset) {
+					break
+				}
 			}
 		}
 		tc.onChangelog = func(r *kgo.Record, err error) {
@@ -858,6 +867,11 @@ func (c *cycle) commit() error {
 	}
 	for _, pc := range c.projectionOrder {
 		pc.committed()
+	}
+	for _, tc := range c.order {
+		if off := tc.eventsTo.Load(); off >= 0 {
+			e.noteEvents(tc.task, off+1)
+		}
 	}
 	for _, tc := range c.order {
 		e.waiters.resolve(tc.outcomes)
