@@ -68,6 +68,15 @@ func startBankNode(t testing.TB, brokers []string, stateDir string, opts ...eske
 // (application "bank", 4 partitions), so they override them.
 func startTypesNode(t testing.TB, brokers []string, stateDir string, types []any, opts ...esker.Option) *testNode {
 	t.Helper()
+	tn := startTypesNodeNoWait(t, brokers, stateDir, types, opts...)
+	waitReady(t, tn)
+	return tn
+}
+
+// startTypesNodeNoWait is startTypesNode without waiting for the node to
+// be ready.
+func startTypesNodeNoWait(t testing.TB, brokers []string, stateDir string, types []any, opts ...esker.Option) *testNode {
+	t.Helper()
 	// The test server exists before the node, so the node can advertise
 	// its URL (nodes route requests to each other by it).
 	var handler atomic.Pointer[http.Handler]
@@ -110,7 +119,6 @@ func startTypesNode(t testing.TB, brokers []string, stateDir string, types []any
 	tn := &testNode{Node: n, srv: srv, cancel: cancel, done: make(chan error, 1)}
 	go func() { tn.done <- n.Run(ctx) }()
 	t.Cleanup(tn.stop)
-	waitReady(t, tn)
 	return tn
 }
 

@@ -4,6 +4,7 @@
 //	esker node     a bank demo node against any Kafka cluster
 //	esker kafka    the embedded broker alone
 //	esker bench    esker's write path against a raw Kafka transactional loop
+//	esker rebuild  rebuild an aggregate type's state from its events on every node
 //	esker version  the build's module version
 //
 // Run "esker help" or "esker <command> --help" for the flags.
@@ -50,6 +51,7 @@ func init() {
 		{"kafka", "run the embedded Kafka-protocol broker alone", runKafka},
 		{"bench", "benchmark esker against a raw Kafka transactional loop", runBench},
 		{"dlq", "list or replay the dead letters of a side-effect consumer", runDLQ},
+		{"rebuild", "rebuild an aggregate type's state from its events on every node", runRebuild},
 		{"version", "print the version of this build", runVersion},
 		{"help", "show help for esker or one of its commands", runHelp},
 	}

@@ -113,6 +113,7 @@ func TestSubcommandHelp(t *testing.T) {
 		"bench": {"-commands", "-entities", "-partitions", "-concurrency", "-latency-commands", "-runs",
 			"-cpuprofile", "-projections", "-brokers", "-log-level"},
 		"dlq":     {"-brokers", "-app", "-limit", "-timeout"},
+		"rebuild": {"-type", "-node", "-interval", "-timeout"},
 		"version": nil,
 	}
 	for _, c := range commands {
