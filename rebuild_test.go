@@ -45,7 +45,9 @@ func (ledgerCreditedV2) SchemaVersion() int { return 2 }
 // ledgerV1 folds the balance in units.
 func ledgerV1() *aggregate.Type[ledgerState, ledgerCredit, ledgerCreditedV1] {
 	return aggregate.New[ledgerState, ledgerCredit, ledgerCreditedV1]("ledger",
-		func(_ ledgerState, c ledgerCredit) ([]ledgerCreditedV1, error) { return []ledgerCreditedV1{{Amount: c.Amount}}, nil },
+		func(_ ledgerState, c ledgerCredit) ([]ledgerCreditedV1, error) {
+			return []ledgerCreditedV1{{Amount: c.Amount}}, nil
+		},
 		func(s ledgerState, e ledgerCreditedV1) ledgerState { s.Balance += e.Amount; return s },
 	).Commands(ledgerCredit{}).Events(ledgerCreditedV1{})
 }

@@ -24,8 +24,9 @@ changelog. The old state keeps serving reads and commands until the swap.
 
 The nodes are the members of the cluster map (GET /v1/cluster) of the
 --node URLs. esker rebuild starts the rebuild on each (POST
-/v1/admin/rebuild/TYPE), then shows its progress per partition (events
-replayed of total, percent, rate) until every partition is done. It exits 1
+/v1/admin/rebuild/TYPE), then shows its progress per partition (records of
+the events partition replayed of total, percent, events folded, rate) until
+every partition is done. It exits 1
 when a rebuild fails or a partition had no owner to rebuild it.
 
 A node rebuilds by itself, before it serves, when the type's state version
@@ -91,6 +92,7 @@ type rebuildStatus struct {
 		State           string  `json:"state"`
 		Replayed        int64   `json:"replayed"`
 		Total           int64   `json:"total"`
+		Events          int64   `json:"events"`
 		Percent         float64 `json:"percent"`
 		EventsPerSecond float64 `json:"eventsPerSecond"`
 		Error           string  `json:"error"`
@@ -202,6 +204,7 @@ func (c *rebuildClient) run(e *env, given []string, interval time.Duration) int 
 			state    string
 			replayed int64
 			total    int64
+			events   int64
 			percent  float64
 			rate     float64
 			err      string
@@ -222,7 +225,7 @@ func (c *rebuildClient) run(e *env, given []string, interval time.Duration) int 
 				l := line{t: w, state: "cancelled", err: "the node no longer reports this rebuild (it restarted?)"}
 				for _, p := range st.Partitions {
 					if p.Partition == w.partition && p.ID == w.id {
-						l = line{t: w, state: p.State, replayed: p.Replayed, total: p.Total, percent: p.Percent, rate: p.EventsPerSecond, err: p.Error}
+						l = line{t: w, state: p.State, replayed: p.Replayed, total: p.Total, events: p.Events, percent: p.Percent, rate: p.EventsPerSecond, err: p.Error}
 					}
 				}
 				if l.state != "running" && l.state != "swapping" {
@@ -232,11 +235,13 @@ func (c *rebuildClient) run(e *env, given []string, interval time.Duration) int 
 			}
 		}
 		slices.SortFunc(lines, func(a, b line) int { return int(a.t.partition - b.t.partition) })
-		var replayed, total int64
+		var replayed, total, events int64
 		for _, l := range lines {
 			replayed += l.replayed
 			total += l.total
-			msg := fmt.Sprintf("  %s/%d  %-9s %d/%d events  %5.1f%%  %.0f events/s", c.typ, l.t.partition, l.state, l.replayed, l.total, l.percent, l.rate)
+			events += l.events
+			msg := fmt.Sprintf("  %s/%d  %-9s %d/%d records  %5.1f%%  %d events folded  %.0f events/s",
+				c.typ, l.t.partition, l.state, l.replayed, l.total, l.percent, l.events, l.rate)
 			if l.err != "" && l.state != "done" {
 				msg += "  (" + l.err + ")"
 			}
@@ -246,8 +251,8 @@ func (c *rebuildClient) run(e *env, given []string, interval time.Duration) int 
 		if total > 0 {
 			pct = 100 * float64(replayed) / float64(total)
 		}
-		fmt.Fprintf(e.stdout, "%s: %d/%d events  %.1f%%  %d of %d partitions done  (%s)\n",
-			c.typ, replayed, total, pct, ended, len(lines), time.Since(start).Round(time.Second))
+		fmt.Fprintf(e.stdout, "%s: %d/%d records  %.1f%%  %d events folded  %d of %d partitions done  (%s)\n",
+			c.typ, replayed, total, pct, events, ended, len(lines), time.Since(start).Round(time.Second))
 		if ended == len(lines) {
 			var failed []string
 			for _, l := range lines {
@@ -262,7 +267,7 @@ func (c *rebuildClient) run(e *env, given []string, interval time.Duration) int 
 				fmt.Fprintf(e.stderr, "esker rebuild: %d partition(s) not rebuilt:\n  %s\n", len(failed), strings.Join(failed, "\n  "))
 				return 1
 			}
-			fmt.Fprintf(e.stdout, "rebuild of %s done: %d partition(s), %d events\n", c.typ, len(lines), replayed)
+			fmt.Fprintf(e.stdout, "rebuild of %s done: %d partition(s), %d events\n", c.typ, len(lines), events)
 			return 0
 		}
 		select {

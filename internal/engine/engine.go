@@ -354,6 +354,11 @@ func (e *Engine) runSession(ctx context.Context) error {
 		e.pollMu.Lock()
 		e.cancelPoll = cancel
 		e.pollMu.Unlock()
+		if e.swapsQueued() {
+			// A rebuild asked before this poll could be cancelled
+			// (wakeRunLoop): serve it at once.
+			cancel()
+		}
 		if e.needReset.Swap(false) {
 			if _, err := sess.End(ctx, false); err != nil {
 				e.log.Warn("resetting the transactional session after a revocation", "err", err)

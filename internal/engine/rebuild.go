@@ -607,6 +607,12 @@ func (e *Engine) wakeRunLoop() {
 	}
 }
 
+func (e *Engine) swapsQueued() bool {
+	e.rebuildMu.Lock()
+	defer e.rebuildMu.Unlock()
+	return len(e.swaps) > 0
+}
+
 // runSwaps serves the swap requests of rebuilds. It runs on the run loop
 // between cycles. It returns an error only when the node cannot go on.
 func (e *Engine) runSwaps(sess session) error {
