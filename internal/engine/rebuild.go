@@ -616,6 +616,12 @@ func (e *Engine) swapsQueued() bool {
 // runSwaps serves the swap requests of rebuilds. It runs on the run loop
 // between cycles. It returns an error only when the node cannot go on.
 func (e *Engine) runSwaps(sess session) error {
+	if e.needReset.Load() {
+		// A revocation is pending: a transaction now would be aborted.
+		// The loop resets the session first, then comes back (the queue
+		// makes it skip its poll).
+		return nil
+	}
 	e.rebuildMu.Lock()
 	queue := e.swaps
 	e.swaps = nil
