@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/esker-io/esker"
 	"github.com/esker-io/esker/aggregate"
 	"github.com/esker-io/esker/internal/engine"
 	"github.com/esker-io/esker/statestore"
@@ -341,4 +342,58 @@ func TestRebuildOnline(t *testing.T) {
 
 	n3 := startTypesNode(t, brokers, t.TempDir(), []any{ledgerV2(1)})
 	book.check(t, n3)
+}
+
+// TestRebuildReachesStandbys: the rebuilt state and its version travel on
+// the changelog to the standby copies: a standby promoted after the rebuild
+// serves the new fold without rebuilding.
+func TestRebuildReachesStandbys(t *testing.T) {
+	cluster := newCluster(t)
+	brokers := cluster.ListenAddrs()
+	dirA := t.TempDir()
+	var book ledgerBook
+	opts := []esker.Option{esker.Partitions(2), esker.StandbyReplicas(1)}
+
+	n1 := startTypesNode(t, brokers, dirA, []any{ledgerV1()}, opts...)
+	for i := range 10 {
+		book.credit(t, n1, fmt.Sprintf("acct-%d", i), i+1)
+		book.credit(t, n1, fmt.Sprintf("acct-%d", i), 2*i+1)
+	}
+	n1.stop()
+
+	a := startTypesNode(t, brokers, dirA, []any{ledgerV2(2)}, opts...)
+	b := startTypesNode(t, brokers, t.TempDir(), []any{ledgerV2(2)}, opts...)
+	waitSettled(t, []*testNode{a, b})
+	waitReady(t, a)
+	waitReady(t, b)
+	book.check(t, a)
+
+	var p int32 = -1
+	for q, url := range clusterOwners(httpClient, a.srv.URL) {
+		if url == a.srv.URL {
+			p = q
+		}
+	}
+	if p < 0 {
+		t.Fatal("a owns no partition")
+	}
+	waitUntil(t, "b's standby copy to catch up", func() bool { return standbyCaughtUp(t, b, p) })
+
+	rebuilds := countRebuilds(t)
+	a.stop()
+	waitUntil(t, "b to serve every partition", func() bool { return b.Ready() == nil && ownsAll(b, 2) })
+	book.check(t, b)
+	if n := rebuilds.Load(); n != 0 {
+		t.Errorf("the promoted standby rebuilt %d partitions", n)
+	}
+}
+
+func ownsAll(tn *testNode, partitions int32) bool {
+	owners := clusterOwners(httpClient, tn.srv.URL)
+	for p := range partitions {
+		if owners[p] != tn.srv.URL {
+			return false
+		}
+	}
+	return true
 }
