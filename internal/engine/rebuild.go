@@ -414,6 +414,7 @@ func (r *rebuild) attempt() error {
 		if err := r.ctx.Err(); err != nil {
 			return err
 		}
+		r.e.log.Debug("rebuild asks for the swap", "task", r.task.String())
 		r.e.rebuildMu.Lock()
 		r.e.swaps = append(r.e.swaps, r)
 		r.e.rebuildMu.Unlock()
@@ -662,6 +663,7 @@ func (e *Engine) swap(sess session, r *rebuild) (answer, fatalErr error) {
 		}
 		cancel()
 	}
+	swapStart := time.Now()
 	r.update(func(s *RebuildStatus) { s.State = RebuildSwapping })
 	defer r.update(func(s *RebuildStatus) {
 		if s.State == RebuildSwapping {
@@ -775,6 +777,7 @@ func (e *Engine) swap(sess session, r *rebuild) (answer, fatalErr error) {
 	if err != nil {
 		return err, storeError{fmt.Errorf("swapping the rebuilt state of %s into the store after writing it to the changelog: %w", t, err)}
 	}
+	e.log.Debug("rebuild swapped", "task", t.String(), "records", len(records), "took", time.Since(swapStart))
 	r.update(func(s *RebuildStatus) { s.State = RebuildDone })
 	if !r.online {
 		// Serve the task: mark it restored and fetch its commands.
