@@ -714,8 +714,12 @@ func (e *Engine) swap(sess session, r *rebuild) (answer, fatalErr error) {
 	topic := changelog.Topic(e.cfg.AppID, t.Type)
 	var last atomic.Int64
 	last.Store(-1)
+	wrote := false // some transaction committed (or may have)
 	for chunk := range slices.Chunk(records, swapChunk) {
 		if err := sess.Begin(); err != nil {
+			if wrote {
+				e.restoreAgain(sess.Client(), []statestore.Task{t})
+			}
 			return fmt.Errorf("rebuild: begin a transaction: %w", err), fatal(err, e.cfg.TransactionalID)
 		}
 		var wg sync.WaitGroup
@@ -741,17 +745,27 @@ func (e *Engine) swap(sess session, r *rebuild) (answer, fatalErr error) {
 		failed := errors.Join(produceErr, flushErr)
 		committed, err := sess.End(ctx, failed == nil)
 		cancel()
-		if err != nil || !committed {
-			if err == nil {
-				err = failed
-			}
-			if err == nil {
-				err = errors.New("the transaction was aborted")
-			}
-			// The changelog may now say "mixed" (version 0): a restore
-			// from it rebuilds. This store keeps the old generation.
-			return fmt.Errorf("rebuild: write the rebuilt state to the changelog: %w", err), fatal(err, e.cfg.TransactionalID)
+		if committed {
+			wrote = true
+			continue
 		}
+		if err != nil && failed == nil {
+			wrote = true // unknown outcome: the broker may have committed it
+		}
+		if err == nil {
+			err = failed
+		}
+		if err == nil {
+			err = errors.New("the transaction was aborted")
+		}
+		if wrote {
+			// The changelog may now say "mixed" (version 0) or even hold
+			// the whole new fold, while this store holds the old one:
+			// restore the task from the changelog, as after a cycle of
+			// unknown outcome; a restore that finds version 0 rebuilds.
+			e.restoreAgain(sess.Client(), []statestore.Task{t})
+		}
+		return fmt.Errorf("rebuild: write the rebuilt state to the changelog: %w", err), fatal(err, e.cfg.TransactionalID)
 	}
 
 	// The store: the new generation in place of the old, atomically.
