@@ -399,3 +399,30 @@ func ownsAll(tn *testNode, partitions int32) bool {
 	}
 	return true
 }
+
+// TestRebuildAtLeastOnce: the rebuild works the same without transactions.
+func TestRebuildAtLeastOnce(t *testing.T) {
+	cluster := newCluster(t)
+	brokers := cluster.ListenAddrs()
+	dir := t.TempDir()
+	var book ledgerBook
+	alo := esker.ProcessingGuarantee(esker.AtLeastOnce)
+
+	n1 := startTypesNode(t, brokers, dir, []any{ledgerV1()}, alo)
+	for i := range 8 {
+		book.credit(t, n1, fmt.Sprintf("acct-%d", i), i+1)
+		book.credit(t, n1, fmt.Sprintf("acct-%d", i), 3)
+	}
+	n1.stop()
+
+	n2 := startTypesNode(t, brokers, dir, []any{ledgerV2(2)}, alo) // ready once rebuilt
+	book.check(t, n2)
+	if v, _ := metricValue(t, n2.Node, "esker_rebuild_events_total", "type", "ledger"); v != 16 {
+		t.Errorf("esker_rebuild_events_total = %v, want 16", v)
+	}
+	book.credit(t, n2, "acct-1", 4)
+	n2.stop()
+
+	n3 := startTypesNode(t, brokers, t.TempDir(), []any{ledgerV2(2)}, alo)
+	book.check(t, n3)
+}
