@@ -131,6 +131,9 @@ func (b backend) task(aggregateType, id string) (statestore.Task, error) {
 			RetryAfter: time.Second,
 		}
 	case !restored:
+		if s, rebuilding := eng.TaskRebuild(t); rebuilding && !s.Online {
+			return t, rebuildingError(s)
+		}
 		return t, &interactive.NotReadyError{
 			Reason:     fmt.Sprintf("partition %d of %s is restoring its state", t.Partition, aggregateType),
 			RetryAfter: time.Second,

@@ -123,6 +123,15 @@ func startBankNode(t testing.TB, brokers []string, stateDir string, opts ...eske
 // (application "bank", 4 partitions), so they override them.
 func startTypesNode(t testing.TB, brokers []string, stateDir string, types []any, opts ...esker.Option) *testNode {
 	t.Helper()
+	tn := startTypesNodeNoWait(t, brokers, stateDir, types, opts...)
+	waitReady(t, tn)
+	return tn
+}
+
+// startTypesNodeNoWait is startTypesNode without waiting for the node to
+// be ready.
+func startTypesNodeNoWait(t testing.TB, brokers []string, stateDir string, types []any, opts ...esker.Option) *testNode {
+	t.Helper()
 	// The test server exists before the node, so the node can advertise
 	// its URL (nodes route requests to each other by it).
 	var handler atomic.Pointer[http.Handler]
@@ -166,7 +175,6 @@ func startTypesNode(t testing.TB, brokers []string, stateDir string, types []any
 	tn := &testNode{Node: n, srv: srv, cancel: cancel, done: make(chan error, 1)}
 	go func() { tn.done <- n.Run(ctx) }()
 	t.Cleanup(tn.stop)
-	waitReady(t, tn)
 	return tn
 }
 
@@ -383,3 +391,15 @@ func stringsReader(s string) io.Reader { return bytes.NewBufferString(s) }
 func jsonDecode(r io.Reader, v any) error { return json.NewDecoder(r).Decode(v) }
 
 var httpClient = &http.Client{Timeout: 10 * time.Second}
+
+// waitUntil polls cond every 20 ms for up to 30 s.
+func waitUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

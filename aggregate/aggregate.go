@@ -39,19 +39,37 @@ type Type[S, C, E any] struct {
 	// fields tagged esker:"pii" (kept as types are registered: the engine
 	// asks on every entity it loads).
 	personal, statePersonal bool
+	// stateVersion names the fold: see StateVersion.
+	stateVersion int
 }
 
 // Option configures a Type.
 type Option func(*options)
 
 type options struct {
-	codec Codec
+	codec        Codec
+	stateVersion int
 }
 
 // WithCodec sets the codec used for event payloads and state snapshots.
 // The default is JSON. Commands on the commands topic are always JSON
 // envelopes so that any client can produce them.
 func WithCodec(c Codec) Option { return func(o *options) { o.codec = c } }
+
+// StateVersion sets the version of the type's fold (its evolve function and
+// state shape); the default is 1. Bump it whenever evolve changes the state
+// it computes from the same events: every node records, per partition, the
+// version its stored state was folded with (and writes it to the changelog),
+// and a node that finds stored state of another version refuses to serve it
+// (503, "rebuilding") until it has rebuilt the partition's state by
+// replaying "<name>-events" through the new evolve. StateVersion panics on
+// n < 1, a programming error found at start-up.
+func StateVersion(n int) Option {
+	if n < 1 {
+		panic(fmt.Sprintf("aggregate: StateVersion(%d): state versions start at 1", n))
+	}
+	return func(o *options) { o.stateVersion = n }
+}
 
 var namePattern = regexp.MustCompile(`^[a-z][a-z0-9-]{0,62}$`)
 
@@ -66,7 +84,7 @@ func New[S, C, E any](name string, decide Decide[S, C, E], evolve Evolve[S, E], 
 	if decide == nil || evolve == nil {
 		panic("aggregate: New needs a decide and an evolve function")
 	}
-	o := options{codec: JSON{}}
+	o := options{codec: JSON{}, stateVersion: 1}
 	for _, opt := range opts {
 		opt(&o)
 	}
@@ -81,6 +99,7 @@ func New[S, C, E any](name string, decide Decide[S, C, E], evolve Evolve[S, E], 
 		codec:         o.codec,
 		commands:      newRegistry(),
 		events:        newRegistry(),
+		stateVersion:  o.stateVersion,
 	}
 }
 
@@ -192,6 +211,10 @@ func (t *Type[S, C, E]) upcast(name string, schemaVersion int, data []byte) (int
 // Name returns the aggregate type's name.
 func (t *Type[S, C, E]) Name() string { return t.name }
 
+// StateVersion returns the version of the type's fold (see the
+// StateVersion option).
+func (t *Type[S, C, E]) StateVersion() int { return t.stateVersion }
+
 // CommandNames lists the registered command type names, sorted.
 func (t *Type[S, C, E]) CommandNames() []string { return t.commands.names() }
 
@@ -289,6 +312,8 @@ type Definition interface {
 	OpenEvent(name string, schemaVersion int, data []byte, c FieldCipher) (int, []byte, error)
 	// OpenState returns an encoded state with its personal fields opened.
 	OpenState(data []byte, c FieldCipher) ([]byte, error)
+	// StateVersion is the version of the fold (the StateVersion option).
+	StateVersion() int
 }
 
 // Errors returned when decoding commands; the HTTP layer maps them to 4xx.
@@ -305,6 +330,7 @@ func (u untyped[S, C, E]) NewState() any          { return u.t.initial() }
 func (u untyped[S, C, E]) CommandNames() []string { return u.t.commands.names() }
 func (u untyped[S, C, E]) EventNames() []string   { return u.t.events.names() }
 func (u untyped[S, C, E]) ContentType() string    { return u.t.codec.ContentType() }
+func (u untyped[S, C, E]) StateVersion() int      { return u.t.stateVersion }
 
 func (u untyped[S, C, E]) Personal() bool { return u.t.personal }
 

@@ -13,6 +13,12 @@
 //	'm' 0x00 "commands"           the task's command offset: the offset after
 //	                              the last command whose effects the store
 //	                              holds (8 bytes, big-endian); one key per task.
+//	'm' 0x00 "stateversion"       the aggregate's state version the state records
+//	                              were folded with (8 bytes; absent: 1). A
+//	                              rebuild writes 0 first, then every rebuilt
+//	                              state record, then the new version: the newest
+//	                              record wins, so a copy restored from an
+//	                              interrupted rebuild knows its state is mixed.
 //
 // A journal key is unique, so compaction never drops one: the journals are
 // the entity's stream index and the idempotency memory. Apply stores both
@@ -64,10 +70,10 @@ func Apply(b *statestore.Batch, t statestore.Task, key, value []byte) error {
 	}
 	switch key[0] {
 	case statestore.KindMeta:
-		// The only metadata a changelog carries are the command offset
-		// and a projection's input offsets (the checkpoint is local: it is
-		// the changelog's own offset).
-		if !bytes.Equal(key, statestore.CommandOffsetKey) && !statestore.IsInputOffsetKey(key) || len(value) != 8 {
+		// The only metadata a changelog carries are the command offset,
+		// the state version and a projection's input offsets (the
+		// checkpoint is local: it is the changelog's own offset).
+		if !bytes.Equal(key, statestore.CommandOffsetKey) && !bytes.Equal(key, statestore.StateVersionKey) && !statestore.IsInputOffsetKey(key) || len(value) != 8 {
 			return fmt.Errorf("changelog: task %s: malformed metadata record %q", t, key)
 		}
 		return b.Set(t, key, value)

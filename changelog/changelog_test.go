@@ -2,6 +2,7 @@ package changelog_test
 
 import (
 	"bytes"
+	"encoding/binary"
 	"fmt"
 	"strings"
 	"testing"
@@ -334,5 +335,32 @@ func TestApplyRejectsJournalOfInvalidEntityID(t *testing.T) {
 			t.Errorf("Apply of a journal of the invalid entity id %q: no error", id)
 		}
 		b.Discard()
+	}
+}
+
+// TestApplyStateVersion: the state version travels on the changelog; the
+// newest record wins, and a store without one reads version 1.
+func TestApplyStateVersion(t *testing.T) {
+	s := newStore(t)
+	task := statestore.Task{Type: "account", Partition: 1}
+	if v, err := s.StateVersion(task); err != nil || v != 1 {
+		t.Fatalf("no state version recorded: %d, %v; want 1", v, err)
+	}
+	b := s.NewBatch()
+	for _, v := range []uint64{0, 3} {
+		if err := changelog.Apply(b, task, statestore.StateVersionKey, binary.BigEndian.AppendUint64(nil, v)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := b.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if v, err := s.StateVersion(task); err != nil || v != 3 {
+		t.Fatalf("state version %d, %v; want 3", v, err)
+	}
+	b = s.NewBatch()
+	defer b.Discard()
+	if err := changelog.Apply(b, task, statestore.StateVersionKey, []byte{1, 2}); err == nil {
+		t.Error("a malformed state version was applied")
 	}
 }

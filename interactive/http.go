@@ -121,6 +121,8 @@ func Logger(l *slog.Logger) HandlerOption {
 //	GET  /v1/projections/{name}/{key}          one projection row (Backend implements Projections)
 //	GET  /v1/projections/{name}                rows in key order (?prefix=&after=&limit=)
 //	GET  /v1/cluster                           the cluster map (with Routing)
+//	POST /v1/admin/rebuild/{type}              rebuild the type's state from its events on this node (Backend implements Rebuilder)
+//	GET  /v1/admin/rebuild/{type}              that rebuild's progress, per partition
 //	GET  /healthz                              liveness: always 200
 //	GET  /readyz                               readiness: b.Ready()
 //	GET  /metrics                              the Metrics handler, if any
@@ -188,6 +190,8 @@ func NewHandler(b Backend, opts ...HandlerOption) http.Handler {
 	r.Get("/v1/streams/{type}", newSSERoutes(a).stream)
 	r.Get("/v1/projections/{name}/{key}", a.projectionRow)
 	r.Get("/v1/projections/{name}", a.projectionRows)
+	r.Post("/v1/admin/rebuild/{type}", a.startRebuild)
+	r.Get("/v1/admin/rebuild/{type}", a.rebuildStatus)
 	if a.rt != nil {
 		r.Get("/v1/cluster", a.cluster)
 	}

@@ -169,6 +169,26 @@ var checkpointKey = []byte{KindMeta, 0, 'c', 'h', 'e', 'c', 'k', 'p', 'o', 'i', 
 // the task knows which commands it has processed.
 var CommandOffsetKey = []byte{KindMeta, 0, 'c', 'o', 'm', 'm', 'a', 'n', 'd', 's'}
 
+// StateVersionKey is the key of the state version a task's state records
+// were folded with (aggregate.StateVersion; 8 bytes big-endian). Like the
+// command offset it travels on the changelog, so a copy restored from it
+// knows the fold of the state it holds. Absent means version 1; 0 means
+// unknown (a rebuild began writing to the changelog and did not finish).
+var StateVersionKey = []byte{KindMeta, 0, 's', 't', 'a', 't', 'e', 'v', 'e', 'r', 's', 'i', 'o', 'n'}
+
+// StateVersion returns the state version a task's state was folded with: 1
+// when none is recorded.
+func (s *Store) StateVersion(t Task) (int64, error) {
+	v, ok, err := s.Get(t, StateVersionKey)
+	if err != nil || !ok {
+		return 1, err
+	}
+	if len(v) != 8 {
+		return 0, fmt.Errorf("statestore: task %s: corrupt state version", t)
+	}
+	return int64(binary.BigEndian.Uint64(v)), nil
+}
+
 func join(prefix, key []byte) []byte {
 	out := make([]byte, 0, len(prefix)+len(key))
 	return append(append(out, prefix...), key...)
@@ -359,6 +379,16 @@ func (s *Store) DropTask(t Task) error {
 	return s.db.DeleteRange(p, end, pebble.NoSync)
 }
 
+// DropTypes deletes every key of every task whose type starts with prefix.
+func (s *Store) DropTypes(prefix string) error {
+	lower := append([]byte{'t', 0}, prefix...)
+	upper, ok := prefixEnd(lower)
+	if !ok {
+		return errors.New("statestore: no upper bound for the prefix")
+	}
+	return s.db.DeleteRange(lower, upper, pebble.NoSync)
+}
+
 // Batch stages writes to one or more tasks; nothing is visible until Commit.
 type Batch struct {
 	b *pebble.Batch
@@ -375,6 +405,21 @@ func (b *Batch) Set(t Task, key, value []byte) error {
 // Delete stages a deletion of a task-relative key.
 func (b *Batch) Delete(t Task, key []byte) error {
 	return b.b.Delete(join(t.Prefix(), key), nil)
+}
+
+// DeleteStates stages the deletion of every state record of a task (its
+// 's' keys; nothing else). Writes staged after it in the batch survive it.
+func (b *Batch) DeleteStates(t Task) error {
+	p := t.Prefix()
+	return b.b.DeleteRange(join(p, []byte{KindState, 0}), join(p, []byte{KindState, 1}), nil)
+}
+
+// DropTask stages the deletion of every key of a task, checkpoint included.
+func (b *Batch) DropTask(t Task) error {
+	p := t.Prefix()
+	end := bytes.Clone(p)
+	end[len(end)-1] = 1
+	return b.b.DeleteRange(p, end, nil)
 }
 
 // SetCheckpoint stages the task's next changelog offset.

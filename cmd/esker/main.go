@@ -6,6 +6,7 @@
 //	esker bench    esker's write path against a raw Kafka transactional loop
 //	esker dlq      dead letters of a side-effect consumer
 //	esker inspect  an application's topics, consumer group and entities, read from Kafka
+//	esker rebuild  rebuild an aggregate type's state from its events on every node
 //	esker version  the build's module version
 //
 // Run "esker help" or "esker <command> --help" for the flags.
@@ -53,6 +54,7 @@ func init() {
 		{"bench", "benchmark esker against a raw Kafka transactional loop", runBench},
 		{"dlq", "list or replay the dead letters of a side-effect consumer", runDLQ},
 		{"inspect", "show an application's topics, consumer group or one entity, read from Kafka", runInspect},
+		{"rebuild", "rebuild an aggregate type's state from its events on every node", runRebuild},
 		{"version", "print the version of this build", runVersion},
 		{"help", "show help for esker or one of its commands", runHelp},
 	}

@@ -120,6 +120,7 @@ func TestSubcommandHelp(t *testing.T) {
 			"-cpuprofile", "-projections", "-brokers", "-log-level"},
 		"dlq":     {"-brokers", "-app", "-limit", "-timeout"},
 		"inspect": {"-brokers", "-app", "-json", "-timeout"},
+		"rebuild": {"-type", "-node", "-interval", "-timeout"},
 		"version": nil,
 	}
 	for _, c := range commands {

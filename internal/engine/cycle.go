@@ -58,6 +58,7 @@ type taskBase struct {
 	batch          *statestore.Batch
 	changelogTopic string
 	changelogTo    atomic.Int64             // highest changelog offset written; -1 none
+	eventsTo       atomic.Int64             // highest events offset written; -1 none
 	counts         map[string]int           // outcomes, by kind
 	onEvent        func(*kgo.Record, error) // produce promises
 	onChangelog    func(*kgo.Record, error)
@@ -66,6 +67,7 @@ type taskBase struct {
 func (c *cycle) newBase(task statestore.Task) *taskBase {
 	b := &taskBase{c: c, task: task, batch: c.e.cfg.Store.NewBatch(), changelogTopic: changelog.Topic(c.e.cfg.AppID, task.Type)}
 	b.changelogTo.Store(-1)
+	b.eventsTo.Store(-1)
 	c.bases = append(c.bases, b)
 	return b
 }
@@ -502,7 +504,7 @@ func (tc *taskCycle) decide(ent *entity, cmd aggregate.Command, cmdID string) (e
 			return nil, nil, 0, fmt.Errorf("event %s is %d bytes encoded; Kafka records are limited to about %d bytes", name, len(data), maxRecordBytes)
 		}
 		version++
-		state = def.Evolve(state, ev)
+		state = evolve(def, state, ev)
 		events = append(events, aggregate.Event{
 			EntityID: id, Version: version, EventID: aggregate.EventID(def.Name(), id, version),
 			Type: name, SchemaVersion: schema, CommandID: cmdID,
@@ -511,19 +513,6 @@ func (tc *taskCycle) decide(ent *entity, cmd aggregate.Command, cmdID string) (e
 		})
 	}
 	return events, state, version, nil
-}
-
-// encodeState encodes an entity's state for the store and the changelog,
-// its personal fields sealed.
-func (tc *taskCycle) encodeState(ent *entity, state any) ([]byte, error) {
-	if ent != nil && ent.cipher != nil {
-		sealed, err := aggregate.SealPersonal(state, ent.cipher)
-		if err != nil {
-			return nil, fmt.Errorf("seal personal fields: %w", err)
-		}
-		state = sealed
-	}
-	return tc.def.EncodeState(state)
 }
 
 // forget forgets an entity (the Forget command): it writes the plain
@@ -556,8 +545,8 @@ func (tc *taskCycle) forget(ent *entity, cmd aggregate.Command, cmdID string) ag
 			tc.produce(r, false)
 		}
 	}
-	ent.state, ent.version, ent.updatedAt = tc.def.NewState(), ev.Version, now
-	ent.dirty, ent.forgotten, ent.forgetNow = true, true, true
+	ent.markForgotten(tc.def, ev.Version, now)
+	ent.forgetNow = true
 	ent.journal.Events = nil // this cycle's events of the entity go too
 	return ev
 }
@@ -580,7 +569,7 @@ func (tc *taskCycle) dropJournals(ent *entity) {
 
 // checkStateSize rejects a command whose new state is too large to write.
 func (tc *taskCycle) checkStateSize(id string, state any) error {
-	data, err := tc.encodeState(tc.entities[id], state)
+	data, err := tc.entities[id].encodeState(tc.def, state)
 	if err != nil {
 		return fmt.Errorf("cannot encode the new state: %w", err)
 	}
@@ -680,12 +669,25 @@ func (tc *taskCycle) entity(id string) (*entity, error) {
 	if ent, ok := tc.entities[id]; ok {
 		return ent, nil
 	}
+	ent, err := loadEntity(tc.c.ctx, tc.c.e.cfg.Store, tc.c.e.cfg.Keys, tc.task, tc.def, id)
+	if err != nil {
+		return nil, err
+	}
+	tc.entities[id] = ent
+	tc.order = append(tc.order, ent)
+	return ent, nil
+}
+
+// loadEntity reads an entity from task t of the store: its state decoded
+// by def with its personal fields opened (keys nil: none), its version, or
+// its forgotten marker. The write path and the rebuild load entities alike.
+func loadEntity(ctx context.Context, store *statestore.Store, keys Keys, t statestore.Task, def aggregate.Definition, id string) (*entity, error) {
 	ent := &entity{id: id}
-	decode := tc.def.DecodeState
-	if keys := tc.c.e.cfg.Keys; keys != nil && tc.def.Personal() {
-		ent.cipher = keys.Cipher(tc.c.ctx, tc.task.Type, id)
+	decode := def.DecodeState
+	if keys != nil && def.Personal() {
+		ent.cipher = keys.Cipher(ctx, def.Name(), id)
 		decode = func(b []byte) (any, error) {
-			s, err := tc.def.DecodeState(b)
+			s, err := def.DecodeState(b)
 			if err != nil {
 				return nil, err
 			}
@@ -693,13 +695,43 @@ func (tc *taskCycle) entity(id string) (*entity, error) {
 		}
 	}
 	var err error
-	ent.state, ent.version, ent.updatedAt, ent.forgotten, err = loadState(tc.c.e.cfg.Store, tc.task, id, tc.def.NewState, decode)
+	ent.state, ent.version, ent.updatedAt, ent.forgotten, err = loadState(store, t, id, def.NewState, decode)
 	if err != nil {
 		return nil, err
 	}
-	tc.entities[id] = ent
-	tc.order = append(tc.order, ent)
 	return ent, nil
+}
+
+// encodeState encodes a state of the entity for the store and the
+// changelog, its personal fields sealed.
+func (ent *entity) encodeState(def aggregate.Definition, state any) ([]byte, error) {
+	if ent.cipher != nil {
+		sealed, err := aggregate.SealPersonal(state, ent.cipher)
+		if err != nil {
+			return nil, fmt.Errorf("seal personal fields: %w", err)
+		}
+		state = sealed
+	}
+	return def.EncodeState(state)
+}
+
+// stateRecord is the entity's state record as stored and written to the
+// changelog: its sealed state, or the forgotten marker.
+func (ent *entity) stateRecord(def aggregate.Definition) (statestore.StateRecord, error) {
+	rec := statestore.StateRecord{Version: ent.version, UpdatedAt: ent.updatedAt, Forgotten: ent.forgotten}
+	if ent.forgotten {
+		return rec, nil
+	}
+	var err error
+	rec.State, err = ent.encodeState(def, ent.state)
+	return rec, err
+}
+
+// markForgotten makes the entity forgotten at version (its Forgotten event)
+// and time at: the zero state, and a forgotten marker once written.
+func (ent *entity) markForgotten(def aggregate.Definition, version int64, at time.Time) {
+	ent.state, ent.version, ent.updatedAt = def.NewState(), version, at
+	ent.dirty, ent.forgotten = true, true
 }
 
 // loadState reads the state record of an entity (or a projection row) and
@@ -778,10 +810,17 @@ func (tc *taskBase) produce(r *kgo.Record, isChangelog bool) {
 	c.wg.Add(1)
 	if tc.onEvent == nil {
 		// Promises made once per task and cycle, not per record.
-		tc.onEvent = func(_ *kgo.Record, err error) {
+		tc.onEvent = func(r *kgo.Record, err error) {
 			defer c.wg.Done()
 			if err != nil {
 				c.fail(err)
+				return
+			}
+			for {
+				cur := tc.eventsTo.Load()
+				if r.Offset <= cur || tc.eventsTo.CompareAndSwap(cur, r.Offset) {
+					break
+				}
 			}
 		}
 		tc.onChangelog = func(r *kgo.Record, err error) {
@@ -823,27 +862,21 @@ func (tc *taskCycle) stageChangelog() {
 		if ent.forgetNow {
 			tc.dropJournals(ent)
 		}
-		if ent.dirty && ent.forgotten {
-			k, v := changelog.StateRecord(ent.id, statestore.StateRecord{Version: ent.version, UpdatedAt: ent.updatedAt, Forgotten: true})
-			tc.produce(&kgo.Record{Topic: topic, Partition: tc.task.Partition, Key: k, Value: v}, true)
-			if err := tc.batch.Set(tc.task, k, v); err != nil {
-				tc.c.fail(err)
-			}
-		} else if ent.dirty {
-			state, err := tc.encodeState(ent, ent.state)
+		if ent.dirty {
+			rec, err := ent.stateRecord(tc.def)
 			if err != nil {
 				tc.c.fail(fmt.Errorf("encode state of %s %q: %w", tc.task.Type, ent.id, err))
 				return
 			}
-			if len(state) > maxRecordBytes {
+			if len(rec.State) > maxRecordBytes {
 				// No retry can write it: abort, and have the retried cycle
 				// check this entity's size per command.
-				err := tc.stateTooLarge(ent.id, len(state))
+				err := tc.stateTooLarge(ent.id, len(rec.State))
 				tc.c.e.guard(tc.task, ent.id, err.Error())
 				tc.c.fail(err)
 				return
 			}
-			k, v := changelog.StateRecord(ent.id, statestore.StateRecord{Version: ent.version, UpdatedAt: ent.updatedAt, State: state})
+			k, v := changelog.StateRecord(ent.id, rec)
 			tc.produce(&kgo.Record{Topic: topic, Partition: tc.task.Partition, Key: k, Value: v}, true)
 			if err := tc.batch.Set(tc.task, k, v); err != nil {
 				tc.c.fail(err)
@@ -991,6 +1024,9 @@ func (c *cycle) commit() error {
 	for _, tc := range c.order {
 		if tc.end >= 0 {
 			e.progress.report(tc.task, max(tc.end-tc.nextCommand, 0), 0)
+		}
+		if off := tc.eventsTo.Load(); off >= 0 {
+			e.noteEvents(tc.task, off+1)
 		}
 		e.waiters.resolve(tc.outcomes)
 	}

@@ -152,6 +152,15 @@ type Engine struct {
 
 	guardMu sync.Mutex
 	guarded map[entityKey]bool // entities whose state size is checked per command
+
+	// Rebuilds (rebuild.go), guarded by rebuildMu (taken after mu, never
+	// held while waiting).
+	rebuildMu   sync.Mutex
+	rebuilds    map[statestore.Task]*rebuild // running
+	rebuildLast map[statestore.Task]*rebuild // the newest, running or finished
+	rebuildSeq  int64
+	swaps       []*rebuild                // waiting for the run loop
+	eventsEnd   map[statestore.Task]int64 // after the last event a committed cycle wrote
 }
 
 type entityKey struct {
@@ -181,6 +190,9 @@ func (e *Engine) isGuarded(t statestore.Task, id string) bool {
 
 type taskState struct {
 	restored bool
+	// rebuilding: restored, but its state was folded with another state
+	// version; not served until its rebuild swaps (rebuild.go).
+	rebuilding bool
 }
 
 // New validates cfg and returns an engine; Run starts it.
@@ -278,6 +290,7 @@ func (e *Engine) Run(ctx context.Context) error {
 	progressDone := make(chan struct{})
 	go func() { defer close(progressDone); e.progress.run(progressCtx) }()
 	defer func() { stopProgress(); <-progressDone }()
+	e.dropStaging()
 	if e.cfg.StateCleanupDelay > 0 {
 		cleanupCtx, stopCleanup := context.WithCancel(context.Background())
 		done := make(chan struct{})
@@ -323,6 +336,7 @@ func (e *Engine) runSession(ctx context.Context) error {
 		return err
 	}
 	defer func() {
+		e.stopRebuilds(nil)
 		e.waiters.release(nil)
 		e.mu.Lock()
 		ended := e.tasks
@@ -350,6 +364,11 @@ func (e *Engine) runSession(ctx context.Context) error {
 		e.pollMu.Lock()
 		e.cancelPoll = cancel
 		e.pollMu.Unlock()
+		if e.swapsQueued() {
+			// A rebuild asked before this poll could be cancelled
+			// (wakeRunLoop): serve it at once.
+			cancel()
+		}
 		if e.needReset.Swap(false) {
 			if _, err := sess.End(ctx, false); err != nil {
 				e.log.Warn("resetting the transactional session after a revocation", "err", err)
@@ -372,6 +391,9 @@ func (e *Engine) runSession(ctx context.Context) error {
 			if err := e.cycle(sess, fetches); err != nil {
 				return err
 			}
+		}
+		if err := e.runSwaps(sess); err != nil {
+			return err
 		}
 		if time.Now().After(nextSweep) {
 			next := sweepInterval(e.cfg.IdempotencyWindow)
@@ -538,6 +560,7 @@ func (e *Engine) onRevoked(ctx context.Context, cl *kgo.Client, revoked map[stri
 			}
 		}
 	}
+
 	// Last (deferred first), once e.mu is released: readers waiting on
 	// the lost tasks wake and find them gone.
 	defer func() {
@@ -561,6 +584,8 @@ func (e *Engine) onRevoked(ctx context.Context, cl *kgo.Client, revoked map[stri
 	e.restoreMu.Lock()
 	defer e.restoreMu.Unlock()
 	e.stopRestore()
+	// After the restore run, which may have started rebuilds.
+	e.stopRebuilds(func(t statestore.Task) bool { return lost[t] })
 	defer e.startRestore(ctx, cl) // the tasks still pending, if any
 	// Paused partitions stay paused until resumed, also across
 	// assignments; a revoked one must not carry its pause along.
@@ -594,14 +619,20 @@ func (e *Engine) Ready() error {
 	if !e.joined {
 		return errors.New("waiting for the consumer group to assign partitions")
 	}
-	n := 0
+	n, rebuilding := 0, 0
 	for _, ts := range e.tasks {
-		if !ts.restored {
+		switch {
+		case ts.rebuilding:
+			rebuilding++
+		case !ts.restored:
 			n++
 		}
 	}
 	if n > 0 {
 		return fmt.Errorf("restoring %d of %d tasks from their changelogs", n, len(e.tasks))
+	}
+	if rebuilding > 0 {
+		return fmt.Errorf("rebuilding the state of %d of %d tasks from their events (their state version changed)", rebuilding, len(e.tasks))
 	}
 	if !e.MembershipCurrent() {
 		return errors.New("waiting for the group to confirm this node's membership")

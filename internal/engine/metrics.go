@@ -22,6 +22,9 @@ type Metrics struct {
 	// Projections (projection.go, progress.go).
 	ProjectionEvents *prometheus.CounterVec // projection, outcome
 	ProjectionLag    *prometheus.GaugeVec   // projection
+	// Rebuilds (rebuild.go).
+	RebuildEvents      *prometheus.CounterVec // type
+	RebuildsInProgress *prometheus.GaugeVec   // type
 
 	mu        sync.Mutex
 	counters  map[[2]string]prometheus.Counter
@@ -119,6 +122,14 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "esker_projection_lag_records",
 			Help: "Records of a projection's inputs on this node's partitions not folded yet (summed over its tasks here).",
 		}, []string{"projection"}),
+		RebuildEvents: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "esker_rebuild_events_total",
+			Help: "Events folded by state rebuilds (a changed state version, or a rebuild on demand), by aggregate type.",
+		}, []string{"type"}),
+		RebuildsInProgress: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "esker_rebuilds_in_progress",
+			Help: "Tasks (partitions) of an aggregate type whose state this node is rebuilding from events now.",
+		}, []string{"type"}),
 		RestoreDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "esker_restore_seconds",
 			Help:    "Duration of state store restores after a partition assignment.",
@@ -128,6 +139,6 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	for _, result := range []string{"committed", "aborted"} {
 		m.Transactions.WithLabelValues(result) // export both results from 0
 	}
-	reg.MustRegister(m.Commands, m.CommandLag, m.CommandLatency, m.Transactions, m.BatchCommands, m.RestoreRecords, m.RestoreDuration, m.StandbyLag, m.StateCleanups, m.Fenced, m.ProjectionEvents, m.ProjectionLag)
+	reg.MustRegister(m.Commands, m.CommandLag, m.CommandLatency, m.Transactions, m.BatchCommands, m.RestoreRecords, m.RestoreDuration, m.StandbyLag, m.StateCleanups, m.Fenced, m.ProjectionEvents, m.ProjectionLag, m.RebuildEvents, m.RebuildsInProgress)
 	return m
 }

@@ -2,6 +2,7 @@ package engine
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"slices"
 	"time"
@@ -51,7 +52,7 @@ func (e *Engine) startRestore(ctx context.Context, cl *kgo.Client) {
 	pending := map[statestore.Task]*taskState{}
 	e.mu.RLock()
 	for t, ts := range e.tasks {
-		if !ts.restored {
+		if !ts.restored && !ts.rebuilding {
 			pending[t] = ts
 		}
 	}
@@ -109,20 +110,37 @@ func (e *Engine) restore(ctx context.Context, cl *kgo.Client, pending map[states
 		return
 	}
 
+	// A task whose state was folded with another state version is not
+	// served: it rebuilds first (rebuild.go), its commands still paused.
+	stale := e.checkStateVersions(tasks)
+
 	// A task revoked meanwhile is no longer in e.tasks (and one assigned
 	// again has a new taskState): only the tasks this run restored for
 	// their current assignment become served.
 	var restored []statestore.Task
+	var rebuild []statestore.Task
 	// Deciding what to resume and resuming it must not interleave with
 	// restoreAgain marking a reader unrestored and pausing its input.
 	e.pauseMu.Lock()
 	defer e.pauseMu.Unlock()
 	e.mu.Lock()
 	for t, ts := range pending {
-		if e.tasks[t] == ts {
-			ts.restored = true
-			restored = append(restored, t)
+		if e.tasks[t] != ts {
+			continue
 		}
+		if _, ok := stale[t]; ok {
+			ts.rebuilding = true
+			rebuild = append(rebuild, t)
+			continue
+		}
+		ts.restored = true
+		restored = append(restored, t)
+	}
+	for _, t := range rebuild {
+		// Under e.mu: a revocation (which stops rebuilds before it takes
+		// e.mu) cannot slip between marking and starting.
+		e.startRebuild(t, pending[t], e.types[t.Type], false,
+			fmt.Sprintf("the stored state was folded with state version %d; the code's is %d", stale[t], e.types[t.Type].StateVersion()), stale[t])
 	}
 	// A topic partition several tasks read (an events topic two
 	// projections fold) resumes once all of them are restored: its records

@@ -1,0 +1,139 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kfake"
+
+	"github.com/esker-io/esker"
+	"github.com/esker-io/esker/examples/bank"
+)
+
+// startBank runs a bank node behind a test server and returns its URL.
+func startBank(t *testing.T, brokers []string) (string, *esker.Node) {
+	t.Helper()
+	var handler atomic.Pointer[http.Handler]
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		(*handler.Load()).ServeHTTP(w, r)
+	}))
+	n, err := esker.NewNode(esker.AdvertisedURL(srv.URL), esker.Brokers(brokers...), esker.ApplicationID("bank"),
+		esker.StateDir(t.TempDir()), esker.HTTPListen(""), esker.Partitions(4), esker.SessionTimeout(3*time.Second),
+		esker.Logger(slog.New(slog.NewTextHandler(io.Discard, nil))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := n.Register(bank.Account); err != nil {
+		t.Fatal(err)
+	}
+	h := n.Handler()
+	handler.Store(&h)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- n.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+		srv.Close()
+	})
+	return srv.URL, n
+}
+
+func httpJSON(t *testing.T, method, url string, body any) (int, map[string]any) {
+	t.Helper()
+	raw, _ := json.Marshal(body)
+	req, _ := http.NewRequest(method, url, bytes.NewReader(raw))
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var out map[string]any
+	_ = json.NewDecoder(resp.Body).Decode(&out)
+	return resp.StatusCode, out
+}
+
+// TestRebuildCLI runs esker rebuild against a two-node cluster, naming one
+// node: it finds the other from the cluster map, rebuilds every partition
+// and shows the progress.
+func TestRebuildCLI(t *testing.T) {
+	cluster, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.GroupMinSessionTimeout(100*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cluster.Close()
+	brokers := cluster.ListenAddrs()
+	urlA, nodeA := startBank(t, brokers)
+	urlB, nodeB := startBank(t, brokers)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		_, body := httpJSON(t, "GET", urlA+"/v1/cluster", nil)
+		members, _ := body["members"].([]any)
+		if nodeA.Ready() == nil && nodeB.Ready() == nil && len(members) == 2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the two nodes did not become ready: %v / %v, cluster %v", nodeA.Ready(), nodeB.Ready(), body)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	for i := range 8 {
+		id := fmt.Sprintf("acc-%d", i)
+		for _, c := range []map[string]any{
+			{"type": "Open", "data": map[string]any{"owner": "o" + id}},
+			{"type": "Deposit", "data": map[string]any{"amount": 10 + i}},
+		} {
+			deadline := time.Now().Add(20 * time.Second)
+			for {
+				code, body := httpJSON(t, "POST", urlA+"/v1/aggregates/account/"+id+"/commands", c)
+				if code == 200 {
+					break
+				}
+				if code != 503 || time.Now().After(deadline) {
+					t.Fatalf("%s %v: %d %v", id, c, code, body)
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+		}
+	}
+
+	code, stdout, stderr := runCLI(t, "rebuild", "--type", "account", "--node", urlA, "--interval", "100ms")
+	if code != 0 {
+		t.Fatalf("exit %d\nstdout:\n%s\nstderr:\n%s", code, stdout, stderr)
+	}
+	for _, want := range []string{urlA + ": rebuilding", urlB + ": rebuilding", "account/0", "account/3", "done", "100.0%",
+		"4 of 4 partitions done", "rebuild of account done: 4 partition(s), 16 events"} {
+		if !strings.Contains(stdout, want) {
+			t.Errorf("output lacks %q:\n%s", want, stdout)
+		}
+	}
+	code, body := httpJSON(t, "GET", urlA+"/v1/aggregates/account/acc-3", nil)
+	if code != 200 || body["version"] != 2.0 {
+		t.Errorf("read after the rebuild: %d %v", code, body)
+	}
+
+	// Failures exit 1 with the node's message.
+	code, _, stderr = runCLI(t, "rebuild", "--type", "nope", "--node", urlB)
+	if code != 1 || !strings.Contains(stderr, `unknown aggregate type "nope"`) {
+		t.Errorf("unknown type: exit %d, stderr %q", code, stderr)
+	}
+	code, _, stderr = runCLI(t, "rebuild", "--type", "account", "--node", "http://127.0.0.1:1", "--timeout", "2s")
+	if code != 1 || !strings.Contains(stderr, "cannot read the cluster map") {
+		t.Errorf("unreachable node: exit %d, stderr %q", code, stderr)
+	}
+	code, _, stderr = runCLI(t, "rebuild", "--node", urlA)
+	if code != 2 || !strings.Contains(stderr, "missing --type") {
+		t.Errorf("no type: exit %d, stderr %q", code, stderr)
+	}
+}
