@@ -25,10 +25,10 @@ import (
 	"github.com/esker-io/esker/examples/bank"
 )
 
-// startInspectNode runs a bank node (application "bank", 4 partitions) on
+// startTestNode runs a bank node (application "bank", 4 partitions) on
 // the broker at addr, with its HTTP API on a test server whose URL it
 // advertises, and waits until it is ready. stop ends it and waits.
-func startInspectNode(t *testing.T, addr string, opts ...esker.Option) (url string, stop func()) {
+func startTestNode(t *testing.T, addr string, opts ...esker.Option) (url string, stop func()) {
 	t.Helper()
 	var handler atomic.Pointer[http.Handler]
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -128,7 +128,7 @@ func TestInspect(t *testing.T) {
 	}
 	defer broker.Close()
 	addr := broker.ListenAddrs()[0]
-	url, stop := startInspectNode(t, addr)
+	url, stop := startTestNode(t, addr)
 
 	for _, c := range []struct{ id, body string }{
 		{"alice", `{"type":"Open","data":{"owner":"Alice"}}`},
@@ -354,8 +354,8 @@ func TestInspectStandbys(t *testing.T) {
 	}
 	defer broker.Close()
 	addr := broker.ListenAddrs()[0]
-	url1, _ := startInspectNode(t, addr, esker.StandbyReplicas(1))
-	url2, _ := startInspectNode(t, addr, esker.StandbyReplicas(1))
+	url1, _ := startTestNode(t, addr, esker.StandbyReplicas(1))
+	url2, _ := startTestNode(t, addr, esker.StandbyReplicas(1))
 
 	var r groupReport
 	waitUntil(t, func() bool {

@@ -353,6 +353,7 @@ var cliSpecs = []cliSpec{
 	{"inspect topics", []string{"-brokers", "-app", "-json", "-timeout"}, nil, "--brokers is required"},
 	{"inspect group", []string{"-brokers", "-app", "-json", "-timeout"}, nil, "--brokers is required"},
 	{"inspect entity", []string{"-brokers", "-app", "-json", "-timeout"}, []string{"account", "--brokers", "127.0.0.1:9092"}, "missing entity ID"},
+	{"rebuild", []string{"-type", "-node", "-interval", "-timeout"}, []string{"--node", "http://127.0.0.1:8080"}, "missing --type"},
 	{"version", nil, []string{"extra"}, `unexpected argument "extra"`},
 	{"help", nil, []string{"nope"}, `unknown command "nope"`},
 }

@@ -33,6 +33,9 @@ A node rebuilds by itself, before it serves, when the type's state version
 (aggregate.StateVersion) differs from the one its stored state was folded
 with; esker rebuild is for a fold that changed without a version bump, or to
 repair state.`)
+	fs.examples = `
+esker rebuild --type account --node http://127.0.0.1:8080
+esker rebuild --type account --node http://bank1:8080,http://bank2:8080 --interval 5s`
 	typ := fs.String("type", "", "aggregate `type` to rebuild (required)")
 	var nodes stringList
 	fs.Var(&nodes, "node", "`URL` of a node's HTTP API; repeat or separate with commas (required)")

@@ -2,52 +2,15 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"fmt"
-	"io"
-	"log/slog"
 	"net/http"
-	"net/http/httptest"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/twmb/franz-go/pkg/kfake"
-
-	"github.com/esker-io/esker"
-	"github.com/esker-io/esker/examples/bank"
 )
-
-// startBank runs a bank node behind a test server and returns its URL.
-func startBank(t *testing.T, brokers []string) (string, *esker.Node) {
-	t.Helper()
-	var handler atomic.Pointer[http.Handler]
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		(*handler.Load()).ServeHTTP(w, r)
-	}))
-	n, err := esker.NewNode(esker.AdvertisedURL(srv.URL), esker.Brokers(brokers...), esker.ApplicationID("bank"),
-		esker.StateDir(t.TempDir()), esker.HTTPListen(""), esker.Partitions(4), esker.SessionTimeout(3*time.Second),
-		esker.Logger(slog.New(slog.NewTextHandler(io.Discard, nil))))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := n.Register(bank.Account); err != nil {
-		t.Fatal(err)
-	}
-	h := n.Handler()
-	handler.Store(&h)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- n.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		<-done
-		srv.Close()
-	})
-	return srv.URL, n
-}
 
 func httpJSON(t *testing.T, method, url string, body any) (int, map[string]any) {
 	t.Helper()
@@ -74,17 +37,19 @@ func TestRebuildCLI(t *testing.T) {
 	}
 	defer cluster.Close()
 	brokers := cluster.ListenAddrs()
-	urlA, nodeA := startBank(t, brokers)
-	urlB, nodeB := startBank(t, brokers)
+	urlA, _ := startTestNode(t, brokers[0])
+	urlB, _ := startTestNode(t, brokers[0])
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		_, body := httpJSON(t, "GET", urlA+"/v1/cluster", nil)
 		members, _ := body["members"].([]any)
-		if nodeA.Ready() == nil && nodeB.Ready() == nil && len(members) == 2 {
+		codeA, readyA := httpJSON(t, "GET", urlA+"/readyz", nil)
+		codeB, readyB := httpJSON(t, "GET", urlB+"/readyz", nil)
+		if codeA == 200 && codeB == 200 && len(members) == 2 {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("the two nodes did not become ready: %v / %v, cluster %v", nodeA.Ready(), nodeB.Ready(), body)
+			t.Fatalf("the two nodes did not become ready: %v / %v, cluster %v", readyA, readyB, body)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
