@@ -25,6 +25,19 @@ import (
 	"github.com/esker-io/esker/examples/bank"
 )
 
+// startTestBroker starts an in-process broker that accepts the nodes' short
+// session timeouts, closed after the test's nodes stop; it returns its
+// address.
+func startTestBroker(t *testing.T) string {
+	t.Helper()
+	broker, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.GroupMinSessionTimeout(100*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(broker.Close)
+	return broker.ListenAddrs()[0]
+}
+
 // startTestNode runs a bank node (application "bank", 4 partitions) on
 // the broker at addr, with its HTTP API on a test server whose URL it
 // advertises, and waits until it is ready. stop ends it and waits.
@@ -122,12 +135,7 @@ func TestInspect(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts a broker and a node")
 	}
-	broker, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.GroupMinSessionTimeout(100*time.Millisecond))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer broker.Close()
-	addr := broker.ListenAddrs()[0]
+	addr := startTestBroker(t)
 	url, stop := startTestNode(t, addr)
 
 	for _, c := range []struct{ id, body string }{
@@ -348,12 +356,7 @@ func TestInspectStandbys(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts a broker and two nodes")
 	}
-	broker, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.GroupMinSessionTimeout(100*time.Millisecond))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer broker.Close()
-	addr := broker.ListenAddrs()[0]
+	addr := startTestBroker(t)
 	url1, _ := startTestNode(t, addr, esker.StandbyReplicas(1))
 	url2, _ := startTestNode(t, addr, esker.StandbyReplicas(1))
 

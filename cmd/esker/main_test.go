@@ -120,7 +120,7 @@ func TestSubcommandHelp(t *testing.T) {
 			"-cpuprofile", "-projections", "-brokers", "-log-level"},
 		"dlq":     {"-brokers", "-app", "-limit", "-timeout"},
 		"inspect": {"-brokers", "-app", "-json", "-timeout"},
-		"rebuild": {"-type", "-node", "-interval", "-timeout"},
+		"rebuild": {"-type", "-node", "-interval", "-timeout", "-api-token"},
 		"version": nil,
 	}
 	for _, c := range commands {
@@ -353,7 +353,7 @@ var cliSpecs = []cliSpec{
 	{"inspect topics", []string{"-brokers", "-app", "-json", "-timeout"}, nil, "--brokers is required"},
 	{"inspect group", []string{"-brokers", "-app", "-json", "-timeout"}, nil, "--brokers is required"},
 	{"inspect entity", []string{"-brokers", "-app", "-json", "-timeout"}, []string{"account", "--brokers", "127.0.0.1:9092"}, "missing entity ID"},
-	{"rebuild", []string{"-type", "-node", "-interval", "-timeout"}, []string{"--node", "http://127.0.0.1:8080"}, "missing --type"},
+	{"rebuild", []string{"-type", "-node", "-interval", "-timeout", "-api-token"}, []string{"--node", "http://127.0.0.1:8080"}, "missing --type"},
 	{"version", nil, []string{"extra"}, `unexpected argument "extra"`},
 	{"help", nil, []string{"nope"}, `unknown command "nope"`},
 }

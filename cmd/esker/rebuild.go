@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"flag"
@@ -9,6 +10,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"os"
 	"slices"
 	"strings"
 	"time"
@@ -41,6 +43,7 @@ esker rebuild --type account --node http://bank1:8080,http://bank2:8080 --interv
 	fs.Var(&nodes, "node", "`URL` of a node's HTTP API; repeat or separate with commas (required)")
 	interval := fs.Duration("interval", time.Second, "how often to show progress (`duration`)")
 	timeout := fs.Duration("timeout", 10*time.Second, "how long to wait for a node's answer to one request (`duration`)")
+	apiToken := fs.String("api-token", "", "bearer `token` for nodes that require one (default: the first of $ESKER_API_TOKEN)")
 	if code, ok := fs.parse(e, args); !ok {
 		return code
 	}
@@ -59,7 +62,8 @@ esker rebuild --type account --node http://bank1:8080,http://bank2:8080 --interv
 			return fs.fail(e, "--node %q is not a URL like http://127.0.0.1:8080", n)
 		}
 	}
-	c := &rebuildClient{http: &http.Client{Timeout: *timeout}, typ: *typ}
+	token, _, _ := strings.Cut(cmp.Or(*apiToken, os.Getenv("ESKER_API_TOKEN")), ",")
+	c := &rebuildClient{http: &http.Client{Timeout: *timeout}, typ: *typ, token: strings.TrimSpace(token)}
 	return c.run(e, nodes, *interval)
 }
 
@@ -80,8 +84,9 @@ func (s *stringList) Set(v string) error {
 var _ flag.Value = (*stringList)(nil)
 
 type rebuildClient struct {
-	http *http.Client
-	typ  string
+	http  *http.Client
+	typ   string
+	token string // sent as a bearer token when the nodes require one
 }
 
 // rebuildStatus mirrors interactive.RebuildStatus.
@@ -115,6 +120,9 @@ func (c *rebuildClient) call(ctx context.Context, method, u string, out any) err
 	req, err := http.NewRequestWithContext(ctx, method, u, nil)
 	if err != nil {
 		return err
+	}
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {

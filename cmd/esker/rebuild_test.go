@@ -4,12 +4,11 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"github.com/esker-io/esker"
 	"net/http"
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/twmb/franz-go/pkg/kfake"
 )
 
 func httpJSON(t *testing.T, method, url string, body any) (int, map[string]any) {
@@ -31,14 +30,9 @@ func httpJSON(t *testing.T, method, url string, body any) (int, map[string]any) 
 // node: it finds the other from the cluster map, rebuilds every partition
 // and shows the progress.
 func TestRebuildCLI(t *testing.T) {
-	cluster, err := kfake.NewCluster(kfake.NumBrokers(1), kfake.GroupMinSessionTimeout(100*time.Millisecond))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cluster.Close()
-	brokers := cluster.ListenAddrs()
-	urlA, _ := startTestNode(t, brokers[0])
-	urlB, _ := startTestNode(t, brokers[0])
+	addr := startTestBroker(t)
+	urlA, _ := startTestNode(t, addr)
+	urlB, _ := startTestNode(t, addr)
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		_, body := httpJSON(t, "GET", urlA+"/v1/cluster", nil)
@@ -100,5 +94,20 @@ func TestRebuildCLI(t *testing.T) {
 	code, _, stderr = runCLI(t, "rebuild", "--node", urlA)
 	if code != 2 || !strings.Contains(stderr, "missing --type") {
 		t.Errorf("no type: exit %d, stderr %q", code, stderr)
+	}
+}
+
+// TestRebuildCLIToken: against nodes that require a bearer token, esker
+// rebuild sends --api-token (or the first of $ESKER_API_TOKEN) and fails
+// with the node's 401 without it.
+func TestRebuildCLIToken(t *testing.T) {
+	url, _ := startTestNode(t, startTestBroker(t), esker.APITokens("tk-1"))
+	code, _, stderr := runCLI(t, "rebuild", "--type", "account", "--node", url, "--interval", "100ms")
+	if code != 1 || !strings.Contains(stderr, "401") && !strings.Contains(stderr, "token") {
+		t.Fatalf("without a token: exit %d, stderr %q", code, stderr)
+	}
+	code, stdout, stderr := runCLI(t, "rebuild", "--type", "account", "--node", url, "--interval", "100ms", "--api-token", "tk-1")
+	if code != 0 || !strings.Contains(stdout, "rebuild of account done") {
+		t.Fatalf("with the token: exit %d\nstdout:\n%s\nstderr:\n%s", code, stdout, stderr)
 	}
 }
