@@ -182,8 +182,7 @@ type run struct {
 
 	tracker  *tracker
 	pool     *pool
-	workCtx  context.Context // parent of every handler's context
-	stopWork context.CancelFunc
+	stopWork context.CancelFunc // cancels the parent of every handler's context
 
 	// commitMu serializes commits with revocations, so that no commit of a
 	// partition is sent after the revocation that gave it up.
@@ -221,7 +220,6 @@ func newRun(c *Consumer, rt Runtime) *run {
 		dlqTopic:      DeadLetterTopic(rt.AppID, c.name),
 		redriveTopic:  RedriveTopic(rt.AppID, c.name),
 		tracker:       newTracker(workCtx),
-		workCtx:       workCtx,
 		stopWork:      stopWork,
 		stopCommitter: make(chan struct{}),
 		committerDone: make(chan struct{}),
