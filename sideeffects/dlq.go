@@ -86,12 +86,8 @@ func produceDeadLetter(ctx context.Context, cl *kgo.Client, dl *kgo.Record, onFa
 			continue
 		}
 		onFail(err)
-		t := time.NewTimer(backoff)
-		select {
-		case <-ctx.Done():
-			t.Stop()
+		if !sleepCtx(ctx, backoff) {
 			return ctx.Err()
-		case <-t.C:
 		}
 		backoff = min(2*backoff, 10*time.Second)
 	}
