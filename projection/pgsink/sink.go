@@ -397,7 +397,7 @@ func (s *Sink) Run(ctx context.Context, rt Runtime) (err error) {
 	if err != nil {
 		return fmt.Errorf("pgsink: sink %s: metrics: %w", s.name, err)
 	}
-	group := rt.AppID + "-" + s.name
+	group := sideeffects.GroupID(rt.AppID, s.name)
 
 	s.mu.Lock()
 	s.st.phase = phaseSetup
