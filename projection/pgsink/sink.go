@@ -390,7 +390,7 @@ func (s *Sink) Run(ctx context.Context, rt Runtime) (err error) {
 
 	log := rt.Logger
 	if log == nil {
-		log = slog.Default()
+		log = slog.New(slog.DiscardHandler)
 	}
 	log = log.With("sink", s.name)
 	m, err := newMetrics(rt.Registerer, s.name)
