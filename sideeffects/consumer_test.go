@@ -422,6 +422,8 @@ func TestOpenEventFailureRetried(t *testing.T) {
 	case <-time.After(20 * time.Second):
 		t.Fatalf("handler never called; status %+v", c.Status())
 	}
+	// The handler returned after it sent ev: the count follows.
+	waitFor(t, 10*time.Second, "the event counted as handled", func() bool { return c.Status().Handled == 1 })
 	if s := c.Status(); s.DeadLettered != 0 || s.Retried != 2 || s.Handled != 1 {
 		t.Errorf("status %+v, want 1 handled after 2 retries, none dead-lettered", s)
 	}
