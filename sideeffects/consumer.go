@@ -182,8 +182,7 @@ type run struct {
 
 	tracker  *tracker
 	pool     *pool
-	workCtx  context.Context // parent of every handler's context
-	stopWork context.CancelFunc
+	stopWork context.CancelFunc // cancels the parent of every handler's context
 
 	// commitMu serializes commits with revocations, so that no commit of a
 	// partition is sent after the revocation that gave it up.
@@ -221,7 +220,6 @@ func newRun(c *Consumer, rt Runtime) *run {
 		dlqTopic:      DeadLetterTopic(rt.AppID, c.name),
 		redriveTopic:  RedriveTopic(rt.AppID, c.name),
 		tracker:       newTracker(workCtx),
-		workCtx:       workCtx,
 		stopWork:      stopWork,
 		stopCommitter: make(chan struct{}),
 		committerDone: make(chan struct{}),
@@ -442,14 +440,11 @@ func (r *run) countLost() {
 // letter acknowledged), false when ctx ended first.
 func (r *run) process(ctx context.Context, it *item) bool {
 	ev, err := decodeEvent(it.rec, r.redriveTopic)
-	if err == nil && r.rt.OpenEvent != nil && ev.Type != "" {
-		ev.Event, err = r.rt.OpenEvent(ctx, ev.Topic, ev.Event)
-	}
 	attempts := 0
 	if err == nil {
 		for {
 			attempts++
-			err = r.call(ctx, ev)
+			err = r.attempt(ctx, ev)
 			if err == nil {
 				r.c.handled.Add(1)
 				r.c.metrics.handled.Inc()
@@ -484,6 +479,19 @@ func (r *run) process(ctx context.Context, it *item) bool {
 	r.logger.Warn("event dead-lettered", "topic", ev.Topic, "partition", ev.Partition, "offset", ev.Offset,
 		"entity", ev.EntityID, "type", ev.Type, "attempts", attempts, "err", err, "dead_letter_topic", r.dlqTopic)
 	return true
+}
+
+// attempt opens the event's personal fields (Runtime.OpenEvent) and runs
+// the handler once; a failure of either is retried alike.
+func (r *run) attempt(ctx context.Context, ev Event) error {
+	if r.rt.OpenEvent != nil && ev.Type != "" {
+		opened, err := r.rt.OpenEvent(ctx, ev.Topic, ev.Event)
+		if err != nil {
+			return err
+		}
+		ev.Event = opened
+	}
+	return r.call(ctx, ev)
 }
 
 // call runs the handler once, turning a panic into an error.

@@ -375,3 +375,56 @@ func TestPermanent(t *testing.T) {
 		t.Error("UnmarshalText accepted twice")
 	}
 }
+
+// TestOpenEventFailureRetried: Runtime.OpenEvent failing (the keys topic
+// briefly unreadable, say) is retried like a handler error, as Runtime
+// documents: the handler then gets the opened event, and nothing is
+// dead-lettered.
+func TestOpenEventFailureRetried(t *testing.T) {
+	const topic = "account-events"
+	brokers := newCluster(t, 1, topic)
+	produceEvents(t, brokers, topic, []string{"alice"}, 1, 1)
+	got := make(chan sideeffects.Event, 10)
+	c, err := sideeffects.New("opener", []string{topic}, func(ctx context.Context, ev sideeffects.Event) error {
+		got <- ev
+		return nil
+	}, sideeffects.Retries(5, 10*time.Millisecond, 50*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	opens := 0
+	rt := sideeffects.Runtime{AppID: testApp, ClientOpts: clientOpts(brokers), Logger: testLogger(t),
+		OpenEvent: func(_ context.Context, tp string, ev aggregate.Event) (aggregate.Event, error) {
+			mu.Lock()
+			defer mu.Unlock()
+			opens++
+			if opens <= 2 {
+				return aggregate.Event{}, errors.New("keys topic unreachable")
+			}
+			ev.Data = json.RawMessage(`{"opened":true}`)
+			return ev, nil
+		}}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx, rt) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	}()
+	select {
+	case ev := <-got:
+		if ev.EntityID != "alice" || ev.Version != 1 || string(ev.Data) != `{"opened":true}` {
+			t.Errorf("handler got %+v, want alice's opened version 1", ev)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatalf("handler never called; status %+v", c.Status())
+	}
+	// The handler returned after it sent ev: the count follows.
+	waitFor(t, 10*time.Second, "the event counted as handled", func() bool { return c.Status().Handled == 1 })
+	if s := c.Status(); s.DeadLettered != 0 || s.Retried != 2 || s.Handled != 1 {
+		t.Errorf("status %+v, want 1 handled after 2 retries, none dead-lettered", s)
+	}
+}

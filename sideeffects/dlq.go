@@ -18,8 +18,10 @@ import (
 const (
 	// HeaderDLQError is the last error the handler returned (at most 4 kB).
 	HeaderDLQError = "esker-dlq-error"
-	// HeaderDLQAttempts is how many times the handler was called (decimal);
-	// 0 for a record with a malformed envelope, which no handler saw.
+	// HeaderDLQAttempts is how many attempts were made (decimal): each
+	// opens the event's personal fields, if Runtime.OpenEvent is set, and
+	// calls the handler; 0 for a record with a malformed envelope, which
+	// no handler saw.
 	HeaderDLQAttempts = "esker-dlq-attempts"
 	// HeaderDLQSourceTopic, -Partition and -Offset locate the original
 	// record (for a re-driven event: still the original, not the copy).
@@ -86,12 +88,8 @@ func produceDeadLetter(ctx context.Context, cl *kgo.Client, dl *kgo.Record, onFa
 			continue
 		}
 		onFail(err)
-		t := time.NewTimer(backoff)
-		select {
-		case <-ctx.Done():
-			t.Stop()
+		if !sleepCtx(ctx, backoff) {
 			return ctx.Err()
-		case <-t.C:
 		}
 		backoff = min(2*backoff, 10*time.Second)
 	}
@@ -105,8 +103,9 @@ type DeadLetter struct {
 	Event Event
 	// Error is the last error of the handler.
 	Error string
-	// Attempts is how many times the handler was called for the event (0:
-	// its envelope was malformed and no handler saw it).
+	// Attempts is how many attempts were made for the event (see
+	// HeaderDLQAttempts; 0: its envelope was malformed and no handler saw
+	// it).
 	Attempts int
 	// Time is when the event was dead-lettered.
 	Time time.Time

@@ -7,7 +7,6 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -303,5 +302,3 @@ func eventKey(ev sideeffects.Event) string {
 	}
 	return fmt.Sprintf("%s/%d/%d", ev.Topic, ev.Partition, ev.Offset)
 }
-
-func joinLines(ss []string) string { return strings.Join(ss, "\n") }

@@ -2,7 +2,6 @@ package sideeffects
 
 import (
 	"fmt"
-	"regexp"
 
 	"github.com/esker-io/esker/aggregate"
 	"github.com/esker-io/esker/projection"
@@ -33,8 +32,6 @@ type Reactor struct {
 	start   projection.Start
 }
 
-var reactorName = regexp.MustCompile(`^[a-z][a-z0-9-]{0,62}$`)
-
 // NewReactor defines a reactor that calls react for every event of its
 // sources (decoded as the sources decode them) and sends the commands it
 // returns, in order; build them with the target type's To method, for
@@ -46,7 +43,7 @@ var reactorName = regexp.MustCompile(`^[a-z][a-z0-9-]{0,62}$`)
 // NewReactor panics on an invalid name (lower-case letters, digits and
 // dashes), a nil react or no source: programming errors found at start-up.
 func NewReactor(name string, react func(ev projection.Event) []aggregate.Addressed, sources ...projection.Source) *Reactor {
-	if !reactorName.MatchString(name) {
+	if !namePattern.MatchString(name) {
 		panic(fmt.Sprintf("sideeffects: invalid reactor name %q: use lower-case letters, digits and dashes, starting with a letter", name))
 	}
 	if react == nil || len(sources) == 0 {

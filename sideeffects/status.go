@@ -45,7 +45,8 @@ type PartitionStatus struct {
 	// partition since it was assigned; -1 if none yet.
 	Committed int64 `json:"committed"`
 	// HighWatermark is the partition's end as of the last fetch that
-	// returned records; -1 if unknown.
+	// returned records or the last end-offset lookup (at least once a
+	// second); -1 if unknown.
 	HighWatermark int64 `json:"highWatermark"`
 	// Lag is the number of records from the lowest unfinished one to the
 	// high watermark (transaction markers included); -1 if unknown.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -190,14 +191,7 @@ ON CONFLICT (sink, topic, partition) DO NOTHING`, r.s.name, tp.topic, tp.partiti
 }
 
 func (r *run) readOffsets(ctx context.Context, tps []topicPartition) (map[topicPartition]int64, error) {
-	topics := map[string]bool{}
-	for _, tp := range tps {
-		topics[tp.topic] = true
-	}
-	names := make([]string, 0, len(topics))
-	for t := range topics {
-		names = append(names, t)
-	}
+	names := topicNames(tps)
 	rows, err := r.pool.Query(ctx, `SELECT topic, partition, next_offset FROM `+r.s.offsets+` WHERE sink = $1 AND topic = ANY($2)`, r.s.name, names)
 	if err != nil {
 		return nil, err
@@ -220,16 +214,20 @@ func (r *run) readOffsets(ctx context.Context, tps []topicPartition) (map[topicP
 	return out, nil
 }
 
+// topicNames returns the distinct topics of tps.
+func topicNames(tps []topicPartition) []string {
+	var names []string
+	for _, tp := range tps {
+		if !slices.Contains(names, tp.topic) {
+			names = append(names, tp.topic)
+		}
+	}
+	return names
+}
+
 // resolveStart turns StartAt into offsets of the partitions.
 func (r *run) resolveStart(ctx context.Context, tps []topicPartition) (map[topicPartition]int64, error) {
-	topics := map[string]bool{}
-	for _, tp := range tps {
-		topics[tp.topic] = true
-	}
-	names := make([]string, 0, len(topics))
-	for t := range topics {
-		names = append(names, t)
-	}
+	names := topicNames(tps)
 	adm := kadm.NewClient(r.cl)
 	var listed kadm.ListedOffsets
 	var err error
@@ -795,20 +793,7 @@ func (r *run) snapshot() map[string]map[int32]kgo.EpochOffset {
 }
 
 func sameOffsets(a, b map[string]map[int32]kgo.EpochOffset) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for t, ps := range a {
-		if len(ps) != len(b[t]) {
-			return false
-		}
-		for p, o := range ps {
-			if bo, ok := b[t][p]; !ok || bo != o {
-				return false
-			}
-		}
-	}
-	return true
+	return maps.EqualFunc(a, b, maps.Equal)
 }
 
 func describeOffsets(m map[topicPartition]int64) string {

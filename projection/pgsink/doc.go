@@ -93,9 +93,10 @@
 //
 // An error that is not transient (an SQL error in ApplyFunc, a constraint
 // violation, an error ApplyFunc made up, a panic, a record that is not an
-// esker event) stops the sink: Run returns it, naming the batch's topic,
-// partitions and offsets. Nothing of that batch was written, so running the
-// sink again after fixing the cause resumes at the same events.
+// esker event or whose personal fields do not open) stops the sink: Run
+// returns it, naming the batch's topic, partitions and offsets. Nothing of
+// that batch was written, so running the sink again after fixing the cause
+// resumes at the same events.
 //
 // # What ApplyFunc must and must not do
 //

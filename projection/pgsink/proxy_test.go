@@ -14,9 +14,9 @@ import (
 
 // pgProxy is a TCP proxy in front of PostgreSQL that a test can stop (the
 // database becomes unreachable: connections are cut and new ones refused)
-// and start again on the same address. Armed with loseCommitAnswer, it
-// forwards the next COMMIT to the server but cuts the connection before the
-// server's answer reaches the client: the transaction is committed and the
+// and start again on the same address. When armed, it forwards the next
+// COMMIT to the server, waits for the server's answer and cuts the
+// connection instead of passing it on: the transaction is committed and the
 // client does not know.
 type pgProxy struct {
 	t      testing.TB
@@ -116,14 +116,21 @@ func (p *pgProxy) pipe(client net.Conn) {
 	if !p.track(client, server) {
 		return
 	}
-	var swallow atomic.Bool // the server's answers are no longer forwarded
+	var swallow atomic.Bool         // the server's answers are no longer forwarded
+	answered := make(chan struct{}) // closed when the server answers the swallowed COMMIT
+	var answeredOnce sync.Once
 	closeBoth := func() { client.Close(); server.Close() }
 	go func() { // server -> client
 		defer closeBoth()
+		defer answeredOnce.Do(func() { close(answered) }) // no answer will come
 		buf := make([]byte, 32<<10)
 		for {
 			n, err := server.Read(buf)
-			if n > 0 && !swallow.Load() {
+			if n > 0 && swallow.Load() {
+				// The client sends COMMIT after reading every earlier
+				// answer, so these bytes answer it: the server is done.
+				answeredOnce.Do(func() { close(answered) })
+			} else if n > 0 {
 				if _, werr := client.Write(buf[:n]); werr != nil {
 					return
 				}
@@ -171,7 +178,11 @@ func (p *pgProxy) pipe(client net.Conn) {
 		if isCommit && p.armed.CompareAndSwap(true, false) {
 			swallow.Store(true)
 			server.Write(append(hdr[:], body...))
-			time.Sleep(300 * time.Millisecond) // the server commits
+			select { // the server commits and answers
+			case <-answered:
+			case <-time.After(30 * time.Second):
+				p.t.Errorf("proxy: PostgreSQL did not answer a COMMIT within 30s")
+			}
 			p.lostCommits.Add(1)
 			return
 		}

@@ -32,8 +32,6 @@ func (b *backoff) next() time.Duration {
 	return half + rand.N(d-half+1)
 }
 
-func (b *backoff) reset() { b.attempt = 0 }
-
 // sleep waits d, or less if ctx is done or abort is closed; it reports
 // whether the full wait passed.
 func sleep(ctx context.Context, d time.Duration, abort <-chan struct{}) bool {

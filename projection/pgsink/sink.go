@@ -73,7 +73,8 @@ type ApplyFunc func(ctx context.Context, tx pgx.Tx, events []Event) error
 // esker node (Node.AddConsumer): the application id (the sink's consumer
 // group is "<AppID>-<name>"), the Kafka client options (seed brokers, TLS,
 // SASL; the sink adds its own consumer options after them), a logger and a
-// metrics registerer. It is the Runtime of side-effect consumers.
+// metrics registerer. It is the Runtime of side-effect consumers, but a sink
+// does not retry a failure of its OpenEvent: Run returns it (see Run).
 type Runtime = sideeffects.Runtime
 
 // Sink is an exactly-once PostgreSQL sink: it consumes event topics in a
@@ -376,9 +377,10 @@ func (s *Sink) lagLocked() int64 {
 //   - Kafka unreachable: the client retries; the sink simply receives no
 //     records (fetch errors are logged).
 //   - A permanent error (ApplyFunc or Setup returned a non-transient error,
-//     a record on the topic is not an esker event, a broken offsets table,
-//     an invalid rt): Run returns it, wrapped with the sink's name and the
-//     batch's position; nothing of the failed batch was written.
+//     a record on the topic is not an esker event, rt.OpenEvent failed on
+//     an event, a broken offsets table, an invalid rt): Run returns it,
+//     wrapped with the sink's name and the batch's position; nothing of the
+//     failed batch was written.
 func (s *Sink) Run(ctx context.Context, rt Runtime) (err error) {
 	if rt.AppID == "" {
 		return fmt.Errorf("pgsink: sink %s: Runtime.AppID is empty", s.name)
@@ -390,14 +392,14 @@ func (s *Sink) Run(ctx context.Context, rt Runtime) (err error) {
 
 	log := rt.Logger
 	if log == nil {
-		log = slog.Default()
+		log = slog.New(slog.DiscardHandler)
 	}
 	log = log.With("sink", s.name)
 	m, err := newMetrics(rt.Registerer, s.name)
 	if err != nil {
 		return fmt.Errorf("pgsink: sink %s: metrics: %w", s.name, err)
 	}
-	group := rt.AppID + "-" + s.name
+	group := sideeffects.GroupID(rt.AppID, s.name)
 
 	s.mu.Lock()
 	s.st.phase = phaseSetup
