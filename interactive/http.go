@@ -184,8 +184,9 @@ func NewHandler(b Backend, opts ...HandlerOption) http.Handler {
 	r.Get("/v1/aggregates/{type}/{id}", a.state)
 	r.Delete("/v1/aggregates/{type}/{id}", a.forget)
 	r.Get("/v1/aggregates/{type}/{id}/events", a.events)
-	r.Get("/v1/aggregates/{type}/{id}/watch", newSSERoutes(a).watch)
-	r.Get("/v1/streams/{type}", newSSERoutes(a).stream)
+	sse := newSSERoutes(a)
+	r.Get("/v1/aggregates/{type}/{id}/watch", sse.watch)
+	r.Get("/v1/streams/{type}", sse.stream)
 	r.Get("/v1/projections/{name}/{key}", a.projectionRow)
 	r.Get("/v1/projections/{name}", a.projectionRows)
 	if a.rt != nil {
