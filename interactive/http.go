@@ -56,7 +56,6 @@ type handlerConfig struct {
 	protectMetrics bool
 	ratePerSecond  float64
 	rateBurst      int
-	rateClients    int // DefaultRateLimitClients when 0
 }
 
 // MaxBodyBytes limits request bodies to n bytes; a longer body is answered
