@@ -640,14 +640,6 @@ func (s *sseRoutes) stream(w http.ResponseWriter, r *http.Request) {
 		}
 		from, fromEnd = pos, false
 	}
-	if n := s.partitions(); n > 0 {
-		for p := range from {
-			if p >= n {
-				writeError(w, http.StatusBadRequest, fmt.Sprintf("the position names partition %d; %s has %d partitions", p, typ, n))
-				return
-			}
-		}
-	}
 
 	es, err := streams.StreamEvents(r.Context(), typ, from, fromEnd)
 	if err != nil {
@@ -712,14 +704,6 @@ func streamEventData(def aggregate.Definition, ev StreamedEvent) ([]byte, error)
 		return nil, err
 	}
 	return json.Marshal(streamEventJSON{ID: ev.Event.EntityID, eventJSON: out[0], Partition: ev.Partition, Offset: ev.Offset})
-}
-
-// partitions is the partition count the router knows (0 without one).
-func (s *sseRoutes) partitions() int32 {
-	if s.a.rt == nil {
-		return 0
-	}
-	return s.a.rt.Partitions()
 }
 
 // EncodePosition returns the position token of a stream: base64url (no
