@@ -242,12 +242,7 @@ func (a *api) fetchRows(r *http.Request, owner string, parts []int32, limit int)
 	if err != nil {
 		return nil, &NotReadyError{Reason: fmt.Sprintf("the node serving partitions %v has an unusable URL %q", parts, owner), RetryAfter: time.Second}
 	}
-	self := a.rt.Self()
-	if self == "" {
-		self = "unknown"
-	}
-	req.Header.Set(ForwardedHeader, self)
-	a.authenticateForward(r, req, nil)
+	a.markForwarded(r, req, nil)
 	res, err := forwardClient.Do(req)
 	if err != nil {
 		return nil, &NotReadyError{Reason: fmt.Sprintf("the node serving partitions %v (%s) did not answer: %v", parts, owner, err), RetryAfter: time.Second}
