@@ -336,13 +336,17 @@ func (s *sseWriter) field(name, value string) {
 	}
 }
 
+// oneLine replaces line breaks with spaces, for a field that must stay one
+// line.
+var oneLine = strings.NewReplacer("\r", " ", "\n", " ")
+
 // event writes one event: id (may be empty), type and JSON data.
 func (s *sseWriter) event(id, typ string, data []byte) {
 	if id != "" {
 		s.field("id", id)
 	}
 	if typ != "" {
-		s.field("event", strings.NewReplacer("\r", " ", "\n", " ").Replace(typ))
+		s.field("event", oneLine.Replace(typ))
 	}
 	s.field("data", string(data))
 	s.buf.WriteByte('\n')
