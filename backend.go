@@ -116,36 +116,43 @@ func (b backend) started() (*engine.Engine, error) {
 	}
 }
 
-// task returns the entity's task if this node serves it now.
+// task returns the entity's task if this node serves it now (see serves).
 func (b backend) task(aggregateType, id string) (statestore.Task, error) {
+	t := statestore.Task{Type: aggregateType, Partition: aggregate.Partition(id, b.n.cfg.partitions)}
+	return t, b.serves(t)
+}
+
+// serves fails with a *interactive.NotReadyError unless this node serves
+// the task now: it has started, owns the task, has restored it, and its
+// group membership is confirmed.
+func (b backend) serves(t statestore.Task) error {
 	eng, err := b.started()
 	if err != nil {
-		return statestore.Task{}, err
+		return err
 	}
-	t := statestore.Task{Type: aggregateType, Partition: aggregate.Partition(id, b.n.cfg.partitions)}
 	owned, restored := eng.TaskStatus(t)
 	switch {
 	case !owned:
-		return t, &interactive.NotReadyError{
-			Reason:     fmt.Sprintf("partition %d of %s is not owned by this node (rebalancing, or owned by another node)", t.Partition, aggregateType),
+		return &interactive.NotReadyError{
+			Reason:     fmt.Sprintf("partition %d of %s is not owned by this node (rebalancing, or owned by another node)", t.Partition, t.Type),
 			RetryAfter: time.Second,
 		}
 	case !restored:
 		if s, rebuilding := eng.TaskRebuild(t); rebuilding && !s.Online {
-			return t, rebuildingError(s)
+			return rebuildingError(s)
 		}
-		return t, &interactive.NotReadyError{
-			Reason:     fmt.Sprintf("partition %d of %s is restoring its state", t.Partition, aggregateType),
+		return &interactive.NotReadyError{
+			Reason:     fmt.Sprintf("partition %d of %s is restoring its state", t.Partition, t.Type),
 			RetryAfter: time.Second,
 		}
 	case !eng.MembershipCurrent():
 		// Maybe a zombie: the group may have moved the partition already.
-		return t, &interactive.NotReadyError{
+		return &interactive.NotReadyError{
 			Reason:     "this node's group membership is not confirmed (it was paused or cut off from Kafka); it answers again once the group confirms it",
 			RetryAfter: time.Second,
 		}
 	}
-	return t, nil
+	return nil
 }
 
 // restoredTask is task, except that with wait a task this node owns but is

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"slices"
 	"strings"
-	"time"
 
 	"github.com/esker-io/esker/interactive"
 	"github.com/esker-io/esker/statestore"
@@ -52,8 +51,7 @@ func (b backend) ProjectionScan(ctx context.Context, name string, partitions []i
 	if !b.HasProjection(name) {
 		return nil, fmt.Errorf("unknown projection %q", name)
 	}
-	eng, err := b.started()
-	if err != nil {
+	if _, err := b.started(); err != nil {
 		return nil, err
 	}
 	if partitions == nil {
@@ -67,14 +65,8 @@ func (b backend) ProjectionScan(ctx context.Context, name string, partitions []i
 			return nil, fmt.Errorf("partition %d does not exist", p)
 		}
 		t := statestore.Task{Type: name, Partition: p}
-		owned, restored := eng.TaskStatus(t)
-		switch {
-		case !owned:
-			return nil, &interactive.NotReadyError{Reason: fmt.Sprintf("partition %d of projection %s is not owned by this node", p, name), RetryAfter: time.Second}
-		case !restored:
-			return nil, &interactive.NotReadyError{Reason: fmt.Sprintf("partition %d of projection %s is restoring its state", p, name), RetryAfter: time.Second}
-		case !eng.MembershipCurrent():
-			return nil, &interactive.NotReadyError{Reason: "this node's group membership is not confirmed; it answers again once the group confirms it", RetryAfter: time.Second}
+		if err := b.serves(t); err != nil {
+			return nil, err
 		}
 		var entries []statestore.StateEntry
 		err := b.withStore(func(s *statestore.Store) (err error) {

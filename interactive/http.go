@@ -56,7 +56,6 @@ type handlerConfig struct {
 	protectMetrics bool
 	ratePerSecond  float64
 	rateBurst      int
-	rateClients    int // DefaultRateLimitClients when 0
 }
 
 // MaxBodyBytes limits request bodies to n bytes; a longer body is answered
@@ -186,8 +185,9 @@ func NewHandler(b Backend, opts ...HandlerOption) http.Handler {
 	r.Get("/v1/aggregates/{type}/{id}", a.state)
 	r.Delete("/v1/aggregates/{type}/{id}", a.forget)
 	r.Get("/v1/aggregates/{type}/{id}/events", a.events)
-	r.Get("/v1/aggregates/{type}/{id}/watch", newSSERoutes(a).watch)
-	r.Get("/v1/streams/{type}", newSSERoutes(a).stream)
+	sse := newSSERoutes(a)
+	r.Get("/v1/aggregates/{type}/{id}/watch", sse.watch)
+	r.Get("/v1/streams/{type}", sse.stream)
 	r.Get("/v1/projections/{name}/{key}", a.projectionRow)
 	r.Get("/v1/projections/{name}", a.projectionRows)
 	r.Post("/v1/admin/rebuild/{type}", a.startRebuild)

@@ -62,15 +62,10 @@ type rowsResponse struct {
 	Next string `json:"next,omitempty"`
 }
 
-func (a *api) projections() (Projections, bool) {
-	p, ok := a.b.(Projections)
-	return p, ok
-}
-
 // projectionName resolves {name}; on failure it has answered 404.
 func (a *api) projectionName(w http.ResponseWriter, r *http.Request) (Projections, string, bool) {
 	name := pathParam(r, "name")
-	p, ok := a.projections()
+	p, ok := a.b.(Projections)
 	if !ok || !p.HasProjection(name) {
 		writeError(w, http.StatusNotFound, fmt.Sprintf("unknown projection %q: no such projection runs on this node", name))
 		return nil, "", false
@@ -148,7 +143,7 @@ func (a *api) projectionRows(w http.ResponseWriter, r *http.Request) {
 		a.writeRows(w, r, rows, err, limit)
 		return
 	}
-	if a.rt == nil || n <= 0 {
+	if n <= 0 { // no router, or no partition count yet: ask the backend for all
 		rows, err := p.ProjectionScan(r.Context(), name, nil, prefix, after, limit)
 		a.writeRows(w, r, rows, err, limit)
 		return
@@ -242,12 +237,7 @@ func (a *api) fetchRows(r *http.Request, owner string, parts []int32, limit int)
 	if err != nil {
 		return nil, &NotReadyError{Reason: fmt.Sprintf("the node serving partitions %v has an unusable URL %q", parts, owner), RetryAfter: time.Second}
 	}
-	self := a.rt.Self()
-	if self == "" {
-		self = "unknown"
-	}
-	req.Header.Set(ForwardedHeader, self)
-	a.authenticateForward(r, req, nil)
+	a.markForwarded(r, req, nil)
 	res, err := forwardClient.Do(req)
 	if err != nil {
 		return nil, &NotReadyError{Reason: fmt.Sprintf("the node serving partitions %v (%s) did not answer: %v", parts, owner, err), RetryAfter: time.Second}

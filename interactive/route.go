@@ -239,11 +239,17 @@ func (a *api) route(w http.ResponseWriter, r *http.Request, typ, id string, fr f
 	return true
 }
 
-// authenticateForward proves that req, which this node forwards for r with
-// body, comes from a node of the cluster: signed with the cluster token, or
-// without one carrying r's Authorization header, for the owner to check
-// the client's bearer token itself.
-func (a *api) authenticateForward(r, req *http.Request, body []byte) {
+// markForwarded marks req, which this node forwards for r with body, as
+// forwarded (ForwardedHeader: this node's URL) and proves that it comes from
+// a node of the cluster: signed with the cluster token, or without one
+// carrying r's Authorization header, for the owner to check the client's
+// bearer token itself.
+func (a *api) markForwarded(r, req *http.Request, body []byte) {
+	self := a.rt.Self()
+	if self == "" {
+		self = "unknown"
+	}
+	req.Header.Set(ForwardedHeader, self)
 	if a.cfg.clusterKey != nil {
 		signForward(a.cfg.clusterKey, req, body, time.Now())
 		return
@@ -294,12 +300,7 @@ func (a *api) forward(w http.ResponseWriter, r *http.Request, base string, fr fo
 			req.Header.Set(k, v)
 		}
 	}
-	self := a.rt.Self()
-	if self == "" {
-		self = "unknown"
-	}
-	req.Header.Set(ForwardedHeader, self)
-	a.authenticateForward(r, req, fr.body)
+	a.markForwarded(r, req, fr.body)
 	if fr.commandID != "" {
 		// The command id makes the POST idempotent: this lets the
 		// transport resend it on a kept-alive connection the owner had

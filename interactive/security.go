@@ -121,7 +121,7 @@ type guard struct {
 func newGuard(cfg handlerConfig) *guard {
 	g := &guard{clusterKey: cfg.clusterKey, tokens: cfg.apiTokens, protectMetrics: cfg.protectMetrics}
 	if cfg.ratePerSecond > 0 {
-		g.limiter = newRateLimiter(cfg.ratePerSecond, cfg.rateBurst, cfg.rateClients)
+		g.limiter = newRateLimiter(cfg.ratePerSecond, cfg.rateBurst, DefaultRateLimitClients)
 	}
 	g.refused = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "esker_http_refused_total",
@@ -308,9 +308,6 @@ type bucket struct {
 }
 
 func newRateLimiter(perSecond float64, burst, maxClients int) *rateLimiter {
-	if maxClients <= 0 {
-		maxClients = DefaultRateLimitClients
-	}
 	return &rateLimiter{rate: perSecond, burst: float64(burst), max: maxClients, buckets: map[string]*bucket{}}
 }
 

@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"net/http"
 	"os"
@@ -335,13 +336,17 @@ func (s *sseWriter) field(name, value string) {
 	}
 }
 
+// oneLine replaces line breaks with spaces, for a field that must stay one
+// line.
+var oneLine = strings.NewReplacer("\r", " ", "\n", " ")
+
 // event writes one event: id (may be empty), type and JSON data.
 func (s *sseWriter) event(id, typ string, data []byte) {
 	if id != "" {
 		s.field("id", id)
 	}
 	if typ != "" {
-		s.field("event", strings.NewReplacer("\r", " ", "\n", " ").Replace(typ))
+		s.field("event", oneLine.Replace(typ))
 	}
 	s.field("data", string(data))
 	s.buf.WriteByte('\n')
@@ -420,6 +425,45 @@ func (s *sseRoutes) end(sw *sseWriter, reason, message, lastID string) {
 	_ = sw.send()
 }
 
+// open starts a validated SSE request's stream on route: it counts the
+// stream, answers 200 with the event-stream headers and writes the client's
+// starting position (lastID, the retry delay and comment), to be sent with
+// flush. It returns the stream's context (see streamContext), its writer,
+// and done, to call when the stream ends.
+func (s *sseRoutes) open(w http.ResponseWriter, r *http.Request, route, lastID, comment string) (context.Context, *sseWriter, func()) {
+	ctx, cancel := s.streamContext(r)
+	s.metrics.streams.WithLabelValues(route).Inc()
+	sw := startSSE(w, s.settings.WriteTimeout)
+	sw.position(lastID, comment)
+	return ctx, sw, func() {
+		sw.finish()
+		s.metrics.streams.WithLabelValues(route).Dec()
+		cancel()
+	}
+}
+
+// flush sends what sw collected. When the write fails it ends the stream
+// (slow, or the client left) and returns false.
+func (s *sseRoutes) flush(sw *sseWriter, lastID string) bool {
+	if err := sw.send(); err != nil {
+		s.end(sw, writeFailure(err), "", lastID)
+		return false
+	}
+	return true
+}
+
+// idle follows a wait that brought nothing: when ctx has ended (the server
+// stops, or the client left) it ends the stream and returns false;
+// otherwise it writes a heartbeat.
+func (s *sseRoutes) idle(ctx context.Context, sw *sseWriter, lastID string) bool {
+	if ctx.Err() != nil {
+		s.end(sw, endReason(ctx), "the node is stopping", lastID)
+		return false
+	}
+	sw.ping()
+	return true
+}
+
 func writeEnd(sw *sseWriter, reason, message, lastID string) {
 	data, _ := json.Marshal(endEvent{Reason: reason, Message: message, LastEventID: lastID}) // cannot fail
 	sw.comment("stream ends (" + reason + "): reconnect with Last-Event-ID")
@@ -474,18 +518,11 @@ func (s *sseRoutes) watch(w http.ResponseWriter, r *http.Request) {
 	}
 	defer feed.Close()
 
-	ctx, cancel := s.streamContext(r)
-	defer cancel()
-	s.metrics.streams.WithLabelValues(sseRouteWatch).Inc()
-	defer s.metrics.streams.WithLabelValues(sseRouteWatch).Dec()
-	sw := startSSE(w, s.settings.WriteTimeout)
-	defer sw.finish()
-
 	last := feed.From() - 1 // the last version the client has
 	lastID := strconv.FormatInt(last, 10)
-	sw.position(lastID, fmt.Sprintf("watching %s %q from version %d", typ, id, last+1))
-	if err := sw.send(); err != nil {
-		s.end(sw, writeFailure(err), "", lastID)
+	ctx, sw, done := s.open(w, r, sseRouteWatch, lastID, fmt.Sprintf("watching %s %q from version %d", typ, id, last+1))
+	defer done()
+	if !s.flush(sw, lastID) {
 		return
 	}
 	// live: the client has had every version committed at some point;
@@ -506,19 +543,15 @@ func (s *sseRoutes) watch(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		if len(versions) == 0 {
-			if ctx.Err() != nil {
-				reason := endReason(ctx)
-				s.end(sw, reason, "the node is stopping", lastID)
+			if !s.idle(ctx, sw, lastID) {
 				return
 			}
-			sw.ping()
 		} else if err := s.writeVersions(sw, def, versions); err != nil {
 			a.log.ErrorContext(r.Context(), "http: encoding a watched version failed", "type", typ, "id", id, "lastVersion", last, "err", err)
 			s.end(sw, EndError, "the node could not encode the next version: "+err.Error(), lastID)
 			return
 		}
-		if err := sw.send(); err != nil {
-			s.end(sw, writeFailure(err), "", lastID)
+		if !s.flush(sw, lastID) {
 			return
 		}
 		if len(versions) > 0 {
@@ -611,14 +644,6 @@ func (s *sseRoutes) stream(w http.ResponseWriter, r *http.Request) {
 		}
 		from, fromEnd = pos, false
 	}
-	if n := s.partitions(); n > 0 {
-		for p := range from {
-			if p >= n {
-				writeError(w, http.StatusBadRequest, fmt.Sprintf("the position names partition %d; %s has %d partitions", p, typ, n))
-				return
-			}
-		}
-	}
 
 	es, err := streams.StreamEvents(r.Context(), typ, from, fromEnd)
 	if err != nil {
@@ -635,21 +660,12 @@ func (s *sseRoutes) stream(w http.ResponseWriter, r *http.Request) {
 	}
 	defer es.Close()
 
-	ctx, cancel := s.streamContext(r)
-	defer cancel()
-	s.metrics.streams.WithLabelValues(sseRouteStream).Inc()
-	defer s.metrics.streams.WithLabelValues(sseRouteStream).Dec()
-	sw := startSSE(w, s.settings.WriteTimeout)
-	defer sw.finish()
-
 	pos := make(map[int32]int64, len(es.Start()))
-	for p, o := range es.Start() {
-		pos[p] = o
-	}
+	maps.Copy(pos, es.Start())
 	lastID := EncodePosition(pos)
-	sw.position(lastID, fmt.Sprintf("streaming the events of %s", typ))
-	if err := sw.send(); err != nil {
-		s.end(sw, writeFailure(err), "", lastID)
+	ctx, sw, done := s.open(w, r, sseRouteStream, lastID, fmt.Sprintf("streaming the events of %s", typ))
+	defer done()
+	if !s.flush(sw, lastID) {
 		return
 	}
 	for {
@@ -666,12 +682,8 @@ func (s *sseRoutes) stream(w http.ResponseWriter, r *http.Request) {
 			s.end(sw, EndError, "the node could not read the events topic: "+err.Error(), lastID)
 			return
 		}
-		if len(evs) == 0 {
-			if ctx.Err() != nil {
-				s.end(sw, endReason(ctx), "the node is stopping", lastID)
-				return
-			}
-			sw.ping()
+		if len(evs) == 0 && !s.idle(ctx, sw, lastID) {
+			return
 		}
 		for _, ev := range evs {
 			data, err := streamEventData(def, ev)
@@ -684,8 +696,7 @@ func (s *sseRoutes) stream(w http.ResponseWriter, r *http.Request) {
 			lastID = EncodePosition(pos)
 			sw.event(lastID, ev.Event.Type, data)
 		}
-		if err := sw.send(); err != nil {
-			s.end(sw, writeFailure(err), "", lastID)
+		if !s.flush(sw, lastID) {
 			return
 		}
 	}
@@ -697,14 +708,6 @@ func streamEventData(def aggregate.Definition, ev StreamedEvent) ([]byte, error)
 		return nil, err
 	}
 	return json.Marshal(streamEventJSON{ID: ev.Event.EntityID, eventJSON: out[0], Partition: ev.Partition, Offset: ev.Offset})
-}
-
-// partitions is the partition count the router knows (0 without one).
-func (s *sseRoutes) partitions() int32 {
-	if s.a.rt == nil {
-		return 0
-	}
-	return s.a.rt.Partitions()
 }
 
 // EncodePosition returns the position token of a stream: base64url (no

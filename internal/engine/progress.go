@@ -9,9 +9,9 @@ import (
 )
 
 // progress follows how far the command tasks and the projections this node
-// runs are behind their inputs: the lag gauges, and while a projection catches up (added to a
-// running system, or after downtime) a log line every few seconds with the
-// share done and the rate.
+// runs are behind their inputs: the lag gauges, and while a projection
+// catches up (added to a running system, or after downtime) a log line every
+// few seconds with the share done and the rate.
 type progress struct {
 	e  *Engine
 	mu sync.Mutex

@@ -192,8 +192,9 @@ func (pc *projCycle) skipProcessed(p kgo.FetchTopicPartition) []*kgo.Record {
 		}
 		if stored == 0 {
 			// A task that has folded nothing yet starts at its start
-			// position: records before it are skipped quietly.
-			if start := pc.c.e.startOffset(pc.task, p.Topic); start > 0 {
+			// position (seekProjectionInputs; 0 for the beginning):
+			// records before it are skipped quietly.
+			if start, _ := pc.c.e.knownStart(pc.task, p.Topic); start > 0 {
 				i := 0
 				for i < len(p.Records) && p.Records[i].Offset < start {
 					i++
@@ -684,14 +685,6 @@ func (e *Engine) knownStart(t statestore.Task, topic string) (int64, bool) {
 	defer e.startMu.Unlock()
 	off, ok := e.starts[t][topic]
 	return off, ok
-}
-
-// startOffset is where a projection task without a stored input offset in
-// topic starts (seekProjectionInputs); 0 for the beginning.
-func (e *Engine) startOffset(t statestore.Task, topic string) int64 {
-	e.startMu.Lock()
-	defer e.startMu.Unlock()
-	return e.starts[t][topic]
 }
 
 // ProjectionStatus reports a projection's or reactor's tasks on this node:
