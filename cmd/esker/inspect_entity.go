@@ -199,6 +199,9 @@ func (in *inspector) entity(typ, id string) (*entityReport, error) {
 		if !bytes.Equal(rec.Key, stateKey) {
 			return
 		}
+		// Only the latest record counts: a later one clears an earlier
+		// record's decoding error.
+		decodeErr = nil
 		if rec.Value == nil {
 			r.State = &entityState{Offset: rec.Offset, Deleted: true}
 			return
@@ -208,7 +211,6 @@ func (in *inspector) entity(typ, id string) (*entityReport, error) {
 			decodeErr = fmt.Errorf("%s/%d offset %d: %w", r.ChangelogTopic, r.Partition, rec.Offset, err)
 			return
 		}
-		decodeErr = nil
 		r.State = &entityState{Offset: rec.Offset, Version: s.Version, UpdatedAt: s.UpdatedAt, payload: newPayload(s.State)}
 	})
 	if err != nil {

@@ -23,6 +23,7 @@ import (
 	"github.com/esker-io/esker"
 	"github.com/esker-io/esker/aggregate"
 	"github.com/esker-io/esker/examples/bank"
+	"github.com/esker-io/esker/statestore"
 )
 
 // startInspectNode runs a bank node (application "bank", 4 partitions) on
@@ -337,6 +338,25 @@ func TestInspect(t *testing.T) {
 		code, stdout, _ = runCLI(t, "inspect", "entity", "account", "alice", "--brokers", addr)
 		if code != 0 || !strings.Contains(stdout, "  owner      -; group bank has no members: no node runs\n") {
 			t.Errorf("exit %d, entity:\n%s", code, stdout)
+		}
+	})
+
+	// Only the latest state record counts: an undecodable record followed
+	// by a tombstone shows the entity deleted, not a decoding error.
+	t.Run("tombstone after an undecodable record", func(t *testing.T) {
+		p := aggregate.Partition("carol", 4)
+		pcl := newClient(t, addr, kgo.RecordPartitioner(kgo.ManualPartitioner()))
+		defer pcl.Close()
+		key := statestore.StateKey("carol")
+		for _, v := range [][]byte{[]byte("not a state record"), nil} {
+			rec := &kgo.Record{Topic: "bank-account-changelog", Partition: p, Key: key, Value: v}
+			if err := pcl.ProduceSync(context.Background(), rec).FirstErr(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		r := inspectJSON[entityReport](t, "inspect", "entity", "account", "carol", "--brokers", addr)
+		if r.State == nil || !r.State.Deleted {
+			t.Errorf("state %+v (note %q), want deleted", r.State, r.StateNote)
 		}
 	})
 }
