@@ -83,7 +83,7 @@ func KafkaTLS(cfg *tls.Config) Option {
 	}
 }
 
-// saslMechanism returns the franz-go mechanism of the configuration, or nil.
+// saslMech returns the franz-go mechanism of the configuration, or nil.
 func (c *config) saslMech() (sasl.Mechanism, error) {
 	switch c.saslMechanism {
 	case "":

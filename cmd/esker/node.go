@@ -221,8 +221,6 @@ esker node --brokers 127.0.0.1:9092 --http 127.0.0.1:8081 --data esker-data-2 --
 	return 0
 }
 
-// trimPrefix drops the "esker: " prefix of the node's errors, which the
-// CLI's own "esker <command>: " prefix replaces.
 // loadMasterKeys reads the master keys from --master-key-file, else from
 // $ESKER_MASTER_KEY ("<id>:<base64>"). The bank keeps personal data, so a
 // node needs one.
@@ -240,6 +238,8 @@ func loadMasterKeys(file, env string) ([]keyring.MasterKey, error) {
 	return nil, errors.New("no master key: the bank seals each owner's name with a key wrapped by a master key; pass --master-key-file FILE or set ESKER_MASTER_KEY (make one with: echo k1:$(head -c 32 /dev/urandom | base64) > master.key)")
 }
 
+// trimPrefix drops the "esker: " prefix of the node's errors, which the
+// CLI's own "esker <command>: " prefix replaces.
 func trimPrefix(err error) string { return strings.TrimPrefix(err.Error(), "esker: ") }
 
 // parseBrokers splits a comma-separated broker list and checks each entry
