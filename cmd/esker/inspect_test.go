@@ -430,6 +430,29 @@ func TestInspectStandbys(t *testing.T) {
 	if !strings.Contains(stdout, "  standbys   "+other+"\n") {
 		t.Errorf("entity lacks the standby line:\n%s", stdout)
 	}
+
+	// A forgotten entity shows as such, not as a state without data.
+	req, err := http.NewRequest("DELETE", owned[p]+"/v1/aggregates/account/alice", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	if res.StatusCode != http.StatusOK {
+		t.Fatalf("forget alice: %d %s", res.StatusCode, body)
+	}
+	e = inspectJSON[entityReport](t, "inspect", "entity", "account", "alice", "--brokers", addr)
+	if e.State == nil || !e.State.Forgotten || e.State.Version != 2 || len(e.Events) != 2 {
+		t.Errorf("forgotten entity: state %+v, %d events; want forgotten at version 2 and 2 events", e.State, len(e.Events))
+	}
+	code, stdout, stderr := runCLI(t, "inspect", "entity", "account", "alice", "--brokers", addr)
+	if code != 0 || !regexp.MustCompile(`(?m)^State: forgotten at version 2, \S+Z \(marker at bank-account-changelog/\d offset \d+\)\.$`).MatchString(stdout) {
+		t.Errorf("exit %d, stderr %q, stdout:\n%s", code, stderr, stdout)
+	}
 }
 
 // TestInspectUnreachable checks that a broker nobody listens on is reported
