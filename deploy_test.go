@@ -185,7 +185,6 @@ func loadDeployment(t *testing.T, file string) deployment {
 			n.standbys, _ = flagValue(s.Command, "standby-replicas")
 			d.nodes = append(d.nodes, n)
 		case strings.HasPrefix(s.Image, "prom/prometheus"):
-			s := s
 			d.prometheus = &s
 		}
 	}

@@ -16,7 +16,7 @@ type readiness struct{ n *Node }
 
 var (
 	readyDesc = prometheus.NewDesc("esker_ready",
-		"1 when the node is ready (GET /readyz answers 200: every partition it owns is restored and processing), else 0.", nil, nil)
+		"1 when the node is ready (GET /readyz answers 200: every partition it owns is restored and processing, and the group has confirmed its membership), else 0.", nil, nil)
 	consumerReadyDesc = prometheus.NewDesc("esker_consumer_ready",
 		"1 when a side-effect consumer or sink this node runs is ready (a member of its group, not stuck; a sink: its database reachable and offsets loaded), else 0.",
 		[]string{"consumer", "kind"}, nil)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io/fs"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -94,7 +95,7 @@ func checkFamilies(mfs []*dto.MetricFamily) []error {
 		for _, m := range mf.GetMetric() {
 			for _, l := range m.GetLabel() {
 				if !allowedLabels[l.GetName()] {
-					errs = append(errs, fmt.Errorf("%s: label %q is not one of the bounded labels %v", name, l.GetName(), slices.Sorted(mapKeys(allowedLabels))))
+					errs = append(errs, fmt.Errorf("%s: label %q is not one of the bounded labels %v", name, l.GetName(), slices.Sorted(maps.Keys(allowedLabels))))
 				}
 				v := l.GetValue()
 				if strings.Contains(v, marker) || strings.Contains(v, "/") || strings.HasPrefix(v, "http") {
@@ -104,16 +105,6 @@ func checkFamilies(mfs []*dto.MetricFamily) []error {
 		}
 	}
 	return errs
-}
-
-func mapKeys[K comparable, V any](m map[K]V) func(func(K) bool) {
-	return func(yield func(K) bool) {
-		for k := range m {
-			if !yield(k) {
-				return
-			}
-		}
-	}
 }
 
 // declaredMetrics returns the esker_ metric names declared in the
@@ -145,7 +136,7 @@ func declaredMetrics(t *testing.T) []string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return slices.Sorted(mapKeys(seen))
+	return slices.Sorted(maps.Keys(seen))
 }
 
 // gatherAll gathers the families of every node, merged by name.

@@ -83,7 +83,7 @@ func KafkaTLS(cfg *tls.Config) Option {
 	}
 }
 
-// saslMechanism returns the franz-go mechanism of the configuration, or nil.
+// saslMech returns the franz-go mechanism of the configuration, or nil.
 func (c *config) saslMech() (sasl.Mechanism, error) {
 	switch c.saslMechanism {
 	case "":
@@ -124,10 +124,10 @@ func (c *config) validateSecurity() error {
 // that refused credentials or a failed TLS handshake stop Run at once with
 // a clear error instead of leaving the clients retrying. Brokers that are
 // merely unreachable are not an error here (the node waits for them, as
-// before); the check then gives up after a few seconds. A broker that
-// accepts the connection and closes it during the handshake (some brokers
-// answer bad credentials so) is asked three times before that counts as a
-// refusal.
+// before); the check then gives up once every seed broker was tried, within
+// 10 seconds (ping). A broker that accepts the connection and closes it
+// during the handshake (some brokers answer bad credentials so) is asked
+// three times before that counts as a refusal.
 func (c *config) kafkaPreflight(ctx context.Context, clientOpts []kgo.Opt) error {
 	var err error
 	for attempt := range 3 {

@@ -67,6 +67,9 @@ type entityState struct {
 	// Deleted is true when the latest changelog record of the state is a
 	// tombstone.
 	Deleted bool `json:"deleted,omitempty"`
+	// Forgotten is true when the entity was forgotten (DELETE): its state
+	// record is a marker without a state.
+	Forgotten bool `json:"forgotten,omitempty"`
 	payload
 }
 
@@ -199,6 +202,9 @@ func (in *inspector) entity(typ, id string) (*entityReport, error) {
 		if !bytes.Equal(rec.Key, stateKey) {
 			return
 		}
+		// Only the latest record counts: a later one clears an earlier
+		// record's decoding error.
+		decodeErr = nil
 		if rec.Value == nil {
 			r.State = &entityState{Offset: rec.Offset, Deleted: true}
 			return
@@ -208,8 +214,7 @@ func (in *inspector) entity(typ, id string) (*entityReport, error) {
 			decodeErr = fmt.Errorf("%s/%d offset %d: %w", r.ChangelogTopic, r.Partition, rec.Offset, err)
 			return
 		}
-		decodeErr = nil
-		r.State = &entityState{Offset: rec.Offset, Version: s.Version, UpdatedAt: s.UpdatedAt, payload: newPayload(s.State)}
+		r.State = &entityState{Offset: rec.Offset, Version: s.Version, UpdatedAt: s.UpdatedAt, Forgotten: s.Forgotten, payload: newPayload(s.State)}
 	})
 	if err != nil {
 		return nil, err
@@ -394,6 +399,9 @@ func (r *entityReport) write(w io.Writer) {
 		fmt.Fprintf(w, "\nState: none (%s).\n", r.StateNote)
 	case r.State.Deleted:
 		fmt.Fprintf(w, "\nState: deleted (tombstone at %s/%d offset %d).\n", r.ChangelogTopic, r.Partition, r.State.Offset)
+	case r.State.Forgotten:
+		fmt.Fprintf(w, "\nState: forgotten at version %d, %s (marker at %s/%d offset %d).\n", r.State.Version,
+			r.State.UpdatedAt.UTC().Format(time.RFC3339Nano), r.ChangelogTopic, r.Partition, r.State.Offset)
 	default:
 		fmt.Fprintf(w, "\nState (%s/%d offset %d): version %d, updated %s\n%s\n", r.ChangelogTopic, r.Partition, r.State.Offset,
 			r.State.Version, r.State.UpdatedAt.UTC().Format(time.RFC3339Nano), r.State.payload)

@@ -25,14 +25,13 @@ type groupReport struct {
 	Coordinator string `json:"coordinator,omitempty"`
 	// Generation is the generation of the newest cluster map the members
 	// hold, -1 when none has one (no members, or a rebalance in progress).
-	Generation int32             `json:"generation"`
-	Members    []groupMember     `json:"members"`
-	Partitions []groupPlacement  `json:"partitions"`
-	Offsets    []partitionLag    `json:"offsets"`
-	TotalLag   int64             `json:"totalLag"`
-	Notes      []string          `json:"notes,omitempty"`
-	clusterMap *interactive.Map  // nil when no member holds one
-	members    map[string]string // member id -> URL, for owners
+	Generation int32            `json:"generation"`
+	Members    []groupMember    `json:"members"`
+	Partitions []groupPlacement `json:"partitions"`
+	Offsets    []partitionLag   `json:"offsets"`
+	TotalLag   int64            `json:"totalLag"`
+	Notes      []string         `json:"notes,omitempty"`
+	clusterMap *interactive.Map // nil when no member holds one
 }
 
 type groupMember struct {
@@ -94,7 +93,7 @@ func (in *inspector) describeGroup() (*groupReport, error) {
 	if d.ProtocolType != "" && d.ProtocolType != "consumer" {
 		return nil, fmt.Errorf("group %s is a %q group, not a consumer group of esker nodes", in.app, d.ProtocolType)
 	}
-	r := &groupReport{Group: in.app, State: d.State, Protocol: d.Protocol, Generation: -1, members: map[string]string{},
+	r := &groupReport{Group: in.app, State: d.State, Protocol: d.Protocol, Generation: -1,
 		Coordinator: fmt.Sprintf("%s:%d", d.Coordinator.Host, d.Coordinator.Port)}
 	for _, m := range d.Members {
 		gm := groupMember{ID: m.MemberID, ClientID: m.ClientID, Host: strings.TrimPrefix(m.ClientHost, "/")}
@@ -108,7 +107,6 @@ func (in *inspector) describeGroup() (*groupReport, error) {
 		} else {
 			gm.URL, gm.Topics = md.URL, topics
 		}
-		r.members[m.MemberID] = gm.URL
 		// Every member receives the whole map; keep the newest.
 		if _, cm, err := interactive.DecodeAssignment(memberAssignment(m.Assigned)); err == nil {
 			if r.clusterMap == nil || cm.Generation > r.clusterMap.Generation {

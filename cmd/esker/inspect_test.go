@@ -23,6 +23,7 @@ import (
 	"github.com/esker-io/esker"
 	"github.com/esker-io/esker/aggregate"
 	"github.com/esker-io/esker/examples/bank"
+	"github.com/esker-io/esker/statestore"
 )
 
 // startTestBroker starts an in-process broker that accepts the nodes' short
@@ -347,6 +348,25 @@ func TestInspect(t *testing.T) {
 			t.Errorf("exit %d, entity:\n%s", code, stdout)
 		}
 	})
+
+	// Only the latest state record counts: an undecodable record followed
+	// by a tombstone shows the entity deleted, not a decoding error.
+	t.Run("tombstone after an undecodable record", func(t *testing.T) {
+		p := aggregate.Partition("carol", 4)
+		pcl := newClient(t, addr, kgo.RecordPartitioner(kgo.ManualPartitioner()))
+		defer pcl.Close()
+		key := statestore.StateKey("carol")
+		for _, v := range [][]byte{[]byte("not a state record"), nil} {
+			rec := &kgo.Record{Topic: "bank-account-changelog", Partition: p, Key: key, Value: v}
+			if err := pcl.ProduceSync(context.Background(), rec).FirstErr(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		r := inspectJSON[entityReport](t, "inspect", "entity", "account", "carol", "--brokers", addr)
+		if r.State == nil || !r.State.Deleted {
+			t.Errorf("state %+v (note %q), want deleted", r.State, r.StateNote)
+		}
+	})
 }
 
 // TestInspectStandbys runs two nodes with a standby replica each: the
@@ -412,6 +432,29 @@ func TestInspectStandbys(t *testing.T) {
 	_, stdout, _ = runCLI(t, "inspect", "entity", "account", "alice", "--brokers", addr)
 	if !strings.Contains(stdout, "  standbys   "+other+"\n") {
 		t.Errorf("entity lacks the standby line:\n%s", stdout)
+	}
+
+	// A forgotten entity shows as such, not as a state without data.
+	req, err := http.NewRequest("DELETE", owned[p]+"/v1/aggregates/account/alice", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	if res.StatusCode != http.StatusOK {
+		t.Fatalf("forget alice: %d %s", res.StatusCode, body)
+	}
+	e = inspectJSON[entityReport](t, "inspect", "entity", "account", "alice", "--brokers", addr)
+	if e.State == nil || !e.State.Forgotten || e.State.Version != 2 || len(e.Events) != 2 {
+		t.Errorf("forgotten entity: state %+v, %d events; want forgotten at version 2 and 2 events", e.State, len(e.Events))
+	}
+	code, stdout, stderr := runCLI(t, "inspect", "entity", "account", "alice", "--brokers", addr)
+	if code != 0 || !regexp.MustCompile(`(?m)^State: forgotten at version 2, \S+Z \(marker at bank-account-changelog/\d offset \d+\)\.$`).MatchString(stdout) {
+		t.Errorf("exit %d, stderr %q, stdout:\n%s", code, stderr, stdout)
 	}
 }
 

@@ -2,12 +2,12 @@ package main
 
 import (
 	"os"
-
-	"github.com/esker-io/esker"
-	"github.com/esker-io/esker/internal/keyring"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/esker-io/esker"
+	"github.com/esker-io/esker/internal/keyring"
 )
 
 // The esker node processes the tests start seal the bank's personal fields
@@ -46,7 +46,9 @@ func TestMasterKeys(t *testing.T) {
 	if info, err := os.Stat(file); err != nil || info.Mode().Perm() != 0o600 {
 		t.Fatalf("the key file must be private: %v %v", info.Mode(), err)
 	}
-	os.WriteFile(file, []byte("# rotated\nk2:AwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM=\nbroken\n"), 0o600)
+	if err := os.WriteFile(file, []byte("# rotated\nk2:AwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM=\nbroken\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := loadMasterKeys(file, ""); err == nil || !strings.Contains(err.Error(), "line 3") {
 		t.Fatalf("a broken line: %v, want its number", err)
 	}

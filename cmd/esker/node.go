@@ -118,15 +118,19 @@ func runUntilDone(ctx context.Context, node *esker.Node) error {
 func runNode(e *env, args []string) int {
 	fs := newFlagSet("node", "esker node --brokers HOST:PORT[,HOST:PORT...] [flags]", `
 Runs one node of the bank demo service against a Kafka cluster (any Kafka
-2.5+ broker, or "esker kafka"). Run several with the same --app and
---brokers and different --http/--advertise addresses: they share the
-partitions of the account aggregate, and any node answers any HTTP request
-by forwarding it to the node that owns the account.
+2.5+ broker, or "esker kafka"): the account and transfer aggregate types,
+the owners and daily-totals projections and the transfers reactor, plus the
+withdrawal alerts with --alerts-url and the accounts table with --postgres.
+Run several with the same --app and --brokers and different
+--http/--advertise addresses: they share the partitions, and any node
+answers any HTTP request by forwarding it to the node that owns the entity.
 
-The node creates its topics if they do not exist: account-commands,
-account-events and <app>-account-changelog, each with --partitions
-partitions. Its local state store is kept in DIR/state, so a restart only
-restores what changed while it was down.
+The node creates the topics it needs if they do not exist, each with
+--partitions partitions: for each aggregate type T (account, transfer)
+T-commands, T-events and <app>-T-changelog, the topics of the projections
+and the reactor, and <app>-keys (the keys that seal the owners' names). Its
+local state store is kept in DIR/state, so a restart only restores what
+changed while it was down.
 
 Commands are processed exactly once (one Kafka transaction per batch) unless
 --at-least-once is given.`)
@@ -221,8 +225,6 @@ esker node --brokers 127.0.0.1:9092 --http 127.0.0.1:8081 --data esker-data-2 --
 	return 0
 }
 
-// trimPrefix drops the "esker: " prefix of the node's errors, which the
-// CLI's own "esker <command>: " prefix replaces.
 // loadMasterKeys reads the master keys from --master-key-file, else from
 // $ESKER_MASTER_KEY ("<id>:<base64>"). The bank keeps personal data, so a
 // node needs one.
@@ -240,6 +242,8 @@ func loadMasterKeys(file, env string) ([]keyring.MasterKey, error) {
 	return nil, errors.New("no master key: the bank seals each owner's name with a key wrapped by a master key; pass --master-key-file FILE or set ESKER_MASTER_KEY (make one with: echo k1:$(head -c 32 /dev/urandom | base64) > master.key)")
 }
 
+// trimPrefix drops the "esker: " prefix of the node's errors, which the
+// CLI's own "esker <command>: " prefix replaces.
 func trimPrefix(err error) string { return strings.TrimPrefix(err.Error(), "esker: ") }
 
 // parseBrokers splits a comma-separated broker list and checks each entry
