@@ -202,7 +202,8 @@ func (m Map) StandbyPartitions(member string) []int32 {
 //     Any member may fill up to floor(P/N); the P mod N slots above it go
 //     to whoever takes them first in the order of rules 3 and 4.
 //  3. Stickiness: a member that was active for p last generation keeps it,
-//     up to floor(P/N) of its claims (lowest partition numbers first);
+//     up to floor(P/N) of its claims (first those no other member holds
+//     state for without a role, then the lowest partition numbers);
 //     then, by member id, each member with more claims keeps one more
 //     while slots above floor remain. If several members claim p, the
 //     claim with the highest Generation wins, then the highest

@@ -78,7 +78,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	m := &Metrics{
 		Commands: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "esker_commands_total",
-			Help: "Commands processed, by aggregate type and outcome (accepted, rejected, conflict, duplicate).",
+			Help: "Commands processed, by aggregate type and outcome (accepted, rejected, conflict, duplicate, replayed: read again after a reset and skipped).",
 		}, []string{"type", "outcome"}),
 		CommandLag: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "esker_command_lag_records",
