@@ -26,7 +26,10 @@ type Consumer interface {
 // it runs and lists it, with its readiness, in GET /v1/cluster and
 // ConsumersReady. Its readiness is not part of Ready (/readyz): a sink whose
 // database is down must not take the node's command API out of a load
-// balancer. It fails after Run has started and on a name already in use.
+// balancer. For the same reason a consumer that stops with an error (a sink
+// on a permanent database error) does not stop the node: the error is
+// logged and reported as the consumer's readiness until the node restarts.
+// It fails after Run has started and on a name already in use.
 func (n *Node) AddConsumer(c Consumer) error {
 	n.mu.Lock()
 	defer n.mu.Unlock()
@@ -41,29 +44,40 @@ func (n *Node) AddConsumer(c Consumer) error {
 }
 
 // runConsumers starts the consumers; stop cancels them and waits for them
-// to return. A consumer that returns an error before stop (it could not
-// start) reports it on failed.
-func (n *Node) runConsumers(rt sideeffects.Runtime) (failed <-chan error, stop func()) {
+// to return. A consumer that returns an error before stop does not stop the
+// node (see AddConsumer): the error is logged and the consumer reports it as
+// not ready — in ConsumersReady, GET /v1/cluster and esker_consumer_ready —
+// until the node restarts.
+func (n *Node) runConsumers(rt sideeffects.Runtime) (stop func()) {
 	ctx, cancel := context.WithCancel(context.Background())
-	errs := make(chan error, len(n.consumers))
 	var wg sync.WaitGroup
 	for _, c := range n.consumers {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			if err := c.Run(ctx, rt); err != nil && ctx.Err() == nil {
-				errs <- fmt.Errorf("esker: consumer %s: %w", c.Name(), err)
+				err = fmt.Errorf("stopped: %w", err)
+				n.consumerErrs.Store(c.Name(), err)
+				n.cfg.logger.Error("esker: consumer stopped; the node goes on without it", "consumer", c.Name(), "err", err)
 			}
 		}()
 	}
-	return errs, func() { cancel(); wg.Wait() }
+	return func() { cancel(); wg.Wait() }
+}
+
+// consumerReady is c's readiness, or the error it stopped with.
+func (n *Node) consumerReady(c Consumer) error {
+	if err, ok := n.consumerErrs.Load(c.Name()); ok {
+		return err.(error)
+	}
+	return c.Ready()
 }
 
 // ConsumersReady returns nil when every consumer added with AddConsumer is
 // ready, or an error naming the first that is not and why.
 func (n *Node) ConsumersReady() error {
 	for _, c := range n.consumers {
-		if err := c.Ready(); err != nil {
+		if err := n.consumerReady(c); err != nil {
 			return fmt.Errorf("consumer %s: %w", c.Name(), err)
 		}
 	}
@@ -79,7 +93,7 @@ func (n *Node) consumerStatuses() []interactive.ProcessorStatus {
 		if st.Partitions == nil {
 			st.Partitions = []int32{}
 		}
-		if err := c.Ready(); err != nil {
+		if err := n.consumerReady(c); err != nil {
 			st.Error = err.Error()
 		}
 		out = append(out, st)

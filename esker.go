@@ -71,8 +71,10 @@ type Node struct {
 	projOrder   []projection.Definition
 	reactors    []engine.Reactor
 	consumers   []Consumer // side effects and sinks (consumers.go)
-	running     bool
-	handler     http.Handler
+	// consumerErrs holds, by name, the error a consumer stopped with.
+	consumerErrs sync.Map
+	running      bool
+	handler      http.Handler
 
 	// Set once Run has started; nil before.
 	engine   *engine.Engine
@@ -392,7 +394,7 @@ func (n *Node) Run(ctx context.Context) error {
 	if keys != nil {
 		rt.OpenEvent = n.openEvent
 	}
-	consumerErr, stopConsumers := n.runConsumers(rt)
+	stopConsumers := n.runConsumers(rt)
 	defer stopConsumers()
 
 	var runErr error
@@ -400,7 +402,6 @@ func (n *Node) Run(ctx context.Context) error {
 	case <-ctx.Done():
 	case runErr = <-engErr:
 		engErr = nil
-	case runErr = <-consumerErr:
 	case err := <-srvErr:
 		runErr = fmt.Errorf("esker: http server: %w", err)
 	}

@@ -34,7 +34,7 @@ func (r readiness) Collect(ch chan<- prometheus.Metric) {
 	r.n.mu.Unlock()
 	for _, c := range consumers {
 		ch <- prometheus.MustNewConstMetric(consumerReadyDesc, prometheus.GaugeValue,
-			boolValue(c.Ready() == nil), c.Name(), c.Report().Kind)
+			boolValue(r.n.consumerReady(c) == nil), c.Name(), c.Report().Kind)
 	}
 }
 
