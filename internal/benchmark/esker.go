@@ -262,7 +262,9 @@ func wait(ctx context.Context, cfg Config, phase string, total int64, count func
 				return fmt.Errorf("%s: %w", phase, err)
 			}
 			n := count()
-			cfg.progress(phase, int(min(n, total)), int(total))
+			// Done is reported once, when finished says so: counted
+			// commands may reach total before their outcomes are read.
+			cfg.progress(phase, int(min(n, total-1)), int(total))
 			if n != last {
 				last, lastChange = n, now
 			} else if now.Sub(lastChange) > cfg.Timeout {
