@@ -221,6 +221,11 @@ func New(cfg Config) (*Engine, error) {
 		e.types[d.Name()] = d
 		e.byTopic[CommandsTopic(d.Name())] = d
 		e.taskTypes = append(e.taskTypes, d.Name())
+		if m := cfg.Metrics; m != nil {
+			// Exported from 0, so that rates and alerts see every type.
+			m.RebuildEvents.WithLabelValues(d.Name())
+			m.RebuildsInProgress.WithLabelValues(d.Name())
+		}
 	}
 	e.projections = map[string]projection.Definition{}
 	e.readers = map[string][]string{}
