@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"os"
 	"strconv"
 	"time"
 
@@ -11,6 +12,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/esker-io/esker/aggregate"
+	"github.com/esker-io/esker/internal/keyring"
 )
 
 // Reading the truth from Kafka once the cluster has settled.
@@ -119,6 +121,21 @@ func readEvents(ctx context.Context, brokers []string) ([]EventRecord, error) {
 		return nil, err
 	}
 	defer cl.Close()
+	// The owner is sealed on the events; the nodes' master key opens it.
+	master, err := keyring.ParseMasterKey(os.Getenv("ESKER_MASTER_KEY"))
+	if err != nil {
+		return nil, err
+	}
+	kr, err := keyring.New(keyring.Config{AppID: "bank", Partitions: 1, Masters: []keyring.MasterKey{master},
+		ClientOpts: []kgo.Opt{kgo.SeedBrokers(brokers...)}})
+	if err != nil {
+		return nil, err
+	}
+	defer kr.Close()
+	go func() { _ = kr.Run(ctx) }()
+	if err := kr.Sync(ctx); err != nil {
+		return nil, err
+	}
 	var out []EventRecord
 	var decodeErr error
 	for len(pending) > 0 {
@@ -132,7 +149,11 @@ func readEvents(ctx context.Context, brokers []string) ([]EventRecord, error) {
 				return
 			}
 			if !r.Attrs.IsControl() {
-				e, err := eventRecord(r)
+				value, err := kr.OpenJSON(ctx, "account", string(r.Key), r.Value)
+				if err != nil && decodeErr == nil {
+					decodeErr = err
+				}
+				e, err := eventRecord(r, value)
 				if err != nil && decodeErr == nil {
 					decodeErr = err
 				}
@@ -146,8 +167,9 @@ func readEvents(ctx context.Context, brokers []string) ([]EventRecord, error) {
 	return out, decodeErr
 }
 
-// eventRecord decodes one record of account-events.
-func eventRecord(r *kgo.Record) (EventRecord, error) {
+// eventRecord decodes one record of account-events whose payload, its
+// personal fields opened, is value.
+func eventRecord(r *kgo.Record, value []byte) (EventRecord, error) {
 	e := EventRecord{Account: string(r.Key), Partition: r.Partition, Offset: r.Offset}
 	for _, h := range r.Headers {
 		switch h.Key {
@@ -165,9 +187,9 @@ func eventRecord(r *kgo.Record) (EventRecord, error) {
 		Amount int64  `json:"amount"`
 		Owner  string `json:"owner"`
 	}
-	if len(r.Value) > 0 {
-		if err := json.Unmarshal(r.Value, &payload); err != nil {
-			return e, fmt.Errorf("account-events partition %d offset %d: payload %q: %w", r.Partition, r.Offset, r.Value, err)
+	if len(value) > 0 {
+		if err := json.Unmarshal(value, &payload); err != nil {
+			return e, fmt.Errorf("account-events partition %d offset %d: payload %q: %w", r.Partition, r.Offset, value, err)
 		}
 	}
 	e.Amount, e.Owner = payload.Amount, payload.Owner
