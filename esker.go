@@ -25,6 +25,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -429,22 +430,29 @@ func (n *Node) Run(ctx context.Context) error {
 	return runErr
 }
 
-// startKeyring starts the keyring when a registered aggregate type has
-// personal fields: it creates the keys topic if needed and reads it to its
-// end before the node takes commands. It fails when no master key is set.
+// startKeyring starts the keyring when a registered aggregate type or
+// projection has personal data: it creates the keys topic if needed and
+// reads it to its end before the node takes commands. It fails when no
+// master key is set.
 func (n *Node) startKeyring(ctx context.Context, producer *kgo.Client, clientOpts []kgo.Opt) (*keyring.Keyring, error) {
 	var personal []string
 	for _, def := range n.order {
 		if def.Personal() {
-			personal = append(personal, def.Name())
+			personal = append(personal, "aggregate type "+def.Name())
+		}
+	}
+	for _, p := range n.projections {
+		if g := p.GroupBy(); p.PersonalKeys() || g != nil && g.Personal() {
+			personal = append(personal, "projection "+p.Name())
 		}
 	}
 	if len(personal) == 0 {
 		return nil, nil
 	}
+	slices.Sort(personal)
 	c := n.cfg
 	if len(c.masterKeys) == 0 {
-		return nil, fmt.Errorf("esker: aggregate type %s has personal fields (tagged esker:\"pii\"), which are sealed with keys wrapped by a master key: configure one with esker.MasterKey or esker.MasterKeyFile (esker node --master-key-file)", strings.Join(personal, ", "))
+		return nil, fmt.Errorf("esker: %s has personal data (fields tagged esker:\"pii\", or personal row keys), which is sealed with keys wrapped by a master key: configure one with esker.MasterKey or esker.MasterKeyFile (esker node --master-key-file)", strings.Join(personal, ", "))
 	}
 	spec := engine.TopicSpec{Name: keyring.Topic(c.appID), Configs: map[string]string{"cleanup.policy": "compact"}}
 	if err := engine.EnsureTopics(ctx, kadm.NewClient(producer), []engine.TopicSpec{spec}, c.partitions, c.replicationFactor); err != nil {

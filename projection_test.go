@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"maps"
 	"math/rand/v2"
 	"net/url"
 	"reflect"
@@ -25,12 +24,15 @@ import (
 )
 
 // expectedProjections folds the bank projections independently of the
-// engine: straight from the records of "account-events".
+// engine: straight from the records of "account-events". The owners are
+// keyed by their pseudonyms, as the owners projection (PersonalKeys) lists
+// them.
 func expectedProjections(t testing.TB, brokers []string) (owners map[string]bank.OwnerTotals, days map[string]bank.DayTotals, events int) {
 	t.Helper()
 	rows := map[string]bank.AccountRow{}
 	days = map[string]bank.DayTotals{}
 	open := testOpener(t, brokers)
+	ownerKey := ownerKeys(t, brokers)
 	for _, r := range readTopic(t, brokers, "account-events") {
 		hs := make([]aggregate.Header, len(r.Headers))
 		for i, h := range r.Headers {
@@ -63,13 +65,28 @@ func expectedProjections(t testing.TB, brokers []string) (owners map[string]bank
 	owners = map[string]bank.OwnerTotals{}
 	for _, r := range rows {
 		if r.Open {
-			o := owners[r.Owner]
+			k := ownerKey(r.Owner)
+			o := owners[k]
 			o.Accounts++
 			o.Balance += r.Balance
-			owners[r.Owner] = o
+			owners[k] = o
 		}
 	}
 	return owners, days, events
+}
+
+// ownerKeys returns the function that gives the key an owner's row is
+// listed under in the owners projection: the owner's pseudonym.
+func ownerKeys(t testing.TB, brokers []string) func(owner string) string {
+	kr := testKeyring(t, brokers)
+	return func(owner string) string {
+		t.Helper()
+		p, err := kr.Pseudonym(context.Background(), "owners", owner)
+		if err != nil {
+			t.Fatalf("the pseudonym of %q: %v", owner, err)
+		}
+		return p
+	}
 }
 
 // listRows pages through a projection over HTTP, limit rows per page, and
@@ -176,7 +193,8 @@ func TestProjectionsFoldEvents(t *testing.T) {
 		do(t, tn, "POST", "/v1/aggregates/account/"+id+"/commands", cmd(kind, map[string]any{"amount": 1 + rng.IntN(500)}))
 	}
 	got, _ := waitProjections(t, tn, brokers, 3)
-	before := got["alice"]
+	ownerKey := ownerKeys(t, brokers)
+	before := got[ownerKey("alice")]
 
 	// acc-00 (alice's) moves to bob: alice's totals lose it, bob's gain it.
 	var st struct {
@@ -189,7 +207,7 @@ func TestProjectionsFoldEvents(t *testing.T) {
 	code, body = do(t, tn, "POST", "/v1/aggregates/account/acc-00/commands", cmd("ChangeOwner", map[string]any{"owner": "bob"}))
 	mustStatus(t, 200, code, body, "change owner")
 	got, _ = waitProjections(t, tn, brokers, 1000)
-	after := got["alice"]
+	after := got[ownerKey("alice")]
 	if after.Accounts != before.Accounts-1 || after.Balance != before.Balance-st.State.Balance {
 		t.Fatalf("alice after giving away acc-00 (balance %d): %+v, before %+v", st.State.Balance, after, before)
 	}
@@ -197,8 +215,8 @@ func TestProjectionsFoldEvents(t *testing.T) {
 	// One row, routed by key.
 	code, body = do(t, tn, "GET", "/v1/projections/owners/bob", nil)
 	mustStatus(t, 200, code, body, "get bob")
-	if v := body["value"].(map[string]any); int(v["accounts"].(float64)) != got["bob"].Accounts || body["version"].(float64) < 1 {
-		t.Fatalf("bob's row: %v, want %+v", body, got["bob"])
+	if v := body["value"].(map[string]any); int(v["accounts"].(float64)) != got[ownerKey("bob")].Accounts || body["version"].(float64) < 1 || body["key"] != "bob" {
+		t.Fatalf("bob's row: %v, want %+v", body, got[ownerKey("bob")])
 	}
 	code, body = do(t, tn, "GET", "/v1/projections/owners/nobody", nil)
 	mustStatus(t, 404, code, body, "missing row")
@@ -208,6 +226,8 @@ func TestProjectionsFoldEvents(t *testing.T) {
 	mustStatus(t, 400, code, body, "limit 0")
 	code, body = do(t, tn, "GET", "/v1/projections/owners?after=%25%25", nil)
 	mustStatus(t, 400, code, body, "bad token")
+	code, body = do(t, tn, "GET", "/v1/projections/owners?prefix=al", nil)
+	mustStatus(t, 400, code, body, "a prefix of personal keys")
 	today := time.Now().UTC().Format("2006-01-02")
 	if days, _, _ := listRows[bank.DayTotals](t, tn, "daily-totals", today[:7], 10); len(days) == 0 {
 		t.Fatalf("prefix %q listed no day", today[:7])
@@ -327,14 +347,15 @@ func TestProjectionCatchesUpThenFollows(t *testing.T) {
 	}
 	submit(tn, "a000", "ChangeOwner", bank.ChangeOwner{Owner: "newcomer"})
 	got, _ := waitProjections(t, tn, brokers, 1000)
-	if got["newcomer"].Accounts != 1 {
-		t.Fatalf("newcomer: %+v", got["newcomer"])
+	if n := got[ownerKeys(t, brokers)("newcomer")]; n.Accounts != 1 {
+		t.Fatalf("newcomer: %+v", n)
 	}
 }
 
 // TestProjectionRangeAcrossNodes: a listing fans out to the owners of every
 // partition of a 3-node cluster and returns every key once, in order, with
-// working paging, whichever node is asked.
+// working paging, whichever node is asked; a row read by its personal key
+// is routed to the owner of its pseudonym.
 func TestProjectionRangeAcrossNodes(t *testing.T) {
 	c := newCluster(t)
 	brokers := c.ListenAddrs()
@@ -363,7 +384,13 @@ func TestProjectionRangeAcrossNodes(t *testing.T) {
 			time.Sleep(50 * time.Millisecond)
 		}
 	}
-	want := slices.Sorted(maps.Keys(wantKeys))
+	// The owners are listed under their pseudonyms (PersonalKeys).
+	ownerKey := ownerKeys(t, brokers)
+	var want []string
+	for owner := range wantKeys {
+		want = append(want, ownerKey(owner))
+	}
+	slices.Sort(want)
 	for i, n := range nodes {
 		deadline := time.Now().Add(30 * time.Second)
 		for {
@@ -379,10 +406,16 @@ func TestProjectionRangeAcrossNodes(t *testing.T) {
 			}
 			time.Sleep(100 * time.Millisecond)
 		}
-		_, keys, _ := listRows[bank.OwnerTotals](t, n, "owners", "owner-1", 4)
-		if !slices.Equal(keys, slices.DeleteFunc(slices.Clone(want), func(k string) bool { return k[:7] != "owner-1" })) {
-			t.Fatalf("node %d: prefix owner-1 listed %v", i, keys)
+		// Every owner's row is found by name from every node: routed to
+		// the owner of its pseudonym's partition.
+		for owner := range wantKeys {
+			code, body := do(t, n, "GET", "/v1/projections/owners/"+owner, nil)
+			if code != 200 || body["key"] != owner {
+				t.Fatalf("node %d: the row of %s: %d %v", i, owner, code, body)
+			}
 		}
+		code, body := do(t, n, "GET", "/v1/projections/owners?prefix=owner-1", nil)
+		mustStatus(t, 400, code, body, "a prefix of personal keys")
 	}
 }
 

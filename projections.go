@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/esker-io/esker/interactive"
+	"github.com/esker-io/esker/projection"
 	"github.com/esker-io/esker/statestore"
 )
 
@@ -23,21 +24,46 @@ func (n *Node) ProjectionRow(ctx context.Context, name, key string) (interactive
 }
 
 func (b backend) HasProjection(name string) bool {
+	_, ok := b.projection(name)
+	return ok
+}
+
+// projection returns a registered projection.
+func (b backend) projection(name string) (projection.Definition, bool) {
 	b.n.mu.Lock()
 	defer b.n.mu.Unlock()
-	_, ok := b.n.projections[name]
-	return ok
+	p, ok := b.n.projections[name]
+	return p, ok
+}
+
+func (b backend) PersonalKeys(name string) bool {
+	p, ok := b.projection(name)
+	return ok && p.PersonalKeys()
+}
+
+func (b backend) ProjectionRowKey(ctx context.Context, name, key string) (string, error) {
+	if !b.PersonalKeys(name) {
+		return key, nil
+	}
+	if _, err := b.started(); err != nil {
+		return "", err
+	}
+	return b.n.keys.Pseudonym(ctx, name, key)
 }
 
 func (b backend) ProjectionRow(ctx context.Context, name, key string) (interactive.Row, error) {
 	if !b.HasProjection(name) {
 		return interactive.Row{}, fmt.Errorf("unknown projection %q", name)
 	}
-	t, err := b.task(name, key)
+	rowKey, err := b.ProjectionRowKey(ctx, name, key)
 	if err != nil {
 		return interactive.Row{}, err
 	}
-	rec, found, err := b.stateRecord(t, key)
+	t, err := b.task(name, rowKey)
+	if err != nil {
+		return interactive.Row{}, err
+	}
+	rec, found, err := b.stateRecord(t, rowKey)
 	if err != nil {
 		return interactive.Row{}, err
 	}

@@ -26,6 +26,12 @@ import (
 type Projections interface {
 	// HasProjection reports whether a projection of that name runs here.
 	HasProjection(name string) bool
+	// PersonalKeys reports whether the projection's row keys are
+	// personal: rows are stored, partitioned and listed under pseudonyms.
+	PersonalKeys(name string) bool
+	// ProjectionRowKey returns the key the row named key is stored and
+	// partitioned under: key itself, or its pseudonym.
+	ProjectionRowKey(ctx context.Context, name, key string) (string, error)
 	// ProjectionRow returns one row; ErrNotFound when the row has never
 	// been written, a *NotReadyError when this node does not serve the
 	// key's partition now.
@@ -84,7 +90,12 @@ func (a *api) projectionRow(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, fmt.Sprintf("invalid row key %q: %v", key, err))
 		return
 	}
-	if a.route(w, r, "projection "+name, key, forwardRequest{timeout: a.cfg.maxWait + a.cfg.forwardSlack}) {
+	rowKey, err := p.ProjectionRowKey(r.Context(), name, key)
+	if err != nil {
+		writeRetry(w, http.StatusServiceUnavailable, fmt.Sprintf("cannot find the row of a personal key of projection %s now (%v); retry after the Retry-After delay", name, err), "")
+		return
+	}
+	if a.route(w, r, "projection "+name, rowKey, forwardRequest{timeout: a.cfg.maxWait + a.cfg.forwardSlack}) {
 		return
 	}
 	row, err := p.ProjectionRow(r.Context(), name, key)
@@ -119,6 +130,10 @@ func (a *api) projectionRows(w http.ResponseWriter, r *http.Request) {
 		limit = min(n, MaxRowsLimit)
 	}
 	prefix := q.Get("prefix")
+	if prefix != "" && p.PersonalKeys(name) {
+		writeError(w, http.StatusBadRequest, fmt.Sprintf("projection %s has personal keys: its rows are listed under pseudonyms, so prefix= does not apply; read a row by its key, GET /v1/projections/%s/{key}", name, name))
+		return
+	}
 	after := ""
 	if s := q.Get("after"); s != "" {
 		b, err := base64.RawURLEncoding.DecodeString(s)

@@ -126,9 +126,10 @@ func (s Start) Time() (t time.Time, ok bool) { return s.at, s.kind == 2 }
 type Option func(*options)
 
 type options struct {
-	sources []Source
-	key     func(Event) string
-	start   Start
+	sources      []Source
+	key          func(Event) string
+	start        Start
+	personalKeys bool
 }
 
 // From sets the projection's sources; at least one is required.
@@ -147,6 +148,17 @@ func KeyBy(key func(Event) string) Option {
 // StartAt sets where the projection begins when it has no stored progress.
 func StartAt(s Start) Option { return func(o *options) { o.start = s } }
 
+// PersonalKeys says the projection's row keys are personal data (an owner's
+// name, an e-mail address), as the group keys of a GroupBy or the keys of
+// KeyBy may be. Each row is then stored, partitioned and listed under a
+// pseudonym of its key: an HMAC-SHA256 of the key with a secret of the
+// projection kept, wrapped by the master key, in "<app>-keys" (the node
+// needs a master key). GET /v1/projections/{name}/{key} and
+// Node.ProjectionRow take the key itself and find its row; a listing shows
+// the pseudonyms, and ?prefix= does not apply to it. The changelog and the
+// repartition topic then hold no key in plaintext.
+func PersonalKeys() Option { return func(o *options) { o.personalKeys = true } }
+
 var namePattern = regexp.MustCompile(`^[a-z][a-z0-9-]{0,62}$`)
 
 // Projection is a named read model: rows of state S, each folded from the
@@ -156,7 +168,8 @@ type Projection[S any] struct {
 	name    string
 	opts    options
 	fold    Fold[S]
-	groupBy *groupBy
+	groupBy GroupRows
+	apply   func(state any, ch Change) (any, error) // a GroupBy's add and subtract
 }
 
 // New defines a projection that folds every event of its sources into the
@@ -169,6 +182,10 @@ func New[S any](name string, fold Fold[S], opts ...Option) *Projection[S] {
 	if fold == nil {
 		panic("projection: New needs a fold function")
 	}
+	if o.personalKeys && o.key == nil {
+		panic(fmt.Sprintf("projection %q: PersonalKeys applies to KeyBy and GroupBy keys; rows keyed by entity id are keyed as the events are", name))
+	}
+	noPersonalState[S](name)
 	return &Projection[S]{name: name, opts: o, fold: fold}
 }
 
@@ -194,7 +211,7 @@ func (p *Projection[S]) Definition() Definition { return definition[S]{p} }
 
 // Change is one fold a projection makes at a row: an event to fold (New and
 // KeyBy), or a group-by row that leaves (Old) and/or joins (New) the row's
-// group. Rows are JSON.
+// group. Rows are JSON, their personal fields opened.
 type Change struct {
 	Key   string
 	Event *Event
@@ -211,16 +228,19 @@ type Definition interface {
 	Sources() []Source
 	Start() Start
 	// Rekeys reports whether rows are keyed by anything but the events'
-	// entity ids: then Route's changes go through the repartition topic.
+	// entity ids: then changes go through the repartition topic.
 	Rekeys() bool
+	// PersonalKeys reports whether row keys are stored as pseudonyms
+	// (the PersonalKeys option).
+	PersonalKeys() bool
 	// Decode fills ev.Value from the source that reads ev.Topic.
 	Decode(ev *Event) error
-	// Route returns the changes one input event makes. prevRow is the
-	// entity's group-by row before the event (nil: none); newRow, when
-	// rowChanged, is the row to keep after it.
-	Route(ev Event, prevRow []byte) (changes []Change, newRow []byte, rowChanged bool, err error)
-	// GroupBy reports whether Route keeps per-entity rows.
-	GroupBy() bool
+	// Route returns the changes one input event makes to rows (not for a
+	// GroupBy, whose engine side is GroupBy()).
+	Route(ev Event) ([]Change, error)
+	// GroupBy returns the per-entity rows of a GroupBy projection; nil for
+	// others.
+	GroupBy() GroupRows
 	NewState() any
 	// Apply folds one change into a row's state; a panic in user code
 	// becomes an error.
@@ -234,11 +254,12 @@ type Definition interface {
 
 type definition[S any] struct{ p *Projection[S] }
 
-func (d definition[S]) Name() string      { return d.p.name }
-func (d definition[S]) Sources() []Source { return d.p.opts.sources }
-func (d definition[S]) Start() Start      { return d.p.opts.start }
-func (d definition[S]) GroupBy() bool     { return d.p.groupBy != nil }
-func (d definition[S]) NewState() any     { var s S; return s }
+func (d definition[S]) Name() string       { return d.p.name }
+func (d definition[S]) Sources() []Source  { return d.p.opts.sources }
+func (d definition[S]) Start() Start       { return d.p.opts.start }
+func (d definition[S]) GroupBy() GroupRows { return d.p.groupBy }
+func (d definition[S]) NewState() any      { var s S; return s }
+func (d definition[S]) PersonalKeys() bool { return d.p.opts.personalKeys }
 
 func (d definition[S]) Rekeys() bool { return d.p.opts.key != nil || d.p.groupBy != nil }
 
@@ -251,25 +272,25 @@ func (d definition[S]) Decode(ev *Event) error {
 	return fmt.Errorf("projection %q does not read topic %q", d.p.name, ev.Topic)
 }
 
-func (d definition[S]) Route(ev Event, prevRow []byte) (changes []Change, newRow []byte, rowChanged bool, err error) {
+func (d definition[S]) Route(ev Event) (changes []Change, err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			err = fmt.Errorf("projection %q panicked routing an event: %v", d.p.name, r)
 		}
 	}()
-	if g := d.p.groupBy; g != nil {
-		return g.route(ev, prevRow)
+	if d.p.groupBy != nil {
+		return nil, fmt.Errorf("projection %q is a GroupBy: its changes come from its rows", d.p.name)
 	}
 	key := ev.EntityID
 	if d.p.opts.key != nil {
 		key = d.p.opts.key(ev)
 	} else if aggregate.IsForgotten(ev.Event) {
-		return []Change{{Key: key, Delete: true}}, nil, false, nil
+		return []Change{{Key: key, Delete: true}}, nil
 	}
 	if key == "" {
-		return nil, nil, false, nil
+		return nil, nil
 	}
-	return []Change{{Key: key, Event: &ev}}, nil, false, nil
+	return []Change{{Key: key, Event: &ev}}, nil
 }
 
 func (d definition[S]) Apply(state any, ch Change) (out any, err error) {
@@ -279,8 +300,8 @@ func (d definition[S]) Apply(state any, ch Change) (out any, err error) {
 		}
 	}()
 	s := state.(S)
-	if g := d.p.groupBy; g != nil {
-		return g.apply(s, ch)
+	if d.p.apply != nil {
+		return d.p.apply(s, ch)
 	}
 	if ch.Event == nil {
 		return nil, fmt.Errorf("projection %q: a change without an event", d.p.name)

@@ -5,9 +5,11 @@ import (
 )
 
 // AccountRow is what the Owners projection keeps of each account: whose it
-// is and its balance; an account counts for its owner while it is open.
+// is and its balance; an account counts for its owner while it is open. The
+// owner's name is personal: sealed with the account's key wherever the row
+// is written.
 type AccountRow struct {
-	Owner   string `json:"owner"`
+	Owner   string `json:"owner" esker:"pii"`
 	Balance int64  `json:"balance"`
 	Open    bool   `json:"open"`
 }
@@ -42,6 +44,8 @@ func FoldAccountRow(r AccountRow, ev projection.Event) AccountRow {
 // Owners is the "owners" projection: per owner, the number of open accounts
 // and their total balance. It groups accounts by owner, so an account that
 // changes owner leaves the first owner's totals and joins the second's.
+// Owners' names are personal keys: rows are kept under pseudonyms, and read
+// by name.
 //
 //	GET /v1/projections/owners/alice → {"accounts":2,"balance":1500}
 var Owners = projection.GroupBy("owners", FoldAccountRow,
@@ -61,7 +65,8 @@ var Owners = projection.GroupBy("owners", FoldAccountRow,
 		t.Balance -= r.Balance
 		return t
 	},
-	projection.From(projection.Events(Account)))
+	projection.From(projection.Events(Account)),
+	projection.PersonalKeys())
 
 // DayTotals is a row of the DailyTotals projection: the money moved on one
 // day (UTC), in cents.

@@ -250,7 +250,7 @@ func TestChaos(t *testing.T) {
 	// The truth and the nodes' answers.
 	readCtx, cancelRead := context.WithTimeout(context.Background(), within(2*time.Minute, 2*time.Minute))
 	defer cancelRead()
-	events, err := readEvents(readCtx, brokers.addrs())
+	events, ownerKeys, err := readEvents(readCtx, brokers.addrs())
 	if err != nil {
 		finish("reading account-events: " + err.Error())
 		return
@@ -282,7 +282,7 @@ func TestChaos(t *testing.T) {
 	}
 	logf("checking %d operations against %d events", len(ops), len(events))
 	r := Check(CheckInput{
-		History: ops, Events: events, FinalReads: finalReads, EventsAPI: eventsAPI, Owners: owners,
+		History: ops, Events: events, FinalReads: finalReads, EventsAPI: eventsAPI, Owners: owners, OwnerKeys: ownerKeys,
 		ResolveUnknown: true, LinearizabilityTimeout: within(time.Minute, 90*time.Second), VisualizeDir: runDir,
 	})
 	check = &r

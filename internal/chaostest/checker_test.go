@@ -127,6 +127,9 @@ type CheckInput struct {
 	// Owners is the owners projection as a node lists it after the
 	// cluster settled, without rows left empty (nil: not checked).
 	Owners map[string]bank.OwnerTotals
+	// OwnerKeys maps an owner's name to the key its row is listed under
+	// (a pseudonym); nil: the name itself.
+	OwnerKeys map[string]string
 	// VisualizeDir receives porcupine's HTML rendering of every account
 	// that is not linearizable ("" writes none).
 	VisualizeDir string
@@ -272,10 +275,14 @@ func Check(in CheckInput) CheckResult {
 		for _, acc := range sortedKeys(truth) {
 			s := truth[acc].prefix[len(truth[acc].prefix)-1]
 			if s.Open {
-				o := want[s.Owner]
+				key := s.Owner
+				if in.OwnerKeys != nil {
+					key = in.OwnerKeys[s.Owner]
+				}
+				o := want[key]
 				o.Accounts++
 				o.Balance += s.Balance
-				want[s.Owner] = o
+				want[key] = o
 			}
 		}
 		keys := sortedKeys(want)

@@ -94,16 +94,18 @@ func waitIdle(ctx context.Context, brokers []string, app string) (idleState, err
 }
 
 // readEvents reads every committed record of account-events up to its last
-// stable offset, read_committed, as the checker's truth.
-func readEvents(ctx context.Context, brokers []string) ([]EventRecord, error) {
+// stable offset, read_committed, as the checker's truth. ownerKeys maps
+// every owner named in them to the key the owners projection lists the
+// owner under (the owner's pseudonym: PersonalKeys).
+func readEvents(ctx context.Context, brokers []string) (events []EventRecord, ownerKeys map[string]string, err error) {
 	adm, err := kgo.NewClient(kgo.SeedBrokers(brokers...))
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	ends, err := kadm.NewClient(adm).ListCommittedOffsets(ctx, "account-events")
 	adm.Close()
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	pending := map[int32]int64{}
 	ends.Each(func(o kadm.ListedOffset) {
@@ -118,30 +120,30 @@ func readEvents(ctx context.Context, brokers []string) ([]EventRecord, error) {
 		kgo.FetchMaxWait(200*time.Millisecond),
 		kgo.KeepControlRecords())
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	defer cl.Close()
 	// The owner is sealed on the events; the nodes' master key opens it.
 	master, err := keyring.ParseMasterKey(os.Getenv("ESKER_MASTER_KEY"))
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	kr, err := keyring.New(keyring.Config{AppID: "bank", Partitions: 1, Masters: []keyring.MasterKey{master},
 		ClientOpts: []kgo.Opt{kgo.SeedBrokers(brokers...)}})
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	defer kr.Close()
 	go func() { _ = kr.Run(ctx) }()
 	if err := kr.Sync(ctx); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	var out []EventRecord
 	var decodeErr error
 	for len(pending) > 0 {
 		fs := cl.PollFetches(ctx)
 		if ctx.Err() != nil {
-			return nil, fmt.Errorf("reading account-events: partitions %v unread: %w", pending, ctx.Err())
+			return nil, nil, fmt.Errorf("reading account-events: partitions %v unread: %w", pending, ctx.Err())
 		}
 		fs.EachRecord(func(r *kgo.Record) {
 			end, ok := pending[r.Partition]
@@ -164,7 +166,15 @@ func readEvents(ctx context.Context, brokers []string) ([]EventRecord, error) {
 			}
 		})
 	}
-	return out, decodeErr
+	ownerKeys = map[string]string{}
+	for _, e := range out {
+		if _, ok := ownerKeys[e.Owner]; e.Owner != "" && !ok {
+			if ownerKeys[e.Owner], err = kr.Pseudonym(ctx, "owners", e.Owner); err != nil {
+				return nil, nil, err
+			}
+		}
+	}
+	return out, ownerKeys, decodeErr
 }
 
 // eventRecord decodes one record of account-events whose payload, its

@@ -88,6 +88,9 @@ type Keys interface {
 	// ForgetRecords returns the keys-topic records that destroy the
 	// entity's data keys, produced in the forgetting transaction.
 	ForgetRecords(typ, id string, at time.Time) []*kgo.Record
+	// Pseudonym returns the pseudonym of a personal row key within a
+	// projection (projection.PersonalKeys).
+	Pseudonym(ctx context.Context, scope, value string) (string, error)
 }
 
 // Engine runs the processing loop of one node.

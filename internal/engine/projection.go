@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"encoding/json"
@@ -116,8 +117,9 @@ type projRow struct {
 }
 
 type entityRow struct {
-	id    string
-	row   []byte // JSON; nil: none yet
+	rowEntity
+	row   []byte // JSON, personal fields opened; nil: none
+	group string // the row key of the group it is in ("": none)
 	dirty bool
 }
 
@@ -133,7 +135,7 @@ func (c *cycle) projCycle(task statestore.Task, def projection.Definition) *proj
 	if def.Rekeys() {
 		pc.repartition = RepartitionTopic(c.e.cfg.AppID, def.Name())
 	}
-	if def.GroupBy() {
+	if def.GroupBy() != nil {
 		pc.entities = map[string]*entityRow{}
 	}
 	if c.projections == nil {
@@ -233,27 +235,12 @@ func (pc *projCycle) skipProcessed(p kgo.FetchTopicPartition) []*kgo.Record {
 // the partition.
 func (pc *projCycle) handle(r *kgo.Record) {
 	if r.Topic == pc.repartition {
-		ch, err := decodeChange(r)
-		if err == nil && ch.Event != nil {
-			err = pc.def.Decode(ch.Event)
-		}
-		if err != nil {
-			pc.skip(r, "cannot decode a repartitioned change", err)
-			return
-		}
-		pc.apply(ch)
+		pc.handleChange(r)
 		return
 	}
 	ev := eventOf(r)
-	if err := pc.open(&ev); err != nil {
-		if !errors.Is(err, aggregate.ErrUnknownKey) {
-			// The keys topic could not be read now: retry the cycle.
-			pc.c.fail(err)
-			return
-		}
-		// No retry can open it: fold the event with its personal fields
-		// sealed rather than stop the partition.
-		pc.c.e.log.Warn("projection folds an event whose personal fields cannot be opened", "projection", pc.def.Name(), "topic", r.Topic, "partition", r.Partition, "offset", r.Offset, "err", err)
+	if !pc.openEvent(r, &ev) {
+		return
 	}
 	if err := pc.def.Decode(&ev); err != nil {
 		pc.skip(r, "cannot decode an event", err)
@@ -263,29 +250,153 @@ func (pc *projCycle) handle(r *kgo.Record) {
 		pc.react(rt, ev)
 		return
 	}
-	var er *entityRow
-	var prev []byte
-	if pc.entities != nil {
-		var err error
-		if er, err = pc.entityRow(ev.EntityID); err != nil {
-			pc.c.fail(err)
-			return
-		}
-		prev = er.row
+	if g := pc.def.GroupBy(); g != nil {
+		pc.handleGroupRow(r, g, ev)
+		return
 	}
-	changes, newRow, changed, err := pc.def.Route(ev, prev)
+	changes, err := pc.def.Route(ev)
 	if err != nil {
 		pc.count("failed")
 		pc.c.e.log.Error("projection failed on an event; skipped", "projection", pc.def.Name(), "topic", r.Topic, "partition", r.Partition, "offset", r.Offset, "err", err)
 		return
 	}
-	if changed {
-		er.row, er.dirty = newRow, true
-	}
-	if len(changes) == 0 && !changed {
+	if len(changes) == 0 {
 		pc.count("skipped")
 		return
 	}
+	for i := range changes {
+		if changes[i].Key, err = pc.rowKey(changes[i].Key); err != nil {
+			pc.c.fail(err)
+			return
+		}
+	}
+	pc.route(r, changes, rowEntity{})
+}
+
+// handleChange applies a change another task sent through the repartition
+// topic, its event and rows opened as the sender had them.
+func (pc *projCycle) handleChange(r *kgo.Record) {
+	ch, sealedBy, err := decodeChange(r)
+	if err != nil {
+		pc.skip(r, "cannot decode a repartitioned change", err)
+		return
+	}
+	if ch.Event != nil {
+		if !pc.openEvent(r, ch.Event) {
+			return
+		}
+		if err := pc.def.Decode(ch.Event); err != nil {
+			pc.skip(r, "cannot decode a repartitioned change", err)
+			return
+		}
+	}
+	if g := pc.def.GroupBy(); g != nil && sealedBy.typ != "" {
+		if ch.Old, err = pc.openRow(g, sealedBy, ch.Old); err == nil {
+			ch.New, err = pc.openRow(g, sealedBy, ch.New)
+		}
+		if err != nil {
+			pc.c.fail(err) // the keys topic could not be read now: retry
+			return
+		}
+	}
+	pc.apply(ch)
+}
+
+// openEvent opens the personal fields of an event; false: the cycle failed.
+func (pc *projCycle) openEvent(r *kgo.Record, ev *projection.Event) bool {
+	err := pc.open(ev)
+	if err == nil {
+		return true
+	}
+	if !errors.Is(err, aggregate.ErrUnknownKey) {
+		// The keys topic could not be read now: retry the cycle.
+		pc.c.fail(err)
+		return false
+	}
+	// No retry can open it: fold the event with its personal fields
+	// sealed rather than stop the partition.
+	pc.c.e.log.Warn("projection folds an event whose personal fields cannot be opened", "projection", pc.def.Name(), "topic", r.Topic, "partition", r.Partition, "offset", r.Offset, "err", err)
+	return true
+}
+
+// handleGroupRow folds an event into its entity's group-by row and routes
+// the changes to the groups the entity leaves and joins.
+//
+// Invariant: an entity row is stored with the row key of the group it was
+// added to, so the projection can remove it from that group even when it
+// can no longer compute the group (its personal fields cannot be opened
+// once the entity is forgotten).
+func (pc *projCycle) handleGroupRow(r *kgo.Record, g projection.GroupRows, ev projection.Event) {
+	ent := rowEntity{typ: pc.sourceType(ev.Topic), id: ev.EntityID}
+	er, err := pc.entityRow(g, ent)
+	if err != nil {
+		pc.c.fail(err)
+		return
+	}
+	next, group, err := g.Row(ev, er.row)
+	if err != nil {
+		pc.count("failed")
+		pc.c.e.log.Error("projection failed on an event; skipped", "projection", pc.def.Name(), "topic", r.Topic, "partition", r.Partition, "offset", r.Offset, "err", err)
+		return
+	}
+	var changes []projection.Change
+	if next == nil { // forgotten: the entity leaves its group, its row goes
+		if er.row == nil {
+			pc.count("skipped")
+			return
+		}
+		if er.group != "" {
+			// Its personal fields are emptied: the entity's key is gone,
+			// so nothing may carry them further.
+			old, err := g.Seal(er.row, forgottenCipher{})
+			if err != nil {
+				pc.c.fail(err)
+				return
+			}
+			changes = append(changes, projection.Change{Key: er.group, Old: old})
+		}
+		er.row, er.group, er.dirty = nil, "", true
+		pc.route(r, changes, rowEntity{})
+		return
+	}
+	newKey := ""
+	if group != "" {
+		if newKey, err = pc.rowKey(group); err != nil {
+			pc.c.fail(err)
+			return
+		}
+	}
+	if bytes.Equal(er.row, next) && newKey == er.group {
+		pc.count("skipped")
+		return
+	}
+	switch {
+	case er.group != "" && er.group == newKey:
+		changes = append(changes, projection.Change{Key: newKey, Old: er.row, New: next})
+	default:
+		if er.group != "" {
+			changes = append(changes, projection.Change{Key: er.group, Old: er.row})
+		}
+		if newKey != "" {
+			changes = append(changes, projection.Change{Key: newKey, New: next})
+		}
+	}
+	er.row, er.group, er.typ, er.dirty = next, newKey, ent.typ, true
+	if len(changes) == 0 {
+		pc.count("skipped") // the row changed, but it is in no group
+		return
+	}
+	pc.route(r, changes, ent)
+}
+
+// rowEntity names the entity whose data key seals a group-by row's
+// personal fields ("" type: not sealed).
+type rowEntity struct{ typ, id string }
+
+// route applies each change to its row here or sends it through the
+// repartition topic to the partition of its row. ent's key seals the rows
+// the changes carry.
+func (pc *projCycle) route(r *kgo.Record, changes []projection.Change, ent rowEntity) {
 	for _, ch := range changes {
 		part := aggregate.Partition(ch.Key, pc.c.e.cfg.Partitions)
 		if part != pc.task.Partition && pc.repartition == "" {
@@ -302,7 +413,20 @@ func (pc *projCycle) handle(r *kgo.Record) {
 			pc.apply(ch)
 			continue
 		}
-		value, err := encodeChange(ch)
+		if ch.Event != nil {
+			// A repartitioned event carries its payload as it was read,
+			// personal fields sealed; its row's task opens it again.
+			read := eventOf(r)
+			sealed := *ch.Event
+			sealed.SchemaVersion, sealed.Data = read.SchemaVersion, read.Data
+			ch.Event = &sealed
+		}
+		sealedBy, err := pc.sealChange(&ch, ent)
+		if err != nil {
+			pc.c.fail(err)
+			return
+		}
+		value, err := encodeChange(ch, sealedBy)
 		if err != nil {
 			pc.skip(r, "cannot encode a change", err)
 			continue
@@ -310,6 +434,92 @@ func (pc *projCycle) handle(r *kgo.Record) {
 		pc.produce(&kgo.Record{Topic: pc.repartition, Partition: part, Key: []byte(ch.Key), Value: value, Timestamp: pc.c.now}, false)
 		pc.count("rekeyed")
 	}
+}
+
+// sealChange seals the personal fields of the rows a change carries with
+// ent's key, for the repartition topic; it returns the entity whose key
+// opens them (none when nothing was sealed). An entity forgotten
+// meanwhile has its fields emptied instead.
+func (pc *projCycle) sealChange(ch *projection.Change, ent rowEntity) (rowEntity, error) {
+	g := pc.def.GroupBy()
+	if g == nil || !g.Personal() || ent.typ == "" || pc.c.e.cfg.Keys == nil || (ch.Old == nil && ch.New == nil) {
+		return rowEntity{}, nil
+	}
+	var err error
+	if ch.Old, err = pc.sealRow(g, ent, ch.Old); err != nil {
+		return rowEntity{}, err
+	}
+	if ch.New, err = pc.sealRow(g, ent, ch.New); err != nil {
+		return rowEntity{}, err
+	}
+	return ent, nil
+}
+
+// sealRow seals a group-by row's personal fields with ent's key; when the
+// entity was forgotten they are emptied.
+func (pc *projCycle) sealRow(g projection.GroupRows, ent rowEntity, row []byte) ([]byte, error) {
+	if row == nil || !g.Personal() || ent.typ == "" || pc.c.e.cfg.Keys == nil {
+		return row, nil
+	}
+	sealed, err := g.Seal(row, pc.c.e.cfg.Keys.Cipher(pc.c.ctx, ent.typ, ent.id))
+	if errors.Is(err, aggregate.ErrForgotten) {
+		return g.Seal(row, forgottenCipher{})
+	}
+	if err != nil {
+		return nil, fmt.Errorf("seal the %s row of %s %q: %w", pc.def.Name(), ent.typ, ent.id, err)
+	}
+	return sealed, nil
+}
+
+// openRow opens a group-by row's personal fields with ent's key. A field
+// no key opens (ErrUnknownKey) stays sealed: no retry would open it.
+func (pc *projCycle) openRow(g projection.GroupRows, ent rowEntity, row []byte) ([]byte, error) {
+	if row == nil || !g.Personal() || ent.typ == "" || pc.c.e.cfg.Keys == nil {
+		return row, nil
+	}
+	opened, err := g.Open(row, pc.c.e.cfg.Keys.Cipher(pc.c.ctx, ent.typ, ent.id))
+	switch {
+	case errors.Is(err, aggregate.ErrUnknownKey):
+		pc.c.e.log.Warn("a projection row's personal fields cannot be opened; folded sealed", "projection", pc.def.Name(), "type", ent.typ, "id", ent.id, "err", err)
+		return row, nil
+	case err != nil:
+		return nil, fmt.Errorf("open the %s row of %s %q: %w", pc.def.Name(), ent.typ, ent.id, err)
+	}
+	return opened, nil
+}
+
+// forgottenCipher empties personal fields: what is left of a forgotten
+// entity's row.
+type forgottenCipher struct{}
+
+func (forgottenCipher) Seal(string) (string, error) { return "", nil }
+func (forgottenCipher) Open(string) (string, error) { return "", nil }
+
+// rowKey returns the key under which a row is stored: key itself, or its
+// pseudonym for a projection with personal keys.
+func (pc *projCycle) rowKey(key string) (string, error) {
+	if key == "" || !pc.def.PersonalKeys() {
+		return key, nil
+	}
+	if pc.c.e.cfg.Keys == nil {
+		return "", fmt.Errorf("projection %s has personal keys but the node has no keyring", pc.def.Name())
+	}
+	p, err := pc.c.e.cfg.Keys.Pseudonym(pc.c.ctx, pc.def.Name(), key)
+	if err != nil {
+		return "", fmt.Errorf("projection %s: %w", pc.def.Name(), err)
+	}
+	return p, nil
+}
+
+// sourceType returns the aggregate type whose events topic is the source
+// topic ("" for other topics).
+func (pc *projCycle) sourceType(topic string) string {
+	for _, s := range pc.def.Sources() {
+		if def := s.Aggregate(); def != nil && s.Topic() == topic {
+			return def.Name()
+		}
+	}
+	return ""
 }
 
 // open opens the personal fields of an aggregate's event (a forgotten
@@ -394,21 +604,76 @@ func (pc *projCycle) row(key string) (*projRow, error) {
 }
 
 // entityRow returns the cycle's view of a group-by entity row.
-func (pc *projCycle) entityRow(id string) (*entityRow, error) {
-	if er, ok := pc.entities[id]; ok {
+func (pc *projCycle) entityRow(g projection.GroupRows, ent rowEntity) (*entityRow, error) {
+	if er, ok := pc.entities[ent.id]; ok {
 		return er, nil
 	}
-	raw, found, err := pc.c.e.cfg.Store.Get(pc.task, statestore.RowKey(id))
+	raw, found, err := pc.c.e.cfg.Store.Get(pc.task, statestore.RowKey(ent.id))
 	if err != nil {
-		return nil, fmt.Errorf("read the row of %q in %s: %w", id, pc.task, err)
+		return nil, fmt.Errorf("read the row of %q in %s: %w", ent.id, pc.task, err)
 	}
-	er := &entityRow{id: id}
+	er := &entityRow{rowEntity: ent}
 	if found {
-		er.row = raw
+		stored, err := decodeEntityRow(raw)
+		if err != nil {
+			return nil, fmt.Errorf("the row of %q in %s: %w", ent.id, pc.task, err)
+		}
+		er.group = stored.Group
+		if stored.legacy {
+			if er.group, err = pc.legacyGroup(g, raw); err != nil {
+				return nil, err
+			}
+		}
+		if stored.Type != "" {
+			er.typ = stored.Type
+		}
+		if er.row, err = pc.openRow(g, er.rowEntity, stored.Row); err != nil {
+			return nil, err
+		}
 	}
-	pc.entities[id] = er
+	pc.entities[ent.id] = er
 	pc.entityOrder = append(pc.entityOrder, er)
 	return er, nil
+}
+
+// legacyGroup names the group of a row stored without it.
+func (pc *projCycle) legacyGroup(g projection.GroupRows, row []byte) (string, error) {
+	group, err := g.Group(row)
+	if err != nil {
+		return "", fmt.Errorf("projection %s: the group of a stored row: %w", pc.def.Name(), err)
+	}
+	return pc.rowKey(group)
+}
+
+// storedEntityRow is a group-by entity row as the store and changelog keep
+// it: entityRowFormat, then this as JSON. Rows written before the format
+// are the bare JSON row (legacy).
+type storedEntityRow struct {
+	Type   string          `json:"type,omitempty"` // the aggregate type whose key seals it
+	Group  string          `json:"group,omitempty"`
+	Row    json.RawMessage `json:"row"`
+	legacy bool
+}
+
+const entityRowFormat = 1
+
+func encodeEntityRow(r storedEntityRow) ([]byte, error) {
+	b, err := json.Marshal(r)
+	if err != nil {
+		return nil, err
+	}
+	return append([]byte{entityRowFormat}, b...), nil
+}
+
+func decodeEntityRow(raw []byte) (storedEntityRow, error) {
+	if len(raw) == 0 || raw[0] != entityRowFormat {
+		return storedEntityRow{Row: raw, legacy: true}, nil
+	}
+	var r storedEntityRow
+	if err := json.Unmarshal(raw[1:], &r); err != nil {
+		return r, fmt.Errorf("decode a stored group-by row: %w", err)
+	}
+	return r, nil
 }
 
 // stageChangelog produces the task's changed rows, entity rows and input
@@ -427,9 +692,23 @@ func (pc *projCycle) stageChangelog() {
 		}
 	}
 	for _, er := range pc.entityOrder {
-		if er.dirty {
-			write(statestore.RowKey(er.id), er.row)
+		if !er.dirty {
+			continue
 		}
+		if er.row == nil {
+			write(statestore.RowKey(er.id), nil)
+			continue
+		}
+		sealed, err := pc.sealRow(pc.def.GroupBy(), er.rowEntity, er.row)
+		if err == nil {
+			var v []byte
+			if v, err = encodeEntityRow(storedEntityRow{Type: er.typ, Group: er.group, Row: sealed}); err == nil {
+				write(statestore.RowKey(er.id), v)
+				continue
+			}
+		}
+		pc.c.fail(err)
+		return
 	}
 	for _, row := range pc.rowOrder {
 		if !row.dirty {
@@ -490,6 +769,14 @@ type wireChange struct {
 	Event *wireEvent      `json:"event,omitempty"`
 	Old   json.RawMessage `json:"old,omitempty"`
 	New   json.RawMessage `json:"new,omitempty"`
+	// SealedBy names the entity whose data key sealed the rows' personal
+	// fields.
+	SealedBy *wireEntity `json:"sealedBy,omitempty"`
+}
+
+type wireEntity struct {
+	Type string `json:"type"`
+	ID   string `json:"id"`
 }
 
 type wireEvent struct {
@@ -508,8 +795,11 @@ type wireEvent struct {
 	Data          []byte    `json:"data"` // any codec's bytes (base64 in JSON)
 }
 
-func encodeChange(ch projection.Change) ([]byte, error) {
+func encodeChange(ch projection.Change, sealedBy rowEntity) ([]byte, error) {
 	w := wireChange{Old: ch.Old, New: ch.New}
+	if sealedBy.typ != "" {
+		w.SealedBy = &wireEntity{Type: sealedBy.typ, ID: sealedBy.id}
+	}
 	if ev := ch.Event; ev != nil {
 		w.Event = &wireEvent{Topic: ev.Topic, Partition: ev.Partition, Offset: ev.Offset,
 			EntityID: ev.EntityID, Version: ev.Version, EventID: ev.EventID, Type: ev.Type, SchemaVersion: ev.SchemaVersion,
@@ -518,10 +808,14 @@ func encodeChange(ch projection.Change) ([]byte, error) {
 	return json.Marshal(w)
 }
 
-func decodeChange(r *kgo.Record) (projection.Change, error) {
+func decodeChange(r *kgo.Record) (projection.Change, rowEntity, error) {
 	var w wireChange
 	if err := json.Unmarshal(r.Value, &w); err != nil {
-		return projection.Change{}, err
+		return projection.Change{}, rowEntity{}, err
+	}
+	var sealedBy rowEntity
+	if w.SealedBy != nil && w.SealedBy.Type != "" {
+		sealedBy = rowEntity{typ: w.SealedBy.Type, id: w.SealedBy.ID}
 	}
 	// A null row is no row (rows are JSON objects; null would fold the
 	// zero row).
@@ -533,14 +827,14 @@ func decodeChange(r *kgo.Record) (projection.Change, error) {
 	}
 	ch := projection.Change{Key: string(r.Key), Old: w.Old, New: w.New}
 	if w.Event == nil && w.Old == nil && w.New == nil {
-		return ch, errors.New("empty change")
+		return ch, sealedBy, errors.New("empty change")
 	}
 	if ev := w.Event; ev != nil {
 		ch.Event = &projection.Event{Topic: ev.Topic, Partition: ev.Partition, Offset: ev.Offset, Event: aggregate.Event{
 			EntityID: ev.EntityID, Version: ev.Version, EventID: ev.EventID, Type: ev.Type, SchemaVersion: ev.SchemaVersion,
 			CommandID: ev.CommandID, CorrelationID: ev.CorrelationID, CausationID: ev.CausationID, Time: ev.Time, Data: ev.Data}}
 	}
-	return ch, nil
+	return ch, sealedBy, nil
 }
 
 // seekProjectionInputs positions the consumption of the projection inputs

@@ -24,14 +24,13 @@ type Reactor interface {
 // and its handle sends commands instead of folding (projCycle.react).
 type reactorTask struct{ Reactor }
 
-func (reactorTask) Rekeys() bool   { return false }
-func (reactorTask) GroupBy() bool  { return false }
-func (reactorTask) NewState() any  { return nil }
-func (reactorTask) Empty(any) bool { return false }
+func (reactorTask) Rekeys() bool                  { return false }
+func (reactorTask) PersonalKeys() bool            { return false }
+func (reactorTask) GroupBy() projection.GroupRows { return nil }
+func (reactorTask) NewState() any                 { return nil }
+func (reactorTask) Empty(any) bool                { return false }
 
-func (reactorTask) Route(projection.Event, []byte) ([]projection.Change, []byte, bool, error) {
-	return nil, nil, false, nil
-}
+func (reactorTask) Route(projection.Event) ([]projection.Change, error) { return nil, nil }
 
 func (reactorTask) Apply(any, projection.Change) (any, error) {
 	return nil, errors.New("a reactor has no rows")

@@ -22,6 +22,10 @@
 //   - Two nodes may create a key for the same entity at once; both keys are
 //     valid. Sealing uses the entity's first key in log order (the same on
 //     every node once both are read), so at most a few fields use another.
+//   - A pseudonym secret ("esker.pseudonym/<scope>", see Pseudonym) is a
+//     data key like any other, used as an HMAC key instead of a cipher. Its
+//     first key in log order is the one every node uses: a node uses it
+//     only after reading the topic past the key it wrote, so all agree.
 //   - The master key id travels with every wrapped key: keys wrapped by an
 //     older master key open as long as that master key is configured, which
 //     is how a master key is rotated.
@@ -31,7 +35,9 @@ import (
 	"context"
 	"crypto/aes"
 	"crypto/cipher"
+	"crypto/hmac"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
@@ -90,6 +96,7 @@ type Keyring struct {
 	progress  chan struct{}     // closed and replaced whenever positions move
 	aeads     map[string]cipher.AEAD
 	creating  map[string]chan struct{}
+	secrets   map[string][]byte // pseudonym secrets, by scope
 }
 
 type entry struct {
@@ -124,6 +131,7 @@ func New(cfg Config) (*Keyring, error) {
 		current: cfg.Masters[0].ID, log: cfg.Logger,
 		entities: map[string]*entry{}, positions: map[int32]int64{},
 		progress: make(chan struct{}), aeads: map[string]cipher.AEAD{}, creating: map[string]chan struct{}{},
+		secrets: map[string][]byte{},
 	}
 	if k.log == nil {
 		k.log = slog.Default()
@@ -476,21 +484,50 @@ func (k *Keyring) openingKey(ctx context.Context, typ, id, kid string) (a cipher
 	return nil, false, fmt.Errorf("keyring: %w: the data key %s of %s %q is not in %s (was the topic deleted, or the event written by another application?)", aggregate.ErrUnknownKey, kid, typ, id, k.topic)
 }
 
+// pseudonymType is the keyring type of pseudonym secrets; aggregate type
+// names cannot contain a dot, so it names no entity.
+const pseudonymType = "esker.pseudonym"
+
+// Pseudonym returns the pseudonym of a personal value within a scope (a
+// projection's name): 32 hex digits of HMAC-SHA256(secret, value), the
+// same on every node and across restarts and master key rotations. The
+// scope's secret is a data key created on first use; it is never
+// forgotten, since the values it hides belong to many entities.
+func (k *Keyring) Pseudonym(ctx context.Context, scope, value string) (string, error) {
+	k.mu.Lock()
+	secret := k.secrets[scope]
+	k.mu.Unlock()
+	if secret == nil {
+		// sealingKey creates the secret if needed and settles on the
+		// first in log order.
+		kid, _, err := k.sealingKey(ctx, pseudonymType, scope)
+		if err != nil {
+			return "", fmt.Errorf("keyring: the pseudonym secret of %s: %w", scope, err)
+		}
+		name := entityName(pseudonymType, scope)
+		k.mu.Lock()
+		secret, err = k.unwrapRawLocked(name, kid, k.entities[name].keys[kid])
+		if err == nil {
+			k.secrets[scope] = secret
+		}
+		k.mu.Unlock()
+		if err != nil {
+			return "", err
+		}
+	}
+	mac := hmac.New(sha256.New, secret)
+	mac.Write([]byte(value))
+	return hex.EncodeToString(mac.Sum(nil)[:16]), nil
+}
+
 // unwrapLocked returns the AEAD of a data key; k.mu is held.
 func (k *Keyring) unwrapLocked(name, kid string, v keyValue) (cipher.AEAD, error) {
 	if a, ok := k.aeads[kid]; ok {
 		return a, nil
 	}
-	master, ok := k.masters[v.Master]
-	if !ok {
-		return nil, fmt.Errorf("keyring: the data key %s of %s is wrapped by master key %q, which this node does not have; configure it (old master keys stay configured after a rotation)", kid, name, v.Master)
-	}
-	if len(v.Key) < master.NonceSize() {
-		return nil, fmt.Errorf("keyring: the data key %s of %s is malformed", kid, name)
-	}
-	dataKey, err := master.Open(nil, v.Key[:master.NonceSize()], v.Key[master.NonceSize():], wrapAAD(name, kid))
+	dataKey, err := k.unwrapRawLocked(name, kid, v)
 	if err != nil {
-		return nil, fmt.Errorf("keyring: the data key %s of %s does not open with master key %q: %w", kid, name, v.Master, err)
+		return nil, err
 	}
 	a, err := newAEAD(dataKey)
 	if err != nil {
@@ -504,6 +541,22 @@ func (k *Keyring) unwrapLocked(name, kid string, v keyValue) (cipher.AEAD, error
 	}
 	k.aeads[kid] = a
 	return a, nil
+}
+
+// unwrapRawLocked unwraps a data key with its master key; k.mu is held.
+func (k *Keyring) unwrapRawLocked(name, kid string, v keyValue) ([]byte, error) {
+	master, ok := k.masters[v.Master]
+	if !ok {
+		return nil, fmt.Errorf("keyring: the data key %s of %s is wrapped by master key %q, which this node does not have; configure it (old master keys stay configured after a rotation)", kid, name, v.Master)
+	}
+	if len(v.Key) < master.NonceSize() {
+		return nil, fmt.Errorf("keyring: the data key %s of %s is malformed", kid, name)
+	}
+	dataKey, err := master.Open(nil, v.Key[:master.NonceSize()], v.Key[master.NonceSize():], wrapAAD(name, kid))
+	if err != nil {
+		return nil, fmt.Errorf("keyring: the data key %s of %s does not open with master key %q: %w", kid, name, v.Master, err)
+	}
+	return dataKey, nil
 }
 
 func newAEAD(key []byte) (cipher.AEAD, error) {
