@@ -15,7 +15,9 @@ import (
 var _ interactive.Projections = backend{}
 
 // ProjectionRow returns one row of a projection from this node's store: the
-// Go form of GET /v1/projections/{name}/{key}. It fails with a
+// Go form of GET /v1/projections/{name}/{key}. For a projection with
+// personal keys (projection.PersonalKeys), key is the key itself; the row
+// is found under its pseudonym. It fails with a
 // *interactive.NotReadyError when the key's partition is not owned and
 // restored here, and with interactive.ErrNotFound when the row does not
 // exist.

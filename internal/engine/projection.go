@@ -105,6 +105,7 @@ type projCycle struct {
 	handled     int
 	// warnedMisrouted: the cycle logged a record on the wrong partition.
 	warnedMisrouted bool
+	warnedLegacy    bool // the cycle logged a legacy row of a projection with personal keys
 }
 
 type projRow struct {
@@ -636,13 +637,20 @@ func (pc *projCycle) entityRow(g projection.GroupRows, ent rowEntity) (*entityRo
 	return er, nil
 }
 
-// legacyGroup names the group of a row stored without it.
+// legacyGroup names the group of a row stored without it, by an earlier
+// version that kept every row key as it is: its group is the plain key.
+// A projection given PersonalKeys since must be renamed, so that it is
+// folded again from its sources under pseudonyms.
 func (pc *projCycle) legacyGroup(g projection.GroupRows, row []byte) (string, error) {
 	group, err := g.Group(row)
 	if err != nil {
 		return "", fmt.Errorf("projection %s: the group of a stored row: %w", pc.def.Name(), err)
 	}
-	return pc.rowKey(group)
+	if pc.def.PersonalKeys() && !pc.warnedLegacy {
+		pc.warnedLegacy = true
+		pc.c.e.log.Warn("a projection with personal keys has rows stored before it had them, under plain keys: rename the projection to fold it again from its sources", "projection", pc.def.Name(), "task", pc.task.String())
+	}
+	return group, nil
 }
 
 // storedEntityRow is a group-by entity row as the store and changelog keep
