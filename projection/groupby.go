@@ -22,9 +22,9 @@ type GroupRows interface {
 	// engine kept their group beside them).
 	Group(row []byte) (string, error)
 	// Personal reports whether rows have personal fields (tagged
-	// esker:"pii"); Seal and Open seal and open them with the entity's
-	// cipher, so that rows in the store, the changelog and the
-	// repartition topic hold no personal data in plaintext.
+	// esker:"pii"); Seal and Open seal and open them with a cipher: the
+	// entity's, for the rows kept in the store and changelog, or one that
+	// empties them, for the rows a group folds.
 	Personal() bool
 	Seal(row []byte, c aggregate.FieldCipher) ([]byte, error)
 	Open(row []byte, c aggregate.FieldCipher) ([]byte, error)
@@ -52,11 +52,13 @@ type groupBy[R any] struct {
 // repartition topic "<app>-<name>-repartition" in the same transaction.
 //
 // Personal data: string fields of R tagged `esker:"pii"` are sealed with
-// the entity's data key wherever a row is written (store, changelog,
-// repartition topic), so forgetting the entity makes every copy
-// unreadable. When the entity is forgotten, its row is subtracted from its
-// group with those fields empty. When group keys are personal (an owner's
-// name), add PersonalKeys. The group state S must not hold personal fields:
+// the entity's data key in the entity rows (store and changelog), so
+// forgetting the entity makes every copy unreadable; row and group see them
+// opened. add and subtract see them empty (and so does the repartition
+// topic): a group mixes entities, so its fold must not depend on one
+// entity's personal data, and a forgotten entity's row, whose fields no
+// longer open, is subtracted as it was added. When group keys are personal
+// (an owner's name), add PersonalKeys. The group state S must not hold personal fields:
 // it mixes many entities, so no one entity's key could seal it; GroupBy
 // panics when it does.
 func GroupBy[R, S any](name string, row Fold[R], group func(R) string, add, subtract func(S, R) S, opts ...Option) *Projection[S] {

@@ -105,7 +105,8 @@ type projCycle struct {
 	handled     int
 	// warnedMisrouted: the cycle logged a record on the wrong partition.
 	warnedMisrouted bool
-	warnedLegacy    bool // the cycle logged a legacy row of a projection with personal keys
+	warnedLegacy    bool              // the cycle logged a legacy row of a projection with personal keys
+	pseudonyms      map[string]string // row keys by personal key, this cycle
 }
 
 type projRow struct {
@@ -120,6 +121,7 @@ type projRow struct {
 type entityRow struct {
 	rowEntity
 	row   []byte // JSON, personal fields opened; nil: none
+	blank []byte // row with its personal fields emptied (nil: not made yet)
 	group string // the row key of the group it is in ("": none)
 	dirty bool
 }
@@ -271,13 +273,13 @@ func (pc *projCycle) handle(r *kgo.Record) {
 			return
 		}
 	}
-	pc.route(r, changes, rowEntity{})
+	pc.route(r, changes)
 }
 
 // handleChange applies a change another task sent through the repartition
-// topic, its event and rows opened as the sender had them.
+// topic, its event opened as the sender had it.
 func (pc *projCycle) handleChange(r *kgo.Record) {
-	ch, sealedBy, err := decodeChange(r)
+	ch, err := decodeChange(r)
 	if err != nil {
 		pc.skip(r, "cannot decode a repartitioned change", err)
 		return
@@ -288,15 +290,6 @@ func (pc *projCycle) handleChange(r *kgo.Record) {
 		}
 		if err := pc.def.Decode(ch.Event); err != nil {
 			pc.skip(r, "cannot decode a repartitioned change", err)
-			return
-		}
-	}
-	if g := pc.def.GroupBy(); g != nil && sealedBy.typ != "" {
-		if ch.Old, err = pc.openRow(g, sealedBy, ch.Old); err == nil {
-			ch.New, err = pc.openRow(g, sealedBy, ch.New)
-		}
-		if err != nil {
-			pc.c.fail(err) // the keys topic could not be read now: retry
 			return
 		}
 	}
@@ -323,10 +316,13 @@ func (pc *projCycle) openEvent(r *kgo.Record, ev *projection.Event) bool {
 // handleGroupRow folds an event into its entity's group-by row and routes
 // the changes to the groups the entity leaves and joins.
 //
-// Invariant: an entity row is stored with the row key of the group it was
+// Invariants: an entity row is stored with the row key of the group it was
 // added to, so the projection can remove it from that group even when it
-// can no longer compute the group (its personal fields cannot be opened
-// once the entity is forgotten).
+// can no longer compute the group (its personal fields open as "" once the
+// entity is forgotten). The rows a change carries to add and subtract have
+// their personal fields emptied, always: a group mixes entities, so its
+// fold must not depend on one entity's personal data, and a row subtracted
+// after its entity was forgotten is then the row that was added.
 func (pc *projCycle) handleGroupRow(r *kgo.Record, g projection.GroupRows, ev projection.Event) {
 	ent := rowEntity{typ: pc.sourceType(ev.Topic), id: ev.EntityID}
 	er, err := pc.entityRow(g, ent)
@@ -340,6 +336,12 @@ func (pc *projCycle) handleGroupRow(r *kgo.Record, g projection.GroupRows, ev pr
 		pc.c.e.log.Error("projection failed on an event; skipped", "projection", pc.def.Name(), "topic", r.Topic, "partition", r.Partition, "offset", r.Offset, "err", err)
 		return
 	}
+	if er.row != nil && er.blank == nil {
+		if er.blank, err = g.Seal(er.row, blankCipher{}); err != nil {
+			pc.c.fail(err)
+			return
+		}
+	}
 	var changes []projection.Change
 	if next == nil { // forgotten: the entity leaves its group, its row goes
 		if er.row == nil {
@@ -347,17 +349,10 @@ func (pc *projCycle) handleGroupRow(r *kgo.Record, g projection.GroupRows, ev pr
 			return
 		}
 		if er.group != "" {
-			// Its personal fields are emptied: the entity's key is gone,
-			// so nothing may carry them further.
-			old, err := g.Seal(er.row, forgottenCipher{})
-			if err != nil {
-				pc.c.fail(err)
-				return
-			}
-			changes = append(changes, projection.Change{Key: er.group, Old: old})
+			changes = append(changes, projection.Change{Key: er.group, Old: er.blank})
 		}
-		er.row, er.group, er.dirty = nil, "", true
-		pc.route(r, changes, rowEntity{})
+		er.row, er.blank, er.group, er.dirty = nil, nil, "", true
+		pc.route(r, changes)
 		return
 	}
 	newKey := ""
@@ -371,23 +366,28 @@ func (pc *projCycle) handleGroupRow(r *kgo.Record, g projection.GroupRows, ev pr
 		pc.count("skipped")
 		return
 	}
+	nextBlank, err := g.Seal(next, blankCipher{})
+	if err != nil {
+		pc.c.fail(err)
+		return
+	}
 	switch {
 	case er.group != "" && er.group == newKey:
-		changes = append(changes, projection.Change{Key: newKey, Old: er.row, New: next})
+		changes = append(changes, projection.Change{Key: newKey, Old: er.blank, New: nextBlank})
 	default:
 		if er.group != "" {
-			changes = append(changes, projection.Change{Key: er.group, Old: er.row})
+			changes = append(changes, projection.Change{Key: er.group, Old: er.blank})
 		}
 		if newKey != "" {
-			changes = append(changes, projection.Change{Key: newKey, New: next})
+			changes = append(changes, projection.Change{Key: newKey, New: nextBlank})
 		}
 	}
-	er.row, er.group, er.typ, er.dirty = next, newKey, ent.typ, true
+	er.row, er.blank, er.group, er.typ, er.dirty = next, nextBlank, newKey, ent.typ, true
 	if len(changes) == 0 {
 		pc.count("skipped") // the row changed, but it is in no group
 		return
 	}
-	pc.route(r, changes, ent)
+	pc.route(r, changes)
 }
 
 // rowEntity names the entity whose data key seals a group-by row's
@@ -395,9 +395,8 @@ func (pc *projCycle) handleGroupRow(r *kgo.Record, g projection.GroupRows, ev pr
 type rowEntity struct{ typ, id string }
 
 // route applies each change to its row here or sends it through the
-// repartition topic to the partition of its row. ent's key seals the rows
-// the changes carry.
-func (pc *projCycle) route(r *kgo.Record, changes []projection.Change, ent rowEntity) {
+// repartition topic to the partition of its row.
+func (pc *projCycle) route(r *kgo.Record, changes []projection.Change) {
 	for _, ch := range changes {
 		part := aggregate.Partition(ch.Key, pc.c.e.cfg.Partitions)
 		if part != pc.task.Partition && pc.repartition == "" {
@@ -422,12 +421,7 @@ func (pc *projCycle) route(r *kgo.Record, changes []projection.Change, ent rowEn
 			sealed.SchemaVersion, sealed.Data = read.SchemaVersion, read.Data
 			ch.Event = &sealed
 		}
-		sealedBy, err := pc.sealChange(&ch, ent)
-		if err != nil {
-			pc.c.fail(err)
-			return
-		}
-		value, err := encodeChange(ch, sealedBy)
+		value, err := encodeChange(ch)
 		if err != nil {
 			pc.skip(r, "cannot encode a change", err)
 			continue
@@ -435,25 +429,6 @@ func (pc *projCycle) route(r *kgo.Record, changes []projection.Change, ent rowEn
 		pc.produce(&kgo.Record{Topic: pc.repartition, Partition: part, Key: []byte(ch.Key), Value: value, Timestamp: pc.c.now}, false)
 		pc.count("rekeyed")
 	}
-}
-
-// sealChange seals the personal fields of the rows a change carries with
-// ent's key, for the repartition topic; it returns the entity whose key
-// opens them (none when nothing was sealed). An entity forgotten
-// meanwhile has its fields emptied instead.
-func (pc *projCycle) sealChange(ch *projection.Change, ent rowEntity) (rowEntity, error) {
-	g := pc.def.GroupBy()
-	if g == nil || !g.Personal() || ent.typ == "" || pc.c.e.cfg.Keys == nil || (ch.Old == nil && ch.New == nil) {
-		return rowEntity{}, nil
-	}
-	var err error
-	if ch.Old, err = pc.sealRow(g, ent, ch.Old); err != nil {
-		return rowEntity{}, err
-	}
-	if ch.New, err = pc.sealRow(g, ent, ch.New); err != nil {
-		return rowEntity{}, err
-	}
-	return ent, nil
 }
 
 // sealRow seals a group-by row's personal fields with ent's key; when the
@@ -464,7 +439,7 @@ func (pc *projCycle) sealRow(g projection.GroupRows, ent rowEntity, row []byte) 
 	}
 	sealed, err := g.Seal(row, pc.c.e.cfg.Keys.Cipher(pc.c.ctx, ent.typ, ent.id))
 	if errors.Is(err, aggregate.ErrForgotten) {
-		return g.Seal(row, forgottenCipher{})
+		return g.Seal(row, blankCipher{})
 	}
 	if err != nil {
 		return nil, fmt.Errorf("seal the %s row of %s %q: %w", pc.def.Name(), ent.typ, ent.id, err)
@@ -489,18 +464,21 @@ func (pc *projCycle) openRow(g projection.GroupRows, ent rowEntity, row []byte) 
 	return opened, nil
 }
 
-// forgottenCipher empties personal fields: what is left of a forgotten
-// entity's row.
-type forgottenCipher struct{}
+// blankCipher empties personal fields: the rows a group folds, and what is
+// kept of a forgotten entity's row.
+type blankCipher struct{}
 
-func (forgottenCipher) Seal(string) (string, error) { return "", nil }
-func (forgottenCipher) Open(string) (string, error) { return "", nil }
+func (blankCipher) Seal(string) (string, error) { return "", nil }
+func (blankCipher) Open(string) (string, error) { return "", nil }
 
 // rowKey returns the key under which a row is stored: key itself, or its
 // pseudonym for a projection with personal keys.
 func (pc *projCycle) rowKey(key string) (string, error) {
 	if key == "" || !pc.def.PersonalKeys() {
 		return key, nil
+	}
+	if p, ok := pc.pseudonyms[key]; ok {
+		return p, nil
 	}
 	if pc.c.e.cfg.Keys == nil {
 		return "", fmt.Errorf("projection %s has personal keys but the node has no keyring", pc.def.Name())
@@ -509,6 +487,10 @@ func (pc *projCycle) rowKey(key string) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("projection %s: %w", pc.def.Name(), err)
 	}
+	if pc.pseudonyms == nil {
+		pc.pseudonyms = map[string]string{}
+	}
+	pc.pseudonyms[key] = p
 	return p, nil
 }
 
@@ -777,14 +759,6 @@ type wireChange struct {
 	Event *wireEvent      `json:"event,omitempty"`
 	Old   json.RawMessage `json:"old,omitempty"`
 	New   json.RawMessage `json:"new,omitempty"`
-	// SealedBy names the entity whose data key sealed the rows' personal
-	// fields.
-	SealedBy *wireEntity `json:"sealedBy,omitempty"`
-}
-
-type wireEntity struct {
-	Type string `json:"type"`
-	ID   string `json:"id"`
 }
 
 type wireEvent struct {
@@ -803,11 +777,8 @@ type wireEvent struct {
 	Data          []byte    `json:"data"` // any codec's bytes (base64 in JSON)
 }
 
-func encodeChange(ch projection.Change, sealedBy rowEntity) ([]byte, error) {
+func encodeChange(ch projection.Change) ([]byte, error) {
 	w := wireChange{Old: ch.Old, New: ch.New}
-	if sealedBy.typ != "" {
-		w.SealedBy = &wireEntity{Type: sealedBy.typ, ID: sealedBy.id}
-	}
 	if ev := ch.Event; ev != nil {
 		w.Event = &wireEvent{Topic: ev.Topic, Partition: ev.Partition, Offset: ev.Offset,
 			EntityID: ev.EntityID, Version: ev.Version, EventID: ev.EventID, Type: ev.Type, SchemaVersion: ev.SchemaVersion,
@@ -816,14 +787,10 @@ func encodeChange(ch projection.Change, sealedBy rowEntity) ([]byte, error) {
 	return json.Marshal(w)
 }
 
-func decodeChange(r *kgo.Record) (projection.Change, rowEntity, error) {
+func decodeChange(r *kgo.Record) (projection.Change, error) {
 	var w wireChange
 	if err := json.Unmarshal(r.Value, &w); err != nil {
-		return projection.Change{}, rowEntity{}, err
-	}
-	var sealedBy rowEntity
-	if w.SealedBy != nil && w.SealedBy.Type != "" {
-		sealedBy = rowEntity{typ: w.SealedBy.Type, id: w.SealedBy.ID}
+		return projection.Change{}, err
 	}
 	// A null row is no row (rows are JSON objects; null would fold the
 	// zero row).
@@ -835,14 +802,14 @@ func decodeChange(r *kgo.Record) (projection.Change, rowEntity, error) {
 	}
 	ch := projection.Change{Key: string(r.Key), Old: w.Old, New: w.New}
 	if w.Event == nil && w.Old == nil && w.New == nil {
-		return ch, sealedBy, errors.New("empty change")
+		return ch, errors.New("empty change")
 	}
 	if ev := w.Event; ev != nil {
 		ch.Event = &projection.Event{Topic: ev.Topic, Partition: ev.Partition, Offset: ev.Offset, Event: aggregate.Event{
 			EntityID: ev.EntityID, Version: ev.Version, EventID: ev.EventID, Type: ev.Type, SchemaVersion: ev.SchemaVersion,
 			CommandID: ev.CommandID, CorrelationID: ev.CorrelationID, CausationID: ev.CausationID, Time: ev.Time, Data: ev.Data}}
 	}
-	return ch, sealedBy, nil
+	return ch, nil
 }
 
 // seekProjectionInputs positions the consumption of the projection inputs
