@@ -250,7 +250,7 @@ func TestChaos(t *testing.T) {
 	// The truth and the nodes' answers.
 	readCtx, cancelRead := context.WithTimeout(context.Background(), within(2*time.Minute, 2*time.Minute))
 	defer cancelRead()
-	events, ownerKeys, err := readEvents(readCtx, brokers.addrs())
+	events, ownerKeys, err := readEvents(readCtx, brokers.addrs(), cfg.partitions)
 	if err != nil {
 		finish("reading account-events: " + err.Error())
 		return

@@ -97,7 +97,7 @@ func waitIdle(ctx context.Context, brokers []string, app string) (idleState, err
 // stable offset, read_committed, as the checker's truth. ownerKeys maps
 // every owner named in them to the key the owners projection lists the
 // owner under (the owner's pseudonym: PersonalKeys).
-func readEvents(ctx context.Context, brokers []string) (events []EventRecord, ownerKeys map[string]string, err error) {
+func readEvents(ctx context.Context, brokers []string, partitions int) (events []EventRecord, ownerKeys map[string]string, err error) {
 	adm, err := kgo.NewClient(kgo.SeedBrokers(brokers...))
 	if err != nil {
 		return nil, nil, err
@@ -128,7 +128,7 @@ func readEvents(ctx context.Context, brokers []string) (events []EventRecord, ow
 	if err != nil {
 		return nil, nil, err
 	}
-	kr, err := keyring.New(keyring.Config{AppID: "bank", Partitions: 1, Masters: []keyring.MasterKey{master},
+	kr, err := keyring.New(keyring.Config{AppID: "bank", Partitions: int32(partitions), Masters: []keyring.MasterKey{master},
 		ClientOpts: []kgo.Opt{kgo.SeedBrokers(brokers...)}})
 	if err != nil {
 		return nil, nil, err

@@ -23,9 +23,12 @@
 //     valid. Sealing uses the entity's first key in log order (the same on
 //     every node once both are read), so at most a few fields use another.
 //   - A pseudonym secret ("esker.pseudonym/<scope>", see Pseudonym) is a
-//     data key like any other, used as an HMAC key instead of a cipher. Its
-//     first key in log order is the one every node uses: a node uses it
-//     only after reading the topic past the key it wrote, so all agree.
+//     data key used as an HMAC key instead of a cipher, and every node must
+//     use the same one. All secrets of a scope go to the partition of the
+//     scope's name (an entity's keys go to the partitions of their own
+//     record keys, so "first" may differ between nodes there), and a node
+//     uses the first in that partition's order only after reading the
+//     topic past the one it wrote: all nodes agree.
 //   - The master key id travels with every wrapped key: keys wrapped by an
 //     older master key open as long as that master key is configured, which
 //     is how a master key is rotated.
@@ -443,6 +446,12 @@ func (k *Keyring) create(ctx context.Context, name string) error {
 	wrapped := master.Seal(nonce, nonce, dataKey[:], wrapAAD(name, kid))
 	v, _ := json.Marshal(keyValue{Master: k.current, Key: wrapped})
 	rec := k.record(name+"#"+kid, v)
+	if strings.HasPrefix(name, pseudonymType+"/") {
+		// Every secret of a scope on one partition: "first in log order"
+		// is then one offset order, the same for every node (see the
+		// invariants). Such records are never tombstoned.
+		rec.Partition = aggregate.Partition(name, k.cfg.Partitions)
+	}
 	if err := k.client.ProduceSync(ctx, rec).FirstErr(); err != nil {
 		return fmt.Errorf("keyring: write the data key of %s to %s: %w", name, k.topic, err)
 	}
