@@ -13,7 +13,8 @@ import (
 // Personal data and forgetting (crypto-shredding).
 //
 // A string field tagged `esker:"pii"` in a command, event or state type holds
-// personal data. esker never writes such a field to Kafka in plaintext: the
+// personal data (also a slice of strings, and fields of structs inside
+// slices; not inside maps, which registration refuses). esker never writes such a field to Kafka in plaintext: the
 // node seals it with the entity's own data key (AES-256-GCM) before a
 // command, event or state leaves the process, and opens it on every read
 // path. Forgetting an entity destroys its data key, so every copy of its
@@ -27,8 +28,8 @@ import (
 // field was tagged) is read as it is.
 
 // PersonalTag is the struct tag value that marks a personal field:
-// `esker:"pii"`. Only string fields (at any depth of nested structs) may
-// carry it.
+// `esker:"pii"`. Only string fields and slices of strings (at any depth of
+// nested structs, pointers and slices, not maps) may carry it.
 const PersonalTag = "pii"
 
 // SealedPrefix starts every sealed personal field.
@@ -117,11 +118,14 @@ func transformPersonal(v any, fn func(string) (string, error)) (any, error) {
 	return out.Interface(), nil
 }
 
+// each in a plan path stands for every element of a slice or array.
+const each = -1
+
 // transformPath rewrites the string field at path inside v (addressable),
-// copying any struct a pointer on the way leads to so the caller's value
-// stays untouched.
+// copying any struct or slice a pointer or slice on the way leads to so the
+// caller's value stays untouched.
 func transformPath(v reflect.Value, path []int, fn func(string) (string, error)) error {
-	for _, i := range path {
+	for k, i := range path {
 		if v.Kind() == reflect.Pointer {
 			if v.IsNil() {
 				return nil
@@ -130,6 +134,22 @@ func transformPath(v reflect.Value, path []int, fn func(string) (string, error))
 			cp.Elem().Set(v.Elem())
 			v.Set(cp)
 			v = cp.Elem()
+		}
+		if i == each {
+			if v.Kind() == reflect.Slice {
+				if v.IsNil() {
+					return nil
+				}
+				cp := reflect.MakeSlice(v.Type(), v.Len(), v.Len())
+				reflect.Copy(cp, v)
+				v.Set(cp)
+			}
+			for j := range v.Len() {
+				if err := transformPath(v.Index(j), path[k+1:], fn); err != nil {
+					return err
+				}
+			}
+			return nil
 		}
 		v = v.Field(i)
 	}
@@ -157,9 +177,10 @@ func transformPath(v reflect.Value, path []int, fn func(string) (string, error))
 
 var plans sync.Map // reflect.Type → [][]int
 
-// personalPlan lists the field index paths of t's personal fields. It panics
-// on a tag on a field that cannot hold a sealed string: a programming error
-// found when the type is registered.
+// personalPlan lists the field index paths of t's personal fields (each:
+// every element of a slice or array). It panics on a tag on a field that
+// cannot hold a sealed string, or on personal fields inside a map: a
+// programming error found when the type is registered.
 func personalPlan(t reflect.Type) [][]int {
 	if p, ok := plans.Load(t); ok {
 		return p.([][]int)
@@ -170,10 +191,21 @@ func personalPlan(t reflect.Type) [][]int {
 }
 
 func buildPlan(t reflect.Type, prefix []int, seen map[reflect.Type]bool) [][]int {
-	if t.Kind() == reflect.Pointer {
-		t = t.Elem()
+	switch t.Kind() {
+	case reflect.Pointer:
+		return buildPlan(t.Elem(), prefix, seen)
+	case reflect.Slice, reflect.Array:
+		return buildPlan(t.Elem(), append(append([]int(nil), prefix...), each), seen)
+	case reflect.Map:
+		if len(buildPlan(t.Elem(), nil, seen)) > 0 {
+			panic(fmt.Sprintf("aggregate: %s holds fields tagged esker:%q inside a map, which cannot be sealed; use a slice of structs", t, PersonalTag))
+		}
+		return nil
+	case reflect.Struct:
+	default:
+		return nil
 	}
-	if t.Kind() != reflect.Struct || seen[t] {
+	if seen[t] {
 		return nil
 	}
 	seen[t] = true
@@ -183,12 +215,18 @@ func buildPlan(t reflect.Type, prefix []int, seen map[reflect.Type]bool) [][]int
 		f := t.Field(i)
 		path := append(append([]int(nil), prefix...), i)
 		if tag, ok := f.Tag.Lookup("esker"); ok && tag == PersonalTag {
-			ft := f.Type
+			ft, elems := f.Type, 0
+			for ft.Kind() == reflect.Slice || ft.Kind() == reflect.Array {
+				ft, elems = ft.Elem(), elems+1
+			}
 			if ft.Kind() == reflect.Pointer {
 				ft = ft.Elem()
 			}
 			if ft.Kind() != reflect.String || !f.IsExported() {
-				panic(fmt.Sprintf("aggregate: field %s.%s is tagged esker:%q but is not an exported string; personal data must be kept in string fields", t.Name(), f.Name, PersonalTag))
+				panic(fmt.Sprintf("aggregate: field %s.%s is tagged esker:%q but is not an exported string (or slice of strings); personal data must be kept in string fields", t.Name(), f.Name, PersonalTag))
+			}
+			for range elems {
+				path = append(path, each)
 			}
 			out = append(out, path)
 			continue
