@@ -2,7 +2,8 @@ package esker
 
 // Security options of a Node: the cluster token that authenticates
 // forwarding between nodes, bearer tokens and a rate limit on the HTTP API,
-// and SASL and TLS for every Kafka client the node makes.
+// and SASL and TLS for every Kafka client the node makes (and for tools
+// that talk to the same cluster: KafkaClientOpts, PingKafka).
 
 import (
 	"context"
@@ -104,6 +105,12 @@ func (c *config) validateSecurity() error {
 	if c.rateSet && (c.ratePerSecond <= 0 || c.rateBurst < 1) {
 		return fmt.Errorf("esker: rate limit must be positive with a burst of at least 1, got %v per second, burst %d", c.ratePerSecond, c.rateBurst)
 	}
+	return c.validateKafkaSecurity()
+}
+
+// validateKafkaSecurity checks the SASL and TLS options and adds them to
+// the client options.
+func (c *config) validateKafkaSecurity() error {
 	mech, err := c.saslMech()
 	if err != nil {
 		return err
@@ -120,60 +127,148 @@ func (c *config) validateSecurity() error {
 	return nil
 }
 
+// KafkaClientOpts returns the franz-go client options of the Kafka
+// connection that opts describe, as a node built with them connects: the
+// Brokers as seed brokers, then KafkaSASL, KafkaTLS and KafkaOptions. It is
+// for tools that talk to the same cluster as a node (esker inspect, esker
+// dlq); options that do not concern the connection are ignored. It checks
+// them as NewNode does and returns an error (and no options) on no brokers,
+// an unknown SASL mechanism or SASL without a user. Nothing connects.
+func KafkaClientOpts(opts ...Option) ([]kgo.Opt, error) {
+	c, err := kafkaConfig(opts)
+	if err != nil {
+		return nil, err
+	}
+	return c.clientOpts(), nil
+}
+
+// PingKafka connects to the Kafka cluster that opts describe (see
+// KafkaClientOpts) and asks a broker for metadata, as a node does before it
+// starts, so that a tool learns at once why it cannot use the cluster. It
+// returns KafkaClientOpts' error on invalid options; an error wrapping
+// ErrKafkaRefused and naming the cause (`esker: kafka: SASL authentication
+// failed for user "bank" ...`, a failed TLS handshake, a connection closed
+// at once) when the brokers refuse the connection; and the franz-go
+// client's error when no broker answers before ctx is done. A broker that
+// closes the connection during the handshake is asked three times before
+// that counts as a refusal. The password is never in the error.
+func PingKafka(ctx context.Context, opts ...Option) error {
+	c, err := kafkaConfig(opts)
+	if err != nil {
+		return err
+	}
+	refused, err := c.checkKafka(ctx, c.clientOpts(), 0)
+	if refused != nil {
+		return refused
+	}
+	return err
+}
+
+// ErrKafkaRefused is wrapped by the errors of Node.Run and PingKafka when
+// the brokers refuse the connection: they reject the SASL credentials, the
+// TLS handshake fails, or they close the connection at once (SASL or TLS
+// missing). Retrying with the same options does not help.
+var ErrKafkaRefused = errors.New("esker: kafka refused the connection")
+
+// kafkaRefusal is an error of the brokers refusing the connection: its
+// message names the cause; it wraps ErrKafkaRefused and the client's error.
+type kafkaRefusal struct {
+	msg string
+	err error
+}
+
+func (e *kafkaRefusal) Error() string   { return e.msg }
+func (e *kafkaRefusal) Unwrap() []error { return []error{ErrKafkaRefused, e.err} }
+
+// kafkaConfig applies opts and checks the options of the Kafka connection.
+func kafkaConfig(opts []Option) (*config, error) {
+	c := defaultConfig()
+	for _, o := range opts {
+		o(&c)
+	}
+	if len(c.brokers) == 0 {
+		return nil, errors.New("esker: no brokers: pass esker.Brokers(\"host:9092\")")
+	}
+	if err := c.validateKafkaSecurity(); err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
+// clientOpts returns the franz-go options of a validated configuration's
+// Kafka connection, in a new slice.
+func (c *config) clientOpts() []kgo.Opt {
+	return append([]kgo.Opt{kgo.SeedBrokers(c.brokers...)}, c.kafkaOpts...)
+}
+
 // kafkaPreflight connects to the brokers once before the node starts, so
 // that refused credentials or a failed TLS handshake stop Run at once with
 // a clear error instead of leaving the clients retrying. Brokers that are
 // merely unreachable are not an error here (the node waits for them, as
 // before); the check then gives up once every seed broker was tried, within
-// 10 seconds (ping). A broker that accepts the connection and closes it
-// during the handshake (some brokers answer bad credentials so) is asked
-// three times before that counts as a refusal.
+// 10 seconds (ping).
 func (c *config) kafkaPreflight(ctx context.Context, clientOpts []kgo.Opt) error {
-	var err error
+	refused, err := c.checkKafka(ctx, clientOpts, 10*time.Second)
+	if refused != nil {
+		return refused
+	}
+	if err != nil && ctx.Err() == nil {
+		c.logger.Warn("esker: kafka brokers not reachable yet; the node keeps trying", "brokers", c.brokers, "err", err)
+	}
+	return nil
+}
+
+// checkKafka pings the brokers with clientOpts, each attempt within
+// timeout (0: only ctx bounds it). refused, wrapping ErrKafkaRefused, says
+// why the brokers refused the connection; otherwise err is the last ping's
+// error, nil when a broker answered. A broker that accepts the connection
+// and closes it during the handshake (some brokers answer bad credentials
+// so) is asked three times before that counts as a refusal.
+func (c *config) checkKafka(ctx context.Context, clientOpts []kgo.Opt, timeout time.Duration) (refused, err error) {
 	for attempt := range 3 {
 		if attempt > 0 {
 			select {
 			case <-ctx.Done():
-				return nil
+				return nil, ctx.Err()
 			case <-time.After(500 * time.Millisecond):
 			}
 		}
-		err = ping(ctx, clientOpts)
+		err = ping(ctx, clientOpts, timeout)
 		if err == nil {
-			return nil
+			return nil, nil
 		}
 		if desc := c.describeKafkaAuthError(err); desc != "" {
-			return errors.New("esker: kafka: " + desc)
+			return &kafkaRefusal{msg: "esker: kafka: " + desc, err: err}, nil
 		}
 		if !closedDuringHandshake(err) {
-			break
+			return nil, err
 		}
 	}
 	var firstRead *kgo.ErrFirstReadEOF
 	if errors.As(err, &firstRead) {
 		// Closed before authentication: its message says what is likely
 		// missing (TLS, SASL).
-		return fmt.Errorf("esker: kafka: the brokers closed the connection at once: %v", err)
+		return &kafkaRefusal{msg: fmt.Sprintf("esker: kafka: the brokers closed the connection at once: %v", err), err: err}, nil
 	}
-	if closedDuringHandshake(err) {
-		if c.saslMechanism != "" {
-			return fmt.Errorf("esker: kafka: SASL authentication failed for user %q (mechanism %s): the brokers closed the connection during authentication (%v); check the user, password and mechanism", c.saslUser, c.saslMechanism, err)
-		}
-		return fmt.Errorf("esker: kafka: the brokers closed the connection at once: they may require SASL or TLS (%v)", err)
+	if c.saslMechanism != "" {
+		return &kafkaRefusal{msg: fmt.Sprintf("esker: kafka: SASL authentication failed for user %q (mechanism %s): the brokers closed the connection during authentication (%v); check the user, password and mechanism", c.saslUser, c.saslMechanism, err), err: err}, nil
 	}
-	c.logger.Warn("esker: kafka brokers not reachable yet; the node keeps trying", "brokers", c.brokers, "err", err)
-	return nil
+	return &kafkaRefusal{msg: fmt.Sprintf("esker: kafka: the brokers closed the connection at once: they may require SASL or TLS (%v)", err), err: err}, nil
 }
 
-// ping connects a client with clientOpts and asks a broker for metadata.
-func ping(ctx context.Context, clientOpts []kgo.Opt) error {
+// ping connects a client with clientOpts and asks a broker for metadata,
+// within timeout unless it is 0.
+func ping(ctx context.Context, clientOpts []kgo.Opt, timeout time.Duration) error {
 	cl, err := kgo.NewClient(clientOpts...)
 	if err != nil {
 		return fmt.Errorf("kafka client: %w", err)
 	}
 	defer cl.Close()
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
+	if timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, timeout)
+		defer cancel()
+	}
 	return cl.Ping(ctx)
 }
 

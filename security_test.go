@@ -8,6 +8,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"errors"
 	"fmt"
 	"math/big"
 	"net"
@@ -16,7 +17,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/esker-io/esker"
 	"github.com/esker-io/esker/aggregate"
@@ -320,5 +323,125 @@ func TestSecurityKafkaTLS(t *testing.T) {
 			}
 			t.Logf("%v after %s", err, time.Since(start).Round(time.Millisecond))
 		})
+	}
+}
+
+// TestKafkaClientOpts: the client options of a node's Kafka connection, for
+// tools, reach a cluster that requires SCRAM (and TLS); PingKafka names a
+// refusal and tells it from brokers that do not answer; bad options fail as
+// in NewNode.
+func TestKafkaClientOpts(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	produceAndList := func(t *testing.T, opts []kgo.Opt) {
+		t.Helper()
+		cl, err := kgo.NewClient(append(opts, kgo.DefaultProduceTopic("tool-topic"))...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cl.Close()
+		adm := kadm.NewClient(cl)
+		if _, err := adm.CreateTopic(ctx, 1, 1, nil, "tool-topic"); err != nil {
+			t.Fatalf("create topic: %v", err)
+		}
+		if err := cl.ProduceSync(ctx, &kgo.Record{Value: []byte("v")}).FirstErr(); err != nil {
+			t.Fatalf("produce: %v", err)
+		}
+		topics, err := adm.ListTopics(ctx)
+		if err != nil {
+			t.Fatalf("list topics: %v", err)
+		}
+		if !topics.Has("tool-topic") {
+			t.Errorf("topics %v lack tool-topic", topics.Names())
+		}
+	}
+
+	t.Run("SASL", func(t *testing.T) {
+		c := saslCluster(t)
+		brokers := esker.Brokers(c.ListenAddrs()...)
+		opts, err := esker.KafkaClientOpts(brokers, esker.KafkaSASL("scram-sha-512", "esker512", "right-pw"), esker.KafkaOptions(kgo.ClientID("tool")))
+		if err != nil {
+			t.Fatal(err)
+		}
+		produceAndList(t, opts)
+		if err := esker.PingKafka(ctx, brokers, esker.KafkaSASL("SCRAM-SHA-256", "esker", "right-pw")); err != nil {
+			t.Errorf("PingKafka with the right password: %v", err)
+		}
+
+		// Without the SASL options the same cluster refuses the client.
+		plain, err := esker.KafkaClientOpts(brokers)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cl, err := kgo.NewClient(plain...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pingCtx, pingCancel := context.WithTimeout(ctx, 5*time.Second)
+		if err := cl.Ping(pingCtx); err == nil {
+			t.Error("a client without SASL reached the cluster")
+		}
+		pingCancel()
+		cl.Close()
+
+		err = esker.PingKafka(ctx, brokers, esker.KafkaSASL("SCRAM-SHA-256", "esker", "wrong-pw"))
+		if !errors.Is(err, esker.ErrKafkaRefused) ||
+			!strings.Contains(err.Error(), `esker: kafka: SASL authentication failed for user "esker" (mechanism SCRAM-SHA-256)`) {
+			t.Errorf("PingKafka with a wrong password: %v", err)
+		}
+		if err != nil && strings.Contains(err.Error(), "wrong-pw") {
+			t.Errorf("the error shows the password: %v", err)
+		}
+		if err := esker.PingKafka(ctx, brokers); !errors.Is(err, esker.ErrKafkaRefused) || !strings.Contains(err.Error(), "is SASL missing?") {
+			t.Errorf("PingKafka without SASL: %v", err)
+		}
+	})
+
+	t.Run("TLS", func(t *testing.T) {
+		serverCfg, pool := testTLS(t)
+		c := newCluster(t, kfake.TLS(serverCfg), kfake.EnableSASL(), kfake.Superuser("SCRAM-SHA-256", "esker", "pw"))
+		brokers := esker.Brokers(c.ListenAddrs()...)
+		sasl := esker.KafkaSASL("SCRAM-SHA-256", "esker", "pw")
+		opts, err := esker.KafkaClientOpts(brokers, sasl, esker.KafkaTLS(&tls.Config{RootCAs: pool}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		produceAndList(t, opts)
+		if err := esker.PingKafka(ctx, brokers, esker.KafkaTLS(nil), sasl); !errors.Is(err, esker.ErrKafkaRefused) ||
+			!strings.Contains(err.Error(), "TLS handshake with the brokers failed") {
+			t.Errorf("PingKafka with an untrusted certificate: %v", err)
+		}
+	})
+
+	t.Run("unreachable", func(t *testing.T) {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := ln.Addr().String()
+		ln.Close()
+		pingCtx, pingCancel := context.WithTimeout(ctx, 5*time.Second)
+		defer pingCancel()
+		err = esker.PingKafka(pingCtx, esker.Brokers(addr), esker.KafkaSASL("PLAIN", "u", "p"))
+		if err == nil || errors.Is(err, esker.ErrKafkaRefused) {
+			t.Errorf("PingKafka of a closed port: %v, want a client error that is no refusal", err)
+		}
+	})
+
+	for _, opts := range [][]esker.Option{
+		{esker.Brokers("localhost:9092"), esker.KafkaSASL("GSSAPI", "u", "p")},
+		{esker.Brokers("localhost:9092"), esker.KafkaSASL("PLAIN", "", "p")},
+		{esker.KafkaSASL("PLAIN", "u", "p")},
+	} {
+		if got, err := esker.KafkaClientOpts(opts...); err == nil || got != nil {
+			t.Errorf("KafkaClientOpts accepted %d options: %v", len(opts), got)
+		}
+		if err := esker.PingKafka(ctx, opts...); err == nil || errors.Is(err, esker.ErrKafkaRefused) {
+			t.Errorf("PingKafka with %d bad options: %v", len(opts), err)
+		}
+	}
+	if _, err := esker.KafkaClientOpts(esker.Brokers("b:9092"), esker.KafkaSASL("GSSAPI", "u", "p")); err == nil ||
+		!strings.Contains(err.Error(), `unknown Kafka SASL mechanism "GSSAPI"`) {
+		t.Errorf("unknown mechanism: %v", err)
 	}
 }

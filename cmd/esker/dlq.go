@@ -12,6 +12,7 @@ import (
 
 	"github.com/twmb/franz-go/pkg/kgo"
 
+	"github.com/esker-io/esker"
 	"github.com/esker-io/esker/sideeffects"
 )
 
@@ -36,15 +37,21 @@ topic <app>-NAME-dlq.
                           (consumer group <app>-NAME-dlq-replay), so running
                           it again copies only newer dead letters.
 
+A cluster that requires SASL or TLS takes the flags of 'esker node':
+--kafka-sasl-mechanism, --kafka-user (with $ESKER_KAFKA_PASSWORD or
+--kafka-password), --kafka-tls and --kafka-ca.
+
 Flags may come before or after NAME.`)
 	fs.examples = `
 esker dlq list mailer --brokers 127.0.0.1:9092
-esker dlq replay mailer --brokers 127.0.0.1:9092 --app shop`
+esker dlq replay mailer --brokers 127.0.0.1:9092 --app shop
+esker dlq list mailer --brokers kafka-1:9093 --kafka-sasl-mechanism SCRAM-SHA-512 --kafka-user ops --kafka-ca ca.pem`
 	fs.actions = dlqActions
 	brokers := fs.String("brokers", "127.0.0.1:9092", "comma-separated Kafka seed `brokers` (the default is where 'esker dev' listens)")
 	app := fs.String("app", "bank", "application `id` the consumer runs in (its topics are named <app>-NAME-...)")
 	limit := fs.Int("limit", 50, "list: show at most the newest `n` dead letters (0: all)")
 	timeout := fs.Duration("timeout", 10*time.Second, "how long to wait for Kafka to answer before giving up (`duration`)")
+	kafkaSec := addKafkaSecurityFlags(fs)
 
 	positional, code, ok := parseInterleaved(e, fs, args)
 	if !ok {
@@ -73,7 +80,7 @@ esker dlq replay mailer --brokers 127.0.0.1:9092 --app shop`
 	if *limit < 0 {
 		return fs.fail(e, "--limit must be 0 (all) or more, got %d", *limit)
 	}
-	opts, code, ok := connectKafka(e, fs, "dlq", *brokers, *timeout)
+	opts, code, ok := connectKafka(e, fs, "dlq", *brokers, *timeout, kafkaSec)
 	if !ok {
 		return code
 	}
@@ -95,7 +102,8 @@ attempts, entity id, event type, whether it was replayed, and the error.
 Flags may come before or after NAME.`,
 		examples: `
 esker dlq list mailer --brokers 127.0.0.1:9092
-esker dlq list mailer --brokers kafka-1:9092 --app shop --limit 0`,
+esker dlq list mailer --brokers kafka-1:9092 --app shop --limit 0
+ESKER_KAFKA_PASSWORD=... esker dlq list mailer --brokers kafka-1:9093 --kafka-sasl-mechanism SCRAM-SHA-512 --kafka-user ops --kafka-tls`,
 	},
 	"replay": {
 		synopsis: "esker dlq replay NAME [flags]",
@@ -109,7 +117,8 @@ so running it again copies only newer dead letters. --limit is ignored.
 Flags may come before or after NAME.`,
 		examples: `
 esker dlq replay mailer --brokers 127.0.0.1:9092
-esker dlq replay mailer --brokers kafka-1:9092 --app shop`,
+esker dlq replay mailer --brokers kafka-1:9092 --app shop
+esker dlq replay mailer --brokers kafka-1:9093 --kafka-sasl-mechanism SCRAM-SHA-512 --kafka-user ops --kafka-ca ca.pem`,
 	},
 }
 
@@ -147,11 +156,14 @@ func parseInterleaved(e *env, fs *flagSet, args []string) (positional []string, 
 	}
 }
 
-// connectKafka checks --timeout and --brokers, then that a seed broker
-// answers within the timeout, so that a wrong address is reported at once
-// instead of retried forever. When ok is false it has reported why and code
-// is the exit status; label names the command in the message.
-func connectKafka(e *env, fs *flagSet, label, brokers string, timeout time.Duration) (opts []kgo.Opt, code int, ok bool) {
+// connectKafka checks --timeout, --brokers and the Kafka security flags,
+// then that a seed broker answers within the timeout and accepts the
+// credentials and TLS handshake, so that a wrong address or a refused
+// password is reported at once instead of retried forever. It returns the
+// franz-go options of the connection. When ok is false it has reported why
+// and code is the exit status: 2 for bad flags, 1 when Kafka cannot be
+// used; label names the command in the message.
+func connectKafka(e *env, fs *flagSet, label, brokers string, timeout time.Duration, sec *kafkaSecurityFlags) (opts []kgo.Opt, code int, ok bool) {
 	if timeout <= 0 {
 		return nil, fs.fail(e, "--timeout must be positive, got %v", timeout), false
 	}
@@ -159,15 +171,21 @@ func connectKafka(e *env, fs *flagSet, label, brokers string, timeout time.Durat
 	if err != nil {
 		return nil, fs.fail(e, "%v", err), false
 	}
-	opts = []kgo.Opt{kgo.SeedBrokers(seeds...)}
-	cl, err := kgo.NewClient(opts...)
-	if err == nil {
-		ctx, cancel := context.WithTimeout(e.ctx, timeout)
-		err = cl.Ping(ctx)
-		cancel()
-		cl.Close()
+	secOpts, msg := sec.options()
+	if msg != "" {
+		return nil, fs.fail(e, "%s", msg), false
 	}
-	if err != nil {
+	nodeOpts := append([]esker.Option{esker.Brokers(seeds...)}, secOpts...)
+	if opts, err = esker.KafkaClientOpts(nodeOpts...); err != nil {
+		return nil, fs.fail(e, "%s", trimPrefix(err)), false
+	}
+	ctx, cancel := context.WithTimeout(e.ctx, timeout)
+	defer cancel()
+	switch err := esker.PingKafka(ctx, nodeOpts...); {
+	case errors.Is(err, esker.ErrKafkaRefused):
+		fmt.Fprintf(e.stderr, "esker %s: %s\n", label, trimPrefix(err))
+		return nil, 1, false
+	case err != nil:
 		fmt.Fprintf(e.stderr, "esker %s: cannot reach Kafka at %s within %v: %v\n", label, strings.Join(seeds, ","), timeout, err)
 		return nil, 1, false
 	}

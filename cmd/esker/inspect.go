@@ -34,6 +34,10 @@ directly: no node has to run, and nothing is written.
                               one entity: its partition, the node that owns
                               it, its events and its latest stored state
 
+A cluster that requires SASL or TLS takes the flags of 'esker node':
+--kafka-sasl-mechanism, --kafka-user (with $ESKER_KAFKA_PASSWORD or
+--kafka-password), --kafka-tls and --kafka-ca.
+
 Run 'esker inspect <topics|group|entity> --help' for details. Flags may come
 before or after the arguments.`
 
@@ -57,7 +61,8 @@ the transaction markers, and on compacted topics the records compaction has
 removed since the start offset.`,
 		examples: `
 esker inspect topics --brokers 127.0.0.1:9092
-esker inspect topics --brokers kafka-1:9092,kafka-2:9092 --app shop --json`,
+esker inspect topics --brokers kafka-1:9092,kafka-2:9092 --app shop --json
+ESKER_KAFKA_PASSWORD=... esker inspect topics --brokers kafka-1:9093 --kafka-sasl-mechanism SCRAM-SHA-512 --kafka-user ops --kafka-ca ca.pem`,
 	},
 	"group": {
 		synopsis: "esker inspect group --brokers HOST:PORT[,HOST:PORT...] [flags]",
@@ -75,7 +80,8 @@ partition's end (last stable offset), the lag between them and the URL of
 the partition's owner.`,
 		examples: `
 esker inspect group --brokers 127.0.0.1:9092
-esker inspect group --brokers 127.0.0.1:9092 --app shop --json | jq .totalLag`,
+esker inspect group --brokers 127.0.0.1:9092 --app shop --json | jq .totalLag
+esker inspect group --brokers kafka-1:9093 --kafka-tls --kafka-sasl-mechanism SCRAM-SHA-256 --kafka-user ops`,
 	},
 	"entity": {
 		synopsis: "esker inspect entity TYPE ID --brokers HOST:PORT[,HOST:PORT...] [flags]",
@@ -104,12 +110,14 @@ func runInspect(e *env, args []string) int {
 	fs.examples = `
 esker inspect topics --brokers 127.0.0.1:9092
 esker inspect group --brokers 127.0.0.1:9092 --app bank
-esker inspect entity account alice --brokers 127.0.0.1:9092 --json`
+esker inspect entity account alice --brokers 127.0.0.1:9092 --json
+esker inspect topics --brokers kafka-1:9093 --kafka-sasl-mechanism SCRAM-SHA-512 --kafka-user ops --kafka-ca ca.pem`
 	fs.actions = inspectActions
 	brokers := fs.String("brokers", "", "comma-separated Kafka seed `brokers` (required)")
 	app := fs.String("app", "bank", "application `id`: the consumer group and the prefix of the application's topics")
 	asJSON := fs.Bool("json", false, "print one JSON document instead of tables")
 	timeout := fs.Duration("timeout", 10*time.Second, "how long to `wait` for Kafka to answer a request before giving up")
+	kafkaSec := addKafkaSecurityFlags(fs)
 	masterKeyFile := fs.String("master-key-file", "", "`file` of the application's master keys (default: $ESKER_MASTER_KEY, if set): inspect entity then shows personal fields opened instead of sealed")
 
 	positional, code, ok := parseInterleaved(e, fs, args)
@@ -146,7 +154,7 @@ esker inspect entity account alice --brokers 127.0.0.1:9092 --json`
 	if err := sideeffects.ValidateAppID(*app); err != nil {
 		return fs.fail(e, "%s", strings.TrimPrefix(err.Error(), "sideeffects: "))
 	}
-	opts, code, ok := connectKafka(e, fs, fs.name, *brokers, *timeout)
+	opts, code, ok := connectKafka(e, fs, fs.name, *brokers, *timeout, kafkaSec)
 	if !ok {
 		return code
 	}
@@ -200,7 +208,7 @@ esker inspect entity account alice --brokers 127.0.0.1:9092 --json`
 // inspector reads what the inspect commands show.
 type inspector struct {
 	e       *env
-	opts    []kgo.Opt // seed brokers
+	opts    []kgo.Opt // the connection: seed brokers, SASL, TLS
 	adm     *kadm.Client
 	app     string
 	timeout time.Duration
