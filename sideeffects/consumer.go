@@ -52,7 +52,12 @@ type Runtime struct {
 	Registerer prometheus.Registerer
 	// OpenEvent, if not nil, opens the personal fields of an esker event
 	// read from topic before the handler sees it (an esker node sets it;
-	// see aggregate.PersonalTag). An error is retried like a handler's.
+	// see aggregate.PersonalTag). An error wrapping aggregate.ErrUnknownKey
+	// (no key opens the fields: another application's event, or the keys
+	// topic was lost) cannot go away with a retry: the handler gets the
+	// event as stored, its personal fields sealed, and a warning is logged.
+	// Any other error (the keys topic cannot be read now) is retried like
+	// a handler's.
 	OpenEvent func(ctx context.Context, topic string, ev aggregate.Event) (aggregate.Event, error)
 }
 
@@ -482,14 +487,21 @@ func (r *run) process(ctx context.Context, it *item) bool {
 }
 
 // attempt opens the event's personal fields (Runtime.OpenEvent) and runs
-// the handler once; a failure of either is retried alike.
+// the handler once; a failure of either is retried alike. An event no key
+// opens (aggregate.ErrUnknownKey) is handed over sealed, as the engine's
+// projections fold it: retrying could only dead-letter it.
 func (r *run) attempt(ctx context.Context, ev Event) error {
 	if r.rt.OpenEvent != nil && ev.Type != "" {
 		opened, err := r.rt.OpenEvent(ctx, ev.Topic, ev.Event)
-		if err != nil {
+		switch {
+		case err == nil:
+			ev.Event = opened
+		case errors.Is(err, aggregate.ErrUnknownKey):
+			r.logger.Warn("an event's personal fields cannot be opened: no key opens them; handled sealed",
+				"topic", ev.Topic, "partition", ev.Partition, "offset", ev.Offset, "entity", ev.EntityID, "type", ev.Type, "err", err)
+		default:
 			return err
 		}
-		ev.Event = opened
 	}
 	return r.call(ctx, ev)
 }

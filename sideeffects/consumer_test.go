@@ -428,3 +428,65 @@ func TestOpenEventFailureRetried(t *testing.T) {
 		t.Errorf("status %+v, want 1 handled after 2 retries, none dead-lettered", s)
 	}
 }
+
+// TestOpenEventUnknownKeyHandledSealed: Runtime.OpenEvent says no key opens
+// an event's personal fields (an error wrapping aggregate.ErrUnknownKey,
+// and a zero event). No retry could open them: the handler gets the event
+// as stored, at once, instead of retries ending in the dead-letter topic,
+// and the events after it are handled opened.
+func TestOpenEventUnknownKeyHandledSealed(t *testing.T) {
+	const topic = "account-events"
+	brokers := newCluster(t, 1, topic)
+	produceEvents(t, brokers, topic, []string{"alice"}, 1, 3)
+	got := make(chan sideeffects.Event, 10)
+	c, err := sideeffects.New("sealed", []string{topic}, func(ctx context.Context, ev sideeffects.Event) error {
+		got <- ev
+		return nil
+	}, sideeffects.Retries(5, 10*time.Millisecond, 50*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	opens := map[int64]int{}
+	rt := sideeffects.Runtime{AppID: testApp, ClientOpts: clientOpts(brokers), Logger: testLogger(t),
+		OpenEvent: func(_ context.Context, tp string, ev aggregate.Event) (aggregate.Event, error) {
+			mu.Lock()
+			defer mu.Unlock()
+			opens[ev.Version]++
+			if ev.Version == 2 {
+				return aggregate.Event{}, fmt.Errorf("keyring: %w: the data key k1 of account %q is not in shop-keys", aggregate.ErrUnknownKey, ev.EntityID)
+			}
+			ev.Data = json.RawMessage(`{"opened":true}`)
+			return ev, nil
+		}}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx, rt) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	}()
+	waitFor(t, 20*time.Second, "the three events finished", func() bool {
+		s := c.Status()
+		return s.Handled+s.DeadLettered == 3
+	})
+	// The handler sent each event before returning, so every handled
+	// event is in got.
+	if s := c.Status(); s.Handled != 3 || s.Retried != 0 || s.DeadLettered != 0 || len(got) != 3 {
+		t.Errorf("status %+v, handler saw %d events; want 3 handled, no retry, none dead-lettered", s, len(got))
+	}
+	want := map[int64]string{1: `{"opened":true}`, 2: string(testEvent("alice", 2).Data), 3: `{"opened":true}`}
+	for range len(got) {
+		ev := <-got
+		if ev.EntityID != "alice" || string(ev.Data) != want[ev.Version] || ev.Type != "Deposited" {
+			t.Errorf("handler got alice version %d as %+v, want data %s", ev.Version, ev, want[ev.Version])
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if opens[2] != 1 {
+		t.Errorf("OpenEvent called %d times for the event no key opens, want once", opens[2])
+	}
+}

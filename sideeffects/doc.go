@@ -78,6 +78,13 @@
 // dead-letter topic at once, with 0 attempts. Records without an esker
 // envelope are delivered as they are (see Event), so plain topics work too.
 //
+// Each attempt first opens the event's personal fields (Runtime.OpenEvent);
+// a failure to open them now (the keys topic cannot be read) is retried
+// like a handler error. An event no key opens (aggregate.ErrUnknownKey:
+// another application's event, or the keys topic was lost) is handed to
+// the handler sealed, as stored, with a warning, rather than retried into
+// the dead-letter topic.
+//
 // # Re-drive
 //
 // Every consumer also subscribes to its re-drive topic "<app>-<name>-redrive"

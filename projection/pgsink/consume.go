@@ -270,6 +270,8 @@ type partBatch struct {
 type batch struct {
 	events []Event
 	parts  []*partBatch
+	opened int // events[:opened] went through rt.OpenEvent
+	sealed int // of those, events left sealed (aggregate.ErrUnknownKey)
 }
 
 // loop polls batches and writes them until ctx is done or a permanent error.
@@ -315,7 +317,8 @@ func (r *run) loop() error {
 // does not hold, or below a partition's stored offset (already written),
 // are left out. Control records (transaction markers) are not events, but
 // the offsets move past them, so a caught-up sink's stored offset is the
-// partition's end.
+// partition's end. The events' personal fields are opened by write, so that
+// a keyring failure is retried like a database failure.
 func (r *run) build(fetches kgo.Fetches) (*batch, error) {
 	b := &batch{}
 	var err error
@@ -368,12 +371,6 @@ func (r *run) build(fetches kgo.Fetches) (*batch, error) {
 					s.name, fp.Topic, fp.Partition, rec.Offset, e)
 				return
 			}
-			if r.rt.OpenEvent != nil {
-				if ev, e = r.rt.OpenEvent(r.ctx, fp.Topic, ev); e != nil {
-					err = fmt.Errorf("pgsink: sink %s: record %s/%d at offset %d: %w", s.name, fp.Topic, fp.Partition, rec.Offset, e)
-					return
-				}
-			}
 			b.events = append(b.events, Event{Event: ev, Topic: fp.Topic, Partition: fp.Partition, Offset: rec.Offset})
 			pb.events++
 		}
@@ -404,10 +401,12 @@ func (b *batch) String() string {
 	return sb.String()
 }
 
-// write writes a batch, retrying while the database is unreachable. It
-// returns nil when the batch was written, fenced or given back (then the
-// client was rewound to the stored offsets), and an error only for a
-// permanent failure.
+// write opens the personal fields of a batch's events and writes the batch,
+// retrying while the database is unreachable or the events cannot be opened
+// (rt.OpenEvent failed with an error other than aggregate.ErrUnknownKey:
+// the keys topic cannot be read now). It returns nil when the batch was
+// written, fenced or given back (then the client was rewound to the stored
+// offsets), and an error only for a permanent failure.
 func (r *run) write(b *batch) error {
 	s := r.s
 	bo := r.backoff()
@@ -415,41 +414,60 @@ func (r *run) write(b *batch) error {
 	defer func() {
 		s.mu.Lock()
 		s.st.retrying = false
+		// Not retrying any more: written, or given back (if the
+		// partitions stay here, the next attempt finds out again).
+		s.st.openErr = nil
 		s.mu.Unlock()
 	}()
 	for attempt := 1; ; attempt++ {
 		start := time.Now()
-		fenced, err := r.tryWrite(b)
-		if err == nil && fenced == nil {
-			r.written(b, time.Since(start))
-			if attempt > 1 {
-				r.log.Info("PostgreSQL reachable again; batch written", "attempts", attempt, "unreachable_for", time.Since(firstFailure).Round(time.Millisecond), "batch", b.String())
+		openErr := r.open(b)
+		var fenced map[topicPartition]int64
+		var err error
+		if openErr == nil {
+			fenced, err = r.tryWrite(b)
+			if err == nil && fenced == nil {
+				r.written(b, time.Since(start))
+				if attempt > 1 {
+					r.log.Info("batch written after failed attempts", "attempts", attempt, "failing_for", time.Since(firstFailure).Round(time.Millisecond), "batch", b.String())
+				}
+				return nil
 			}
-			return nil
-		}
-		if err == nil {
-			r.fence(b, fenced, attempt > 1)
-			return nil
+			if err == nil {
+				r.fence(b, fenced, attempt > 1)
+				return nil
+			}
 		}
 		if r.ctx.Err() != nil {
 			return nil // stopping; the next start's fence resolves an unknown outcome
 		}
-		if !r.unreachable(err) {
-			return fmt.Errorf("pgsink: sink %s: writing %s: %w; nothing of the batch was written: fix the cause and run the sink again to resume at these events", s.name, b, err)
-		}
 		if attempt == 1 {
 			firstFailure = time.Now()
 		}
-		if !conflict(err) {
-			r.dbFailed(err)
+		msg := "cannot write batch; nothing of it is written, retrying"
+		if openErr != nil {
+			err = openErr
+			msg = "cannot open the personal fields of the batch's events (the keys topic cannot be read now); nothing of it is written, retrying"
+			s.mu.Lock()
+			if s.st.openErr == nil {
+				s.st.openErrSince = time.Now()
+			}
+			s.st.openErr = err
+			s.mu.Unlock()
+		} else {
+			if !r.unreachable(err) {
+				return fmt.Errorf("pgsink: sink %s: writing %s: %w; nothing of the batch was written: fix the cause and run the sink again to resume at these events", s.name, b, err)
+			}
+			if !conflict(err) {
+				r.dbFailed(err)
+			}
 		}
 		r.countRetry()
 		s.mu.Lock()
 		s.st.retrying = true
 		s.mu.Unlock()
 		wait := bo.next()
-		r.log.Warn("cannot write batch; nothing of it is written, retrying",
-			"attempt", attempt, "retry_in", wait.Round(time.Millisecond), "batch", b.String(), "err", err)
+		r.log.Warn(msg, "attempt", attempt, "retry_in", wait.Round(time.Millisecond), "batch", b.String(), "err", err)
 		if !sleep(r.ctx, wait, r.blocked) {
 			if r.ctx.Err() != nil {
 				return nil
@@ -459,6 +477,44 @@ func (r *run) write(b *batch) error {
 			return nil
 		}
 	}
+}
+
+// open opens the personal fields of the batch's events not opened yet, with
+// rt.OpenEvent, within TxTimeout. An event no key opens (the error wraps
+// aggregate.ErrUnknownKey: another application's event, or a keys topic
+// that was lost) is left sealed, as the engine's projections fold it: no
+// retry would open it, and stopping would hold the partition back forever.
+// Any other error is returned; the events opened so far stay opened, and
+// the next call goes on from the one that failed.
+func (r *run) open(b *batch) error {
+	if r.rt.OpenEvent == nil {
+		b.opened = len(b.events)
+		return nil
+	}
+	if b.opened == len(b.events) {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(r.ctx, r.s.cfg.txTimeout)
+	defer cancel()
+	for ; b.opened < len(b.events); b.opened++ {
+		e := &b.events[b.opened]
+		ev, err := r.rt.OpenEvent(ctx, e.Topic, e.Event)
+		switch {
+		case err == nil:
+			e.Event = ev
+		case errors.Is(err, aggregate.ErrUnknownKey):
+			b.sealed++
+			r.log.Warn("an event's personal fields cannot be opened: no key opens them; applied sealed",
+				"topic", e.Topic, "partition", e.Partition, "offset", e.Offset, "entity", e.EntityID, "type", e.Type, "err", err)
+		default:
+			return fmt.Errorf("opening the personal fields of %s/%d at offset %d: %w", e.Topic, e.Partition, e.Offset, err)
+		}
+	}
+	s := r.s
+	s.mu.Lock()
+	s.st.openErr = nil
+	s.mu.Unlock()
+	return nil
 }
 
 const updateOffsetSQL = `UPDATE %s SET next_offset = $4
@@ -571,6 +627,7 @@ func (r *run) written(b *batch, took time.Duration) {
 		s.st.doneOffsets += p.next - p.expected
 	}
 	s.st.events += int64(len(b.events))
+	s.st.sealed += int64(b.sealed)
 	s.st.lastLatency = took
 	s.st.lastBatchAt = time.Now()
 	s.st.dbOK, s.st.dbErr = true, nil

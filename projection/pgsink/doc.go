@@ -91,12 +91,26 @@
 // Loading the stored offsets of newly assigned partitions retries the same
 // way; those partitions are not consumed until their offsets are known.
 //
+// # Personal fields
+//
+// When Runtime.OpenEvent is set (an esker node sets it), the sink opens the
+// personal fields of a batch's events before the batch's transaction. If
+// they cannot be opened now (the keys topic cannot be read, a timeout: any
+// error that does not wrap aggregate.ErrUnknownKey), nothing of the batch
+// is written and the same events are retried like a database outage: with
+// the same backoff, forever, each failed attempt logged and counted in
+// esker_sink_retries_total, the sink not ready meanwhile, and the batch
+// given back if a rebalance waits. If no key opens an event's fields
+// (aggregate.ErrUnknownKey: another application's event, or the keys topic
+// was lost), no retry ever will: the event is passed to ApplyFunc sealed,
+// as stored, like the engine's projections fold it, with a warning naming
+// its topic, partition and offset, and counted in Status.Sealed.
+//
 // An error that is not transient (an SQL error in ApplyFunc, a constraint
 // violation, an error ApplyFunc made up, a panic, a record that is not an
-// esker event or whose personal fields do not open) stops the sink: Run
-// returns it, naming the batch's topic, partitions and offsets. Nothing of
-// that batch was written, so running the sink again after fixing the cause
-// resumes at the same events.
+// esker event) stops the sink: Run returns it, naming the batch's topic,
+// partitions and offsets. Nothing of that batch was written, so running the
+// sink again after fixing the cause resumes at the same events.
 //
 // # What ApplyFunc must and must not do
 //

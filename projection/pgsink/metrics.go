@@ -32,7 +32,7 @@ func newVecs() (events *prometheus.CounterVec, batch *prometheus.HistogramVec, l
 	}, []string{"sink"})
 	retries = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "esker_sink_retries_total",
-		Help: "Failed attempts to write a batch, load offsets or set up tables that were retried after a backoff.",
+		Help: "Failed attempts to write a batch (or open its events' personal fields), load offsets or set up tables that were retried after a backoff.",
 	}, []string{"sink"})
 	fenced = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "esker_sink_fenced_total",

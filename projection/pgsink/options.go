@@ -130,7 +130,8 @@ func Setup(fn func(ctx context.Context, tx pgx.Tx) error) Option {
 
 // Backoff sets the bounds of the exponential backoff between attempts to
 // write a batch (or to load offsets, or to set up the tables) while the
-// database is unreachable: the first wait is about min, each next one
+// database is unreachable, or the batch's personal fields cannot be opened:
+// the first wait is about min, each next one
 // doubles, up to max, each with random jitter (a wait is between half and
 // all of its nominal length). The defaults are 100ms and 10s. New fails if
 // min <= 0 or max < min.
@@ -139,8 +140,10 @@ func Backoff(min, max time.Duration) Option {
 }
 
 // TxTimeout bounds one attempt to write a batch: BEGIN, the offset update,
-// the ApplyFunc and COMMIT. An attempt that takes longer is cancelled, rolled
-// back and retried like any other database failure. The default is one
+// the ApplyFunc and COMMIT; and, separately, the opening of the batch's
+// personal fields (Runtime.OpenEvent) before it. An attempt that takes
+// longer is cancelled, rolled back and retried like any other database
+// failure. The default is one
 // minute; raise it if the ApplyFunc legitimately needs longer for MaxBatch
 // events. New fails if d <= 0.
 func TxTimeout(d time.Duration) Option { return func(c *config) { c.txTimeout = d } }

@@ -37,7 +37,9 @@ type Event struct {
 // The events are in offset order within each partition; events of
 // different partitions are not ordered against each other. Every event of an
 // entity is in the entity's partition, so one entity's events arrive in
-// version order.
+// version order. Their personal fields are opened (Runtime.OpenEvent),
+// except those no key opens (aggregate.ErrUnknownKey), which arrive sealed,
+// as stored.
 //
 // If ApplyFunc returns nil, the sink commits tx: the effects and the new
 // offsets become visible together. If it returns an error, the sink rolls
@@ -73,8 +75,12 @@ type ApplyFunc func(ctx context.Context, tx pgx.Tx, events []Event) error
 // esker node (Node.AddConsumer): the application id (the sink's consumer
 // group is "<AppID>-<name>"), the Kafka client options (seed brokers, TLS,
 // SASL; the sink adds its own consumer options after them), a logger and a
-// metrics registerer. It is the Runtime of side-effect consumers, but a sink
-// does not retry a failure of its OpenEvent: Run returns it (see Run).
+// metrics registerer. It is the Runtime of side-effect consumers. Its
+// OpenEvent, if set, opens the personal fields of every event before
+// ApplyFunc sees it: an error wrapping aggregate.ErrUnknownKey (no key opens
+// the fields, and none ever will) passes the event on sealed, with a
+// warning; any other error (the keys topic cannot be read now) is retried
+// like a database failure (see Run).
 type Runtime = sideeffects.Runtime
 
 // Sink is an exactly-once PostgreSQL sink: it consumes event topics in a
@@ -115,11 +121,17 @@ type Status struct {
 	// one succeeds (the sink checks every two seconds while idle).
 	DBReachable bool   `json:"dbReachable"`
 	DBError     string `json:"dbError,omitempty"`
+	// OpenError is set while the personal fields of a batch's events
+	// cannot be opened (Runtime.OpenEvent fails) and the batch is retried.
+	OpenError string `json:"openError,omitempty"`
 	// Counters since the sink was created: events written, failed
-	// attempts that were retried, batches discarded by the offset fence.
+	// attempts that were retried, batches discarded by the offset fence,
+	// and events written with personal fields no key opened (passed to
+	// ApplyFunc sealed).
 	Events  int64 `json:"events"`
 	Retries int64 `json:"retries"`
 	Fenced  int64 `json:"fenced"`
+	Sealed  int64 `json:"sealed"`
 }
 
 // PartitionStatus is one assigned partition.
@@ -177,12 +189,15 @@ type state struct {
 	lastDBOK   time.Time
 	retrying   bool // a batch is being retried: the monitor does not ping
 
+	openErr      error // the batch being retried cannot be opened
+	openErrSince time.Time
+
 	stopErr     error
 	lastLatency time.Duration
 	lastBatchAt time.Time
 
-	events, retries, fenced int64
-	doneOffsets             int64 // offsets moved past, for progress
+	events, retries, fenced, sealed int64
+	doneOffsets                     int64 // offsets moved past, for progress
 }
 
 var namePattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$`)
@@ -242,7 +257,11 @@ func (s *Sink) Name() string { return s.name }
 //     group with more members than partitions, is ready);
 //   - while it loads the stored offsets of newly assigned partitions;
 //   - while PostgreSQL is unreachable: from a failed write, offset load or
-//     health check until the next success.
+//     health check until the next success;
+//   - while the personal fields of a batch's events cannot be opened
+//     (Runtime.OpenEvent fails with an error other than
+//     aggregate.ErrUnknownKey): from the failure until they open, or until
+//     the batch is given back in a rebalance.
 func (s *Sink) Ready() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -269,6 +288,10 @@ func (s *Sink) readyLocked() error {
 	if !st.dbOK {
 		return fmt.Errorf("sink %s: PostgreSQL is unreachable (since %s): %v; nothing is lost, the sink retries and resumes where it stopped",
 			s.name, st.dbErrSince.Format(time.RFC3339), st.dbErr)
+	}
+	if st.openErr != nil {
+		return fmt.Errorf("sink %s cannot open the personal fields of events (since %s): %v; nothing is lost, the sink retries the same events",
+			s.name, st.openErrSince.Format(time.RFC3339), st.openErr)
 	}
 	loading := st.loading > 0
 	for _, p := range st.owned {
@@ -316,6 +339,7 @@ func (s *Sink) Status() Status {
 		Events:           st.events,
 		Retries:          st.retries,
 		Fenced:           st.fenced,
+		Sealed:           st.sealed,
 	}
 	if err := s.readyLocked(); err != nil {
 		out.NotReady = err.Error()
@@ -324,6 +348,9 @@ func (s *Sink) Status() Status {
 	}
 	if st.dbErr != nil && !st.dbOK {
 		out.DBError = st.dbErr.Error()
+	}
+	if st.openErr != nil {
+		out.OpenError = st.openErr.Error()
 	}
 	for tp, p := range st.owned {
 		ps := PartitionStatus{Topic: tp.topic, Partition: tp.partition, NextOffset: -1, EndOffset: p.end, Lag: p.lag()}
@@ -368,6 +395,17 @@ func (s *Sink) lagLocked() int64 {
 //     work with exponential backoff (see Backoff), forever; nothing is
 //     skipped and nothing is written twice. A batch whose COMMIT was sent
 //     but not answered is resolved by the offset fence on the next attempt.
+//   - rt.OpenEvent fails on an event of a batch with an error that does not
+//     wrap aggregate.ErrUnknownKey (the keys topic cannot be read now, a
+//     timeout; each batch's opening is bounded by TxTimeout): nothing of
+//     the batch is written; Run logs the error, reports not ready and
+//     retries the same events with the same backoff, forever, counting each
+//     failed attempt in esker_sink_retries_total, as for a database outage.
+//   - rt.OpenEvent fails with an error wrapping aggregate.ErrUnknownKey (no
+//     key opens the fields: another application's event, or the keys topic
+//     was lost): no retry can open it, so the event is passed to ApplyFunc
+//     sealed, as stored, with a warning naming its topic, partition and
+//     offset; Status counts it in Sealed.
 //   - A rebalance while a batch is being retried: the batch is given back
 //     (the client rewinds to the stored offsets) so the rebalance is not
 //     held up; the partitions' next owner resumes from PostgreSQL.
@@ -377,10 +415,9 @@ func (s *Sink) lagLocked() int64 {
 //   - Kafka unreachable: the client retries; the sink simply receives no
 //     records (fetch errors are logged).
 //   - A permanent error (ApplyFunc or Setup returned a non-transient error,
-//     a record on the topic is not an esker event, rt.OpenEvent failed on
-//     an event, a broken offsets table, an invalid rt): Run returns it,
-//     wrapped with the sink's name and the batch's position; nothing of the
-//     failed batch was written.
+//     a record on the topic is not an esker event, a broken offsets table,
+//     an invalid rt): Run returns it, wrapped with the sink's name and the
+//     batch's position; nothing of the failed batch was written.
 func (s *Sink) Run(ctx context.Context, rt Runtime) (err error) {
 	if rt.AppID == "" {
 		return fmt.Errorf("pgsink: sink %s: Runtime.AppID is empty", s.name)
@@ -407,6 +444,7 @@ func (s *Sink) Run(ctx context.Context, rt Runtime) (err error) {
 	s.st.owned = map[topicPartition]*partState{}
 	s.st.loading, s.st.loadErr = 0, nil
 	s.st.dbOK, s.st.dbErr = true, nil
+	s.st.openErr = nil
 	s.st.stopErr = nil
 	s.mu.Unlock()
 	defer func() {
