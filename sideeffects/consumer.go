@@ -13,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/esker-io/esker/aggregate"
+	"github.com/esker-io/esker/internal/backoff"
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
@@ -386,7 +387,7 @@ func (r *run) commitBeforeHandling(ctx context.Context, batch []*item) bool {
 		offsets[p.tp.topic][p.tp.partition] = p.next
 		p.mu.Unlock()
 	}
-	backoff := 100 * time.Millisecond
+	retry := backoff.Retry{Policy: backoff.Policy{Min: 100 * time.Millisecond, Max: 5 * time.Second}}
 	for {
 		r.commitMu.Lock()
 		err := r.commitOffsets(ctx, parts, offsets)
@@ -406,10 +407,9 @@ func (r *run) commitBeforeHandling(ctx context.Context, batch []*item) bool {
 			r.consumer.SetOffsets(rewind)
 			return false
 		}
-		if !sleepCtx(ctx, backoff) {
+		if !backoff.Sleep(ctx, retry.Next(), nil) {
 			continue // rewinds above
 		}
-		backoff = min(2*backoff, 5*time.Second)
 	}
 }
 
@@ -465,7 +465,7 @@ func (r *run) process(ctx context.Context, it *item) bool {
 			r.c.metrics.retries.Inc()
 			r.logger.Debug("handler failed; retrying", "topic", ev.Topic, "partition", ev.Partition, "offset", ev.Offset,
 				"entity", ev.EntityID, "attempt", attempts, "err", err)
-			if !sleepCtx(ctx, backoff(r.cfg.baseBackoff, r.cfg.maxBackoff, attempts)) {
+			if !backoff.Sleep(ctx, backoff.Policy{Min: r.cfg.baseBackoff, Max: r.cfg.maxBackoff}.Delay(attempts), nil) {
 				return false
 			}
 		}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/esker-io/esker/internal/backoff"
 	"slices"
 	"strconv"
 	"time"
@@ -71,7 +72,7 @@ func deadLetterRecord(topic string, rec *kgo.Record, ev Event, cause error, atte
 // large is written once more without its value (HeaderDLQValueDropped), so
 // that the failure is still recorded.
 func produceDeadLetter(ctx context.Context, cl *kgo.Client, dl *kgo.Record, onFail func(error)) error {
-	backoff := 100 * time.Millisecond
+	retry := backoff.Retry{Policy: backoff.Policy{Min: 100 * time.Millisecond, Max: 10 * time.Second}}
 	for {
 		attempt := *dl // the client owns a record until its produce returns
 		attempt.Headers = slices.Clone(dl.Headers)
@@ -88,10 +89,9 @@ func produceDeadLetter(ctx context.Context, cl *kgo.Client, dl *kgo.Record, onFa
 			continue
 		}
 		onFail(err)
-		if !sleepCtx(ctx, backoff) {
+		if !backoff.Sleep(ctx, retry.Next(), nil) {
 			return ctx.Err()
 		}
-		backoff = min(2*backoff, 10*time.Second)
 	}
 }
 

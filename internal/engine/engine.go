@@ -605,11 +605,6 @@ func (e *Engine) onRevoked(ctx context.Context, cl *kgo.Client, revoked map[stri
 	}
 }
 
-func backoff(attempt int) time.Duration {
-	d := 100 * time.Millisecond << min(attempt, 6)
-	return min(d, 5*time.Second)
-}
-
 // TaskStatus reports whether this node owns a task and whether it is
 // restored.
 func (e *Engine) TaskStatus(t statestore.Task) (owned, restored bool) {

@@ -10,6 +10,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/esker-io/esker/changelog"
+	"github.com/esker-io/esker/internal/backoff"
 	"github.com/esker-io/esker/statestore"
 )
 
@@ -179,10 +180,13 @@ func retry(ctx context.Context, log *slog.Logger, what string, fn func() error) 
 		select {
 		case <-ctx.Done():
 			return false
-		case <-time.After(backoff(attempt)):
+		case <-time.After(retryPolicy.Delay(attempt + 1)):
 		}
 	}
 }
+
+// retryPolicy spaces the attempts of a failing restore step.
+var retryPolicy = backoff.Policy{Min: 100 * time.Millisecond, Max: 5 * time.Second}
 
 // restoreAgain makes the cycle's tasks unrestored, pauses their partitions
 // and restores them again in the background: after a transaction whose

@@ -16,6 +16,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kmsg"
 
 	"github.com/esker-io/esker/aggregate"
+	"github.com/esker-io/esker/internal/backoff"
 )
 
 // onAssigned records newly assigned partitions; their stored offsets are
@@ -134,10 +135,10 @@ func (r *run) adjust(ctx context.Context, offsets map[string]map[int32]kgo.Offse
 		s.st.loadErr = err
 		s.mu.Unlock()
 		r.countRetry()
-		wait := bo.next()
+		wait := bo.Next()
 		r.log.Warn("cannot load stored offsets for newly assigned partitions; retrying (the partitions are not consumed meanwhile)",
 			"attempt", attempt, "retry_in", wait.Round(time.Millisecond), "err", err)
-		if !sleep(ctx, wait, r.ctx.Done()) {
+		if !backoff.Sleep(ctx, wait, r.ctx.Done()) {
 			return nil, err
 		}
 	}
@@ -297,7 +298,7 @@ func (r *run) loop() error {
 			// Errors only: do not spin on a failure the client reports
 			// at every poll.
 			r.cl.AllowRebalance()
-			if !sleep(r.ctx, 500*time.Millisecond, nil) {
+			if !backoff.Sleep(r.ctx, 500*time.Millisecond, nil) {
 				return nil
 			}
 			continue
@@ -466,9 +467,9 @@ func (r *run) write(b *batch) error {
 		s.mu.Lock()
 		s.st.retrying = true
 		s.mu.Unlock()
-		wait := bo.next()
+		wait := bo.Next()
 		r.log.Warn(msg, "attempt", attempt, "retry_in", wait.Round(time.Millisecond), "batch", b.String(), "err", err)
-		if !sleep(r.ctx, wait, r.blocked) {
+		if !backoff.Sleep(r.ctx, wait, r.blocked) {
 			if r.ctx.Err() != nil {
 				return nil
 			}
@@ -826,7 +827,7 @@ func (r *run) commitToKafka() {
 				return
 			}
 		}
-		if !sleep(r.ctx, time.Second, nil) {
+		if !backoff.Sleep(r.ctx, time.Second, nil) {
 			return
 		}
 	}

@@ -4,48 +4,12 @@ import (
 	"context"
 	"errors"
 	"io"
-	"math/rand/v2"
 	"net"
 	"strings"
 	"syscall"
-	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
 )
-
-// backoff computes waits between attempts: exponential from min to max,
-// each with jitter (between half and all of the nominal wait), so that many
-// nodes that lost the database at once do not retry in lockstep.
-type backoff struct {
-	min, max time.Duration
-	attempt  int
-}
-
-func (b *backoff) next() time.Duration {
-	d := b.min
-	for i := 0; i < b.attempt && d < b.max; i++ {
-		d *= 2
-	}
-	d = min(d, b.max)
-	b.attempt++
-	half := d / 2
-	return half + rand.N(d-half+1)
-}
-
-// sleep waits d, or less if ctx is done or abort is closed; it reports
-// whether the full wait passed.
-func sleep(ctx context.Context, d time.Duration, abort <-chan struct{}) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-abort:
-		return false
-	case <-t.C:
-		return true
-	}
-}
 
 // transient reports whether err is a failure of the database connection or
 // a conflict that a new attempt can get past: the batch is retried. Any

@@ -16,6 +16,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/esker-io/esker/aggregate"
+	"github.com/esker-io/esker/internal/backoff"
 	"github.com/esker-io/esker/sideeffects"
 )
 
@@ -549,8 +550,8 @@ type run struct {
 	commit  chan struct{} // offsets moved: commit them to Kafka (best-effort)
 }
 
-func (r *run) backoff() *backoff {
-	return &backoff{min: r.s.cfg.minBackoff, max: r.s.cfg.maxBackoff}
+func (r *run) backoff() *backoff.Retry {
+	return &backoff.Retry{Policy: backoff.Policy{Min: r.s.cfg.minBackoff, Max: r.s.cfg.maxBackoff}}
 }
 
 // dbFailed records a failed database operation.
@@ -613,9 +614,9 @@ func (r *run) setupTables() error {
 		}
 		r.dbFailed(err)
 		r.countRetry()
-		wait := bo.next()
+		wait := bo.Next()
 		r.log.Warn("cannot set up tables: PostgreSQL unreachable; retrying", "attempt", attempt, "retry_in", wait.Round(time.Millisecond), "err", err)
-		if !sleep(r.ctx, wait, nil) {
+		if !backoff.Sleep(r.ctx, wait, nil) {
 			return r.ctx.Err()
 		}
 	}
