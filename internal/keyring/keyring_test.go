@@ -18,17 +18,24 @@ import (
 // TestPseudonymsAgree: nodes that ask for a scope's first pseudonym at the
 // same time each may create the scope's secret, yet all of them, and a
 // node started later, give every value the same pseudonym; another scope
-// gives other pseudonyms.
+// gives other pseudonyms. With local stores, a secret written later still
+// loses to the first, and a node restarted on its store agrees too.
 func TestPseudonymsAgree(t *testing.T) {
+	for _, withDirs := range []bool{false, true} {
+		t.Run(fmt.Sprintf("dirs=%v", withDirs), func(t *testing.T) { testPseudonymsAgree(t, withDirs) })
+	}
+}
+
+func testPseudonymsAgree(t *testing.T, withDirs bool) {
 	c, err := kfake.NewCluster(kfake.NumBrokers(1))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close()
+	t.Cleanup(c.Close) // after the keyrings close
 	brokers := c.ListenAddrs()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	adm, err := kgo.NewClient(kgo.SeedBrokers(brokers...))
+	adm, err := kgo.NewClient(kgo.SeedBrokers(brokers...), kgo.RecordPartitioner(kgo.ManualPartitioner()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -37,9 +44,9 @@ func TestPseudonymsAgree(t *testing.T) {
 		t.Fatal(err)
 	}
 	master := keyring.MasterKey{ID: "m1", Key: make([]byte, 32)}
-	start := func() *keyring.Keyring {
+	startIn := func(dir string) *keyring.Keyring {
 		k, err := keyring.New(keyring.Config{AppID: "app", Partitions: 4, Masters: []keyring.MasterKey{master},
-			ClientOpts: []kgo.Opt{kgo.SeedBrokers(brokers...)}})
+			Dir: dir, ClientOpts: []kgo.Opt{kgo.SeedBrokers(brokers...)}})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -49,6 +56,15 @@ func TestPseudonymsAgree(t *testing.T) {
 			t.Fatal(err)
 		}
 		return k
+	}
+	var dirs []string
+	start := func() *keyring.Keyring {
+		dir := ""
+		if withDirs {
+			dir = t.TempDir()
+		}
+		dirs = append(dirs, dir)
+		return startIn(dir)
 	}
 	nodes := []*keyring.Keyring{start(), start(), start()}
 	values := []string{"Ada Lovelace", "Grace Hopper", "Alan Turing"}
@@ -72,6 +88,18 @@ func TestPseudonymsAgree(t *testing.T) {
 		}
 	}
 	wg.Wait()
+	var restarted *keyring.Keyring
+	if withDirs {
+		// A secret written after the first is never used, by a node that
+		// reads it from the topic or from its store, even with the lowest
+		// key id.
+		rec := keyring.NewKeyRecordID(nodes[0], keyring.PseudonymType, "owners", "0000000000000000")
+		if err := adm.ProduceSync(ctx, rec).FirstErr(); err != nil {
+			t.Fatal(err)
+		}
+		nodes[1].Close()
+		restarted = startIn(dirs[1])
+	}
 	late := start()
 	seen := map[string]bool{}
 	for j, v := range values {
@@ -86,6 +114,15 @@ func TestPseudonymsAgree(t *testing.T) {
 		for i := range nodes {
 			if got[i][j] != want {
 				t.Fatalf("node %d gives %q the pseudonym %s, a later node %s", i, v, got[i][j], want)
+			}
+		}
+		if restarted != nil {
+			p, err := restarted.Pseudonym(ctx, "owners", v)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if p != want {
+				t.Fatalf("a node restarted on its store gives %q the pseudonym %s, a later node %s", v, p, want)
 			}
 		}
 		other, err := late.Pseudonym(ctx, "payees", v)
