@@ -434,7 +434,7 @@ func (n *Node) Run(ctx context.Context) error {
 // startKeyring starts the keyring when a registered aggregate type or
 // projection has personal data: it creates the keys topic if needed and
 // reads it to its end before the node takes commands, from where the keys'
-// local store ("<state dir>-keys") stopped. It fails when no master key is
+// local store ("<state dir>/keys") stopped. It fails when no master key is
 // set.
 func (n *Node) startKeyring(ctx context.Context, producer *kgo.Client, clientOpts []kgo.Opt) (*keyring.Keyring, error) {
 	var personal []string
@@ -460,11 +460,11 @@ func (n *Node) startKeyring(ctx context.Context, producer *kgo.Client, clientOpt
 	if err := engine.EnsureTopics(ctx, kadm.NewClient(producer), []engine.TopicSpec{spec}, c.partitions, c.replicationFactor); err != nil {
 		return nil, fmt.Errorf("esker: %w", err)
 	}
-	// The keys' local store lives next to the state store, not inside its
-	// Pebble directory (the state directory itself), so that neither
-	// database ever meets the other's files.
+	// The keys' local store is a directory inside the state directory, so
+	// that one volume keeps both; the state store's Pebble ignores entries
+	// whose names are not its own files.
 	keys, err := keyring.New(keyring.Config{AppID: c.appID, Partitions: c.partitions, Masters: c.masterKeys,
-		Dir: filepath.Clean(c.stateDir) + "-keys", ClientOpts: clientOpts, Logger: c.logger})
+		Dir: filepath.Join(c.stateDir, "keys"), ClientOpts: clientOpts, Logger: c.logger})
 	if err != nil {
 		return nil, fmt.Errorf("esker: %w", err)
 	}
