@@ -14,7 +14,7 @@ import (
 //
 // A string field tagged `esker:"pii"` in a command, event or state type holds
 // personal data (also a slice of strings, and fields of structs inside
-// slices; not inside maps, which registration refuses). esker never writes such a field to Kafka in plaintext: the
+// slices; not inside maps or recursive types, which registration refuses). esker never writes such a field to Kafka in plaintext: the
 // node seals it with the entity's own data key (AES-256-GCM) before a
 // command, event or state leaves the process, and opens it on every read
 // path. Forgetting an entity destroys its data key, so every copy of its
@@ -179,8 +179,10 @@ var plans sync.Map // reflect.Type → [][]int
 
 // personalPlan lists the field index paths of t's personal fields (each:
 // every element of a slice or array). It panics on a tag on a field that
-// cannot hold a sealed string, or on personal fields inside a map: a
-// programming error found when the type is registered.
+// cannot hold a sealed string, on personal fields inside a map, and on a
+// recursive type with personal fields (a tree or list of people: a fixed
+// list of paths cannot reach every depth): programming errors found when
+// the type is registered, rather than personal data left in plaintext.
 func personalPlan(t reflect.Type) [][]int {
 	if p, ok := plans.Load(t); ok {
 		return p.([][]int)
@@ -190,14 +192,16 @@ func personalPlan(t reflect.Type) [][]int {
 	return p
 }
 
-func buildPlan(t reflect.Type, prefix []int, seen map[reflect.Type]bool) [][]int {
+// buildPlan walks t. inside holds the struct types being walked, and is
+// set to true for one that the walk met again inside itself.
+func buildPlan(t reflect.Type, prefix []int, inside map[reflect.Type]bool) [][]int {
 	switch t.Kind() {
 	case reflect.Pointer:
-		return buildPlan(t.Elem(), prefix, seen)
+		return buildPlan(t.Elem(), prefix, inside)
 	case reflect.Slice, reflect.Array:
-		return buildPlan(t.Elem(), append(append([]int(nil), prefix...), each), seen)
+		return buildPlan(t.Elem(), append(append([]int(nil), prefix...), each), inside)
 	case reflect.Map:
-		if len(buildPlan(t.Elem(), nil, seen)) > 0 {
+		if len(buildPlan(t.Elem(), nil, inside)) > 0 {
 			panic(fmt.Sprintf("aggregate: %s holds fields tagged esker:%q inside a map, which cannot be sealed; use a slice of structs", t, PersonalTag))
 		}
 		return nil
@@ -205,11 +209,11 @@ func buildPlan(t reflect.Type, prefix []int, seen map[reflect.Type]bool) [][]int
 	default:
 		return nil
 	}
-	if seen[t] {
+	if _, walking := inside[t]; walking {
+		inside[t] = true // recursive: decided when its walk ends
 		return nil
 	}
-	seen[t] = true
-	defer delete(seen, t)
+	inside[t] = false
 	var out [][]int
 	for i := range t.NumField() {
 		f := t.Field(i)
@@ -234,8 +238,12 @@ func buildPlan(t reflect.Type, prefix []int, seen map[reflect.Type]bool) [][]int
 		if !f.IsExported() {
 			continue
 		}
-		out = append(out, buildPlan(f.Type, path, seen)...)
+		out = append(out, buildPlan(f.Type, path, inside)...)
 	}
+	if inside[t] && len(out) > 0 {
+		panic(fmt.Sprintf("aggregate: %s is recursive and has fields tagged esker:%q, which cannot be sealed at every depth; keep personal data out of recursive types", t, PersonalTag))
+	}
+	delete(inside, t)
 	return out
 }
 

@@ -650,10 +650,28 @@ func (a *api) ready(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
+// requestAttrs names a request in a log line without personal data: its
+// method and route pattern, and the aggregate type and entity id of an
+// aggregate route (entity ids must not be personal: they are the keys of
+// every topic). The path is not logged: a projection row's key may be
+// personal (projection.PersonalKeys).
+func requestAttrs(r *http.Request) []any {
+	attrs := []any{"method", r.Method}
+	rc := chi.RouteContext(r.Context())
+	if rc == nil {
+		return attrs
+	}
+	attrs = append(attrs, "route", rc.RoutePattern())
+	if strings.HasPrefix(rc.RoutePattern(), "/v1/aggregates/") {
+		attrs = append(attrs, "type", rc.URLParam("type"), "id", rc.URLParam("id"))
+	}
+	return attrs
+}
+
 // internal logs a failure of the node and answers 500.
 func (a *api) internal(w http.ResponseWriter, r *http.Request, what string, err error, commandID string) {
 	a.log.ErrorContext(r.Context(), "http: "+what+" failed",
-		"method", r.Method, "path", r.URL.Path, "commandId", commandID, "err", err)
+		append(requestAttrs(r), "commandId", commandID, "err", err)...)
 	writeJSON(w, http.StatusInternalServerError, errorBody{
 		Error:     fmt.Sprintf("internal error: %s: %v", what, err),
 		CommandID: commandID,
@@ -764,7 +782,7 @@ func recoverer(log *slog.Logger) func(http.Handler) http.Handler {
 					panic(p)
 				}
 				log.ErrorContext(r.Context(), "http: handler panicked",
-					"method", r.Method, "path", r.URL.Path, "panic", p, "stack", string(debug.Stack()))
+					append(requestAttrs(r), "panic", p, "stack", string(debug.Stack()))...)
 				if !tw.wrote {
 					writeError(tw, http.StatusInternalServerError, "internal error: the handler panicked; the node logged the details")
 				}

@@ -91,7 +91,13 @@ func (a *api) projectionRow(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	rowKey, err := p.ProjectionRowKey(r.Context(), name, key)
-	if err != nil {
+	var notReady *NotReadyError
+	switch {
+	case errors.As(err, &notReady):
+		writeNotReady(w, notReady, "")
+		return
+	case err != nil:
+		// The keys topic could not be read in time: another attempt may.
 		writeRetry(w, http.StatusServiceUnavailable, fmt.Sprintf("cannot find the row of a personal key of projection %s now (%v); retry after the Retry-After delay", name, err), "")
 		return
 	}
@@ -99,7 +105,6 @@ func (a *api) projectionRow(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	row, err := p.ProjectionRow(r.Context(), name, key)
-	var notReady *NotReadyError
 	switch {
 	case err == nil:
 		writeJSON(w, http.StatusOK, row)

@@ -345,7 +345,7 @@ func (a *api) forward(w http.ResponseWriter, r *http.Request, base string, fr fo
 	if copyErr != nil && r.Context().Err() == nil {
 		// The status line is out: the client sees a truncated body.
 		a.log.WarnContext(r.Context(), "http: relaying the owner's answer failed",
-			"owner", base, "partition", fr.partition, "method", r.Method, "path", r.URL.Path, "err", copyErr)
+			append(requestAttrs(r), "owner", base, "partition", fr.partition, "err", describeForwardError(copyErr, fr.timeout))...)
 	}
 }
 
@@ -361,9 +361,9 @@ func (a *api) forwardFailed(w http.ResponseWriter, r *http.Request, base string,
 		return
 	}
 	a.fwdMetrics.forwarded.WithLabelValues(outcomeUnreachable).Inc()
+	reason := describeForwardError(err, fr.timeout) // without the URL, which may hold a personal key
 	a.log.WarnContext(r.Context(), "http: forwarding to the owner failed",
-		"owner", base, "partition", fr.partition, "method", r.Method, "path", r.URL.Path, "sent", sent, "commandId", fr.commandID, "err", err)
-	reason := describeForwardError(err, fr.timeout)
+		append(requestAttrs(r), "owner", base, "partition", fr.partition, "sent", sent, "commandId", fr.commandID, "err", reason)...)
 	if fr.commandID != "" && sent {
 		w.Header().Set(ServedByHeader, base)
 		writeJSON(w, http.StatusGatewayTimeout, errorBody{

@@ -122,8 +122,12 @@ type entityRow struct {
 	rowEntity
 	row   []byte // JSON, personal fields opened; nil: none
 	blank []byte // row with its personal fields emptied (nil: not made yet)
-	group string // the row key of the group it is in ("": none)
-	dirty bool
+	// sealed: row's personal fields could not be opened (ErrUnknownKey):
+	// its group cannot be computed from them, so it keeps its group, and
+	// it is stored as it is, not sealed again.
+	sealed bool
+	group  string // the row key of the group it is in ("": none)
+	dirty  bool
 }
 
 func (c *cycle) projCycle(task statestore.Task, def projection.Definition) *projCycle {
@@ -351,12 +355,15 @@ func (pc *projCycle) handleGroupRow(r *kgo.Record, g projection.GroupRows, ev pr
 		if er.group != "" {
 			changes = append(changes, projection.Change{Key: er.group, Old: er.blank})
 		}
-		er.row, er.blank, er.group, er.dirty = nil, nil, "", true
+		er.row, er.blank, er.group, er.sealed, er.dirty = nil, nil, "", false, true
 		pc.route(r, changes)
 		return
 	}
 	newKey := ""
-	if group != "" {
+	switch {
+	case er.sealed:
+		newKey = er.group
+	case group != "":
 		if newKey, err = pc.rowKey(group); err != nil {
 			pc.c.fail(err)
 			return
@@ -447,21 +454,22 @@ func (pc *projCycle) sealRow(g projection.GroupRows, ent rowEntity, row []byte) 
 	return sealed, nil
 }
 
-// openRow opens a group-by row's personal fields with ent's key. A field
-// no key opens (ErrUnknownKey) stays sealed: no retry would open it.
-func (pc *projCycle) openRow(g projection.GroupRows, ent rowEntity, row []byte) ([]byte, error) {
+// openRow opens a group-by row's personal fields with ent's key. A row
+// whose fields no key opens (ErrUnknownKey: no retry would) is returned as
+// it is, with stillSealed set.
+func (pc *projCycle) openRow(g projection.GroupRows, ent rowEntity, row []byte) (opened []byte, stillSealed bool, err error) {
 	if row == nil || !g.Personal() || ent.typ == "" || pc.c.e.cfg.Keys == nil {
-		return row, nil
+		return row, false, nil
 	}
-	opened, err := g.Open(row, pc.c.e.cfg.Keys.Cipher(pc.c.ctx, ent.typ, ent.id))
+	opened, err = g.Open(row, pc.c.e.cfg.Keys.Cipher(pc.c.ctx, ent.typ, ent.id))
 	switch {
 	case errors.Is(err, aggregate.ErrUnknownKey):
-		pc.c.e.log.Warn("a projection row's personal fields cannot be opened; folded sealed", "projection", pc.def.Name(), "type", ent.typ, "id", ent.id, "err", err)
-		return row, nil
+		pc.c.e.log.Warn("a projection row's personal fields cannot be opened; it stays in its group and is folded sealed", "projection", pc.def.Name(), "type", ent.typ, "id", ent.id, "err", err)
+		return row, true, nil
 	case err != nil:
-		return nil, fmt.Errorf("open the %s row of %s %q: %w", pc.def.Name(), ent.typ, ent.id, err)
+		return nil, false, fmt.Errorf("open the %s row of %s %q: %w", pc.def.Name(), ent.typ, ent.id, err)
 	}
-	return opened, nil
+	return opened, false, nil
 }
 
 // blankCipher empties personal fields: the rows a group folds, and what is
@@ -610,7 +618,7 @@ func (pc *projCycle) entityRow(g projection.GroupRows, ent rowEntity) (*entityRo
 		if stored.Type != "" {
 			er.typ = stored.Type
 		}
-		if er.row, err = pc.openRow(g, er.rowEntity, stored.Row); err != nil {
+		if er.row, er.sealed, err = pc.openRow(g, er.rowEntity, stored.Row); err != nil {
 			return nil, err
 		}
 	}
@@ -689,7 +697,10 @@ func (pc *projCycle) stageChangelog() {
 			write(statestore.RowKey(er.id), nil)
 			continue
 		}
-		sealed, err := pc.sealRow(pc.def.GroupBy(), er.rowEntity, er.row)
+		sealed, err := er.row, error(nil)
+		if !er.sealed {
+			sealed, err = pc.sealRow(pc.def.GroupBy(), er.rowEntity, er.row)
+		}
 		if err == nil {
 			var v []byte
 			if v, err = encodeEntityRow(storedEntityRow{Type: er.typ, Group: er.group, Row: sealed}); err == nil {
