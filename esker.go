@@ -444,7 +444,7 @@ func (n *Node) startKeyring(ctx context.Context, producer *kgo.Client, clientOpt
 		}
 	}
 	for _, p := range n.projections {
-		if g := p.GroupBy(); p.PersonalKeys() || g != nil && g.Personal() {
+		if g := p.GroupBy(); p.PersonalKeys() || p.PersonalRows() != "" || g != nil && g.Personal() {
 			personal = append(personal, "projection "+p.Name())
 		}
 	}

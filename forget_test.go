@@ -19,6 +19,7 @@ import (
 	"github.com/esker-io/esker/aggregate"
 	"github.com/esker-io/esker/examples/bank"
 	"github.com/esker-io/esker/internal/keyring"
+	"github.com/esker-io/esker/projection"
 	"github.com/esker-io/esker/projection/pgsink"
 )
 
@@ -43,7 +44,7 @@ func TestForgetByCryptoShredding(t *testing.T) {
 	c := newCluster(t)
 	brokers := c.ListenAddrs()
 	dir := t.TempDir()
-	types := []any{bank.Account, bank.Owners, bank.DailyTotals, sink}
+	types := []any{bank.Account, bank.Owners, bank.DailyTotals, accountViews, sink}
 	tn := startTypesNode(t, brokers, dir, types)
 
 	send := func(tn *testNode, id, typ string, data any, want int) map[string]any {
@@ -92,6 +93,10 @@ func TestForgetByCryptoShredding(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer pg.Close(context.Background())
+	waitUntil(t, "the account's view, its owner opened", func() bool {
+		code, body := do(t, tn, "GET", "/v1/projections/account-view/gdpr-1", nil)
+		return code == 200 && body["value"].(map[string]any)["owner"] == name && body["value"].(map[string]any)["balance"] == float64(424242)
+	})
 	waitUntil(t, "the sink's row", func() bool {
 		var owner string
 		err := pg.QueryRow(context.Background(), "SELECT owner FROM accounts WHERE id = 'gdpr-1'").Scan(&owner)
@@ -100,7 +105,7 @@ func TestForgetByCryptoShredding(t *testing.T) {
 
 	// Raw: no plaintext name on any topic esker writes for the aggregate;
 	// the amount and the headers are plain.
-	assertNoPlaintext(t, brokers, name, "424242", "bank-owners-changelog", "bank-owners-repartition")
+	assertNoPlaintext(t, brokers, name, "424242", "bank-owners-changelog", "bank-owners-repartition", "bank-account-view-changelog")
 
 	code, body = do(t, tn, "DELETE", "/v1/aggregates/account/gdpr-1", nil)
 	mustStatus(t, 200, code, body, "forget")
@@ -136,6 +141,10 @@ func TestForgetByCryptoShredding(t *testing.T) {
 	waitUntil(t, "the owners projection to drop the account", func() bool {
 		code, body := ownerRow()
 		return code == 200 && body["value"].(map[string]any)["accounts"] == float64(1) && body["value"].(map[string]any)["balance"] == float64(1000)
+	})
+	waitUntil(t, "the account's view to go", func() bool {
+		code, _ := do(t, tn, "GET", "/v1/projections/account-view/gdpr-1", nil)
+		return code == 404
 	})
 	waitUntil(t, "the sink to delete the row", func() bool {
 		var n int
@@ -181,7 +190,7 @@ func TestForgetByCryptoShredding(t *testing.T) {
 			}
 		}
 	}
-	assertNoPlaintext(t, brokers, name, "424242", "bank-owners-changelog", "bank-owners-repartition")
+	assertNoPlaintext(t, brokers, name, "424242", "bank-owners-changelog", "bank-owners-repartition", "bank-account-view-changelog")
 
 	// A restart, and a full restore from Kafka into an empty directory.
 	tn.stop()
@@ -194,6 +203,23 @@ func TestForgetByCryptoShredding(t *testing.T) {
 	if code != 200 || body["value"].(map[string]any)["accounts"] != float64(1) {
 		t.Fatalf("the owners projection row after a full restore: %d %v, want the second account only", code, body)
 	}
+	if code, body := do(t, tn, "GET", "/v1/projections/account-view/gdpr-1", nil); code != 404 {
+		t.Fatalf("the forgotten account's view is back after a full restore: %d %v", code, body)
+	}
+	code, body = do(t, tn, "GET", "/v1/projections/account-view?limit=10", nil)
+	mustStatus(t, 200, code, body, "list the account views")
+	listed := false
+	for _, r := range body["rows"].([]any) {
+		if v := r.(map[string]any); v["key"] == second {
+			listed = true
+			if v["value"].(map[string]any)["owner"] != name {
+				t.Fatalf("a listed view shows owner %v, want it opened", v["value"])
+			}
+		}
+	}
+	if !listed {
+		t.Fatalf("the view of %s is not listed: %v", second, body["rows"])
+	}
 	// The owner's last account forgotten, the owner's row goes.
 	code, body = do(t, tn, "DELETE", "/v1/aggregates/account/"+second, nil)
 	mustStatus(t, 200, code, body, "forget the second account")
@@ -201,8 +227,25 @@ func TestForgetByCryptoShredding(t *testing.T) {
 		code, _ := ownerRow()
 		return code == 404
 	})
-	assertNoPlaintext(t, brokers, name, "424242", "bank-owners-changelog", "bank-owners-repartition")
+	assertNoPlaintext(t, brokers, name, "424242", "bank-owners-changelog", "bank-owners-repartition", "bank-account-view-changelog")
 }
+
+// accountView is a projection row with a personal field: one account's
+// owner and balance, sealed by the account's key.
+type accountView struct {
+	Owner   string `json:"owner" esker:"pii"`
+	Balance int64  `json:"balance"`
+}
+
+var accountViews = projection.New("account-view", func(v accountView, ev projection.Event) accountView {
+	switch e := ev.Value.(type) {
+	case bank.Opened:
+		v.Owner = e.Owner
+	case bank.Deposited:
+		v.Balance += e.Amount
+	}
+	return v
+}, projection.From(projection.Events(bank.Account)))
 
 // assertNoPlaintext reads every topic of the application raw, with franz-go
 // and with kcat, and fails if name appears anywhere (keys, values, headers)

@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/esker-io/esker/aggregate"
 	"github.com/esker-io/esker/interactive"
 	"github.com/esker-io/esker/projection"
 	"github.com/esker-io/esker/statestore"
@@ -72,7 +73,34 @@ func (b backend) ProjectionRow(ctx context.Context, name, key string) (interacti
 	if !found {
 		return interactive.Row{}, interactive.ErrNotFound
 	}
-	return interactive.Row{Key: key, Version: rec.Version, Value: rec.State, UpdatedAt: rec.UpdatedAt}, nil
+	value, err := b.openRow(ctx, name, rowKey, rec.State)
+	if err != nil {
+		return interactive.Row{}, err
+	}
+	return interactive.Row{Key: key, Version: rec.Version, Value: value, UpdatedAt: rec.UpdatedAt}, nil
+}
+
+// openRow opens the personal fields of a row of a projection whose rows
+// are sealed by their entities' keys (projection.Definition.PersonalRows).
+// A field no key opens is served sealed, as events are.
+func (b backend) openRow(ctx context.Context, name, key string, state []byte) ([]byte, error) {
+	p, ok := b.projection(name)
+	if !ok || p.PersonalRows() == "" || b.n.keys == nil {
+		return state, nil
+	}
+	v, err := p.DecodeState(state)
+	if err != nil {
+		return nil, err
+	}
+	opened, err := aggregate.OpenPersonal(v, b.n.keys.Cipher(ctx, p.PersonalRows(), key))
+	switch {
+	case errors.Is(err, aggregate.ErrUnknownKey):
+		b.n.cfg.logger.Warn("a projection row's personal fields cannot be opened; served sealed", "projection", name, "id", key, "err", err)
+		return state, nil
+	case err != nil:
+		return nil, err
+	}
+	return p.EncodeState(opened)
 }
 
 func (b backend) ProjectionScan(ctx context.Context, name string, partitions []int32, prefix, after string, limit int) ([]interactive.Row, error) {
@@ -105,7 +133,11 @@ func (b backend) ProjectionScan(ctx context.Context, name string, partitions []i
 			return nil, err
 		}
 		for _, e := range entries {
-			rows = append(rows, interactive.Row{Key: e.ID, Version: e.Record.Version, Value: e.Record.State, UpdatedAt: e.Record.UpdatedAt})
+			value, err := b.openRow(ctx, name, e.ID, e.Record.State)
+			if err != nil {
+				return nil, err
+			}
+			rows = append(rows, interactive.Row{Key: e.ID, Version: e.Record.Version, Value: value, UpdatedAt: e.Record.UpdatedAt})
 		}
 		if err := ctx.Err(); err != nil {
 			return nil, errors.Join(interactive.ErrTimeout, err)

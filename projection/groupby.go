@@ -58,9 +58,9 @@ type groupBy[R any] struct {
 // topic): a group mixes entities, so its fold must not depend on one
 // entity's personal data, and a forgotten entity's row, whose fields no
 // longer open, is subtracted as it was added. When group keys are personal
-// (an owner's name), add PersonalKeys. The group state S must not hold personal fields:
-// it mixes many entities, so no one entity's key could seal it; GroupBy
-// panics when it does.
+// (an owner's name), add PersonalKeys. The group state S must not hold
+// personal fields (a group mixes entities, so no entity's key could seal
+// it); GroupBy panics when it does.
 func GroupBy[R, S any](name string, row Fold[R], group func(R) string, add, subtract func(S, R) S, opts ...Option) *Projection[S] {
 	o := build(name, opts)
 	if row == nil || group == nil || add == nil || subtract == nil {
@@ -160,11 +160,12 @@ func (g *groupBy[R]) transform(row []byte, c aggregate.FieldCipher, fn func(any,
 	return json.Marshal(out)
 }
 
-// noPersonalState panics when a projection's state type has personal
-// fields: rows are not sealed, so such a field would sit in plaintext in
-// the changelog after its entity was forgotten.
+// noPersonalState panics when a group state type has personal fields: a
+// group mixes entities, so no one entity's key could seal it, and such a
+// field would sit in plaintext in the changelog after its entity was
+// forgotten.
 func noPersonalState[S any](name string) {
 	if aggregate.HasPersonal(reflect.TypeFor[S]()) {
-		panic(fmt.Sprintf("projection %q: the row type %s has fields tagged esker:\"pii\"; projection rows are not sealed, so they must not hold personal data: keep it in the aggregate, or in a GroupBy's entity row", name, reflect.TypeFor[S]()))
+		panic(fmt.Sprintf("projection %q: the group state %s has fields tagged esker:\"pii\"; a group mixes entities, so no entity's key can seal it: keep personal data in the entity rows", name, reflect.TypeFor[S]()))
 	}
 }

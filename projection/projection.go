@@ -170,11 +170,21 @@ type Projection[S any] struct {
 	fold    Fold[S]
 	groupBy GroupRows
 	apply   func(state any, ch Change) (any, error) // a GroupBy's add and subtract
+	// sealedBy is the aggregate type whose entity keys seal the rows'
+	// personal fields ("": the rows have none).
+	sealedBy string
 }
 
 // New defines a projection that folds every event of its sources into the
 // row of the event's entity id (or of KeyBy's key). It panics on an invalid
 // name, a nil fold or no source: programming errors found at start-up.
+//
+// Personal data: string fields of S tagged `esker:"pii"` are sealed with the
+// row's entity's data key in the store and the changelog, and opened for
+// the fold and for reads (GET /v1/projections/{name}/{id}); forgetting the
+// entity deletes its row and makes every copy unreadable. Such a projection
+// must keep one row per entity of one aggregate type: New panics on KeyBy
+// or a Topic source with a personal state.
 // Names are lower-case letters, digits and dashes; they name the topics
 // "<app>-<name>-changelog" and, with KeyBy, "<app>-<name>-repartition".
 func New[S any](name string, fold Fold[S], opts ...Option) *Projection[S] {
@@ -185,8 +195,30 @@ func New[S any](name string, fold Fold[S], opts ...Option) *Projection[S] {
 	if o.personalKeys && o.key == nil {
 		panic(fmt.Sprintf("projection %q: PersonalKeys applies to KeyBy and GroupBy keys; rows keyed by entity id are keyed as the events are", name))
 	}
-	noPersonalState[S](name)
-	return &Projection[S]{name: name, opts: o, fold: fold}
+	p := &Projection[S]{name: name, opts: o, fold: fold}
+	if aggregate.HasPersonal(reflect.TypeFor[S]()) {
+		p.sealedBy = entityRowsOf(name, o)
+	}
+	return p
+}
+
+// entityRowsOf returns the aggregate type whose entities' keys seal the
+// rows of a projection whose state has personal fields: its rows must be
+// one entity's each (no KeyBy) of one aggregate type, so that forgetting
+// the entity makes its row's copies unreadable. Otherwise it panics.
+func entityRowsOf(name string, o options) string {
+	typ := ""
+	for _, s := range o.sources {
+		if s.aggregate == nil || (typ != "" && typ != s.aggregate.Name()) {
+			typ = ""
+			break
+		}
+		typ = s.aggregate.Name()
+	}
+	if o.key != nil || typ == "" {
+		panic(fmt.Sprintf("projection %q: its row type has fields tagged esker:\"pii\", which are sealed with the key of the row's entity: its rows must be keyed by entity id (no KeyBy) and read the events of one aggregate type (projection.Events); keep personal data out of other rows", name))
+	}
+	return typ
 }
 
 func build(name string, opts []Option) options {
@@ -233,6 +265,10 @@ type Definition interface {
 	// PersonalKeys reports whether row keys are stored as pseudonyms
 	// (the PersonalKeys option).
 	PersonalKeys() bool
+	// PersonalRows returns the aggregate type whose entity keys seal the
+	// personal fields of the rows (each row is one entity's, keyed by its
+	// id); "" when rows have no personal fields.
+	PersonalRows() string
 	// Decode fills ev.Value from the source that reads ev.Topic.
 	Decode(ev *Event) error
 	// Route returns the changes one input event makes to rows (not for a
@@ -260,6 +296,7 @@ func (d definition[S]) Start() Start       { return d.p.opts.start }
 func (d definition[S]) GroupBy() GroupRows { return d.p.groupBy }
 func (d definition[S]) NewState() any      { var s S; return s }
 func (d definition[S]) PersonalKeys() bool { return d.p.opts.personalKeys }
+func (d definition[S]) PersonalRows() string { return d.p.sealedBy }
 
 func (d definition[S]) Rekeys() bool { return d.p.opts.key != nil || d.p.groupBy != nil }
 

@@ -4,6 +4,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/esker-io/esker/examples/bank"
 	"github.com/esker-io/esker/projection"
 )
 
@@ -17,12 +18,14 @@ type roster struct {
 
 type count struct{ N int }
 
-// TestPersonalDataRules: projection rows are not sealed, so a state type
-// with personal fields is refused when the projection is defined, as is
-// PersonalKeys on rows keyed by entity id; a GroupBy's entity row may hold
-// personal fields (they are sealed), and its keys may be personal.
+// TestPersonalDataRules: a row with personal fields is sealed by its
+// entity's key, so it must be one entity's row of one aggregate type: a
+// personal state is refused with KeyBy, with a Topic source and in a group
+// state; PersonalKeys is refused on rows keyed by entity id. A GroupBy's
+// entity rows may hold personal fields, and its keys may be personal.
 func TestPersonalDataRules(t *testing.T) {
 	src := projection.From(projection.Topic("members", func(_, v []byte) (any, error) { return string(v), nil }))
+	account := projection.From(projection.Events(bank.Account))
 	mustPanic := func(what, want string, define func()) {
 		t.Helper()
 		defer func() {
@@ -33,9 +36,16 @@ func TestPersonalDataRules(t *testing.T) {
 		}()
 		define()
 	}
-	mustPanic("New with a personal state", `has fields tagged esker:"pii"`, func() {
+	mustPanic("New with a personal state from a topic", "one aggregate type", func() {
 		projection.New("roster", func(s member, _ projection.Event) member { return s }, src)
 	})
+	mustPanic("New with a personal state re-keyed", "no KeyBy", func() {
+		projection.New("roster", func(s member, _ projection.Event) member { return s }, account,
+			projection.KeyBy(func(projection.Event) string { return "all" }))
+	})
+	if typ := projection.New("members", func(s member, _ projection.Event) member { return s }, account).Definition().PersonalRows(); typ != "account" {
+		t.Fatalf("a personal state keyed by account id is sealed by the keys of %q, want account", typ)
+	}
 	mustPanic("GroupBy with a personal group state", `has fields tagged esker:"pii"`, func() {
 		projection.GroupBy("rosters", func(r member, _ projection.Event) member { return r },
 			func(member) string { return "all" },

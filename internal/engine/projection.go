@@ -589,6 +589,18 @@ func (pc *projCycle) row(key string) (*projRow, error) {
 	if err != nil {
 		return nil, err
 	}
+	if typ := pc.def.PersonalRows(); typ != "" && pc.c.e.cfg.Keys != nil && row.version > 0 {
+		opened, err := aggregate.OpenPersonal(row.state, pc.c.e.cfg.Keys.Cipher(pc.c.ctx, typ, key))
+		switch {
+		case errors.Is(err, aggregate.ErrUnknownKey):
+			// No retry opens it: fold it sealed rather than stop.
+			pc.c.e.log.Warn("a projection row's personal fields cannot be opened; folded sealed", "projection", pc.def.Name(), "type", typ, "id", key, "err", err)
+		case err != nil:
+			return nil, fmt.Errorf("open the %s row of %s %q: %w", pc.def.Name(), typ, key, err)
+		default:
+			row.state = opened
+		}
+	}
 	pc.rows[key] = row
 	pc.rowOrder = append(pc.rowOrder, row)
 	return row, nil
@@ -719,7 +731,12 @@ func (pc *projCycle) stageChangelog() {
 			write(statestore.StateKey(row.key), nil)
 			continue
 		}
-		state, err := pc.def.EncodeState(row.state)
+		sealed, err := pc.sealState(row)
+		if err != nil {
+			pc.c.fail(err)
+			return
+		}
+		state, err := pc.def.EncodeState(sealed)
 		if err != nil {
 			pc.c.fail(fmt.Errorf("encode row %q of projection %s: %w", row.key, pc.def.Name(), err))
 			return
@@ -731,6 +748,24 @@ func (pc *projCycle) stageChangelog() {
 		k, v := changelog.StateRecord(row.key, statestore.StateRecord{Version: row.version, UpdatedAt: row.updatedAt, State: state})
 		write(k, v)
 	}
+}
+
+// sealState returns a row's state with its personal fields sealed by its
+// entity's key (projection.Definition.PersonalRows); a forgotten entity's
+// are emptied.
+func (pc *projCycle) sealState(row *projRow) (any, error) {
+	typ := pc.def.PersonalRows()
+	if typ == "" || pc.c.e.cfg.Keys == nil {
+		return row.state, nil
+	}
+	sealed, err := aggregate.SealPersonal(row.state, pc.c.e.cfg.Keys.Cipher(pc.c.ctx, typ, row.key))
+	if errors.Is(err, aggregate.ErrForgotten) {
+		return aggregate.SealPersonal(row.state, blankCipher{})
+	}
+	if err != nil {
+		return nil, fmt.Errorf("seal row %q of projection %s: %w", row.key, pc.def.Name(), err)
+	}
+	return sealed, nil
 }
 
 // committed reports the task's progress once its transaction committed.

@@ -26,6 +26,7 @@ type reactorTask struct{ Reactor }
 
 func (reactorTask) Rekeys() bool                  { return false }
 func (reactorTask) PersonalKeys() bool            { return false }
+func (reactorTask) PersonalRows() string          { return "" }
 func (reactorTask) GroupBy() projection.GroupRows { return nil }
 func (reactorTask) NewState() any                 { return nil }
 func (reactorTask) Empty(any) bool                { return false }
