@@ -290,12 +290,12 @@ type Definition interface {
 
 type definition[S any] struct{ p *Projection[S] }
 
-func (d definition[S]) Name() string       { return d.p.name }
-func (d definition[S]) Sources() []Source  { return d.p.opts.sources }
-func (d definition[S]) Start() Start       { return d.p.opts.start }
-func (d definition[S]) GroupBy() GroupRows { return d.p.groupBy }
-func (d definition[S]) NewState() any      { var s S; return s }
-func (d definition[S]) PersonalKeys() bool { return d.p.opts.personalKeys }
+func (d definition[S]) Name() string         { return d.p.name }
+func (d definition[S]) Sources() []Source    { return d.p.opts.sources }
+func (d definition[S]) Start() Start         { return d.p.opts.start }
+func (d definition[S]) GroupBy() GroupRows   { return d.p.groupBy }
+func (d definition[S]) NewState() any        { var s S; return s }
+func (d definition[S]) PersonalKeys() bool   { return d.p.opts.personalKeys }
 func (d definition[S]) PersonalRows() string { return d.p.sealedBy }
 
 func (d definition[S]) Rekeys() bool { return d.p.opts.key != nil || d.p.groupBy != nil }
