@@ -2,6 +2,7 @@ package esker_test
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -15,6 +16,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/esker-io/esker"
 	"github.com/esker-io/esker/aggregate"
@@ -330,4 +333,65 @@ func TestOwnersFoldedAfterForgets(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+}
+
+// TestOwnersRowWithLostKey: a group-by row stored while its entity's key
+// existed, whose key is then lost (destroyed without forgetting, as when
+// the keys topic is damaged), keeps its group when later events of the
+// entity are folded: its owner cannot be opened to name the group again,
+// so the account stays in its owner's totals instead of moving to a group
+// named by its ciphertext.
+func TestOwnersRowWithLostKey(t *testing.T) {
+	const owner = "Lost Keyholder"
+	c := newCluster(t)
+	brokers := c.ListenAddrs()
+	dir := t.TempDir()
+	tn := startTypesNode(t, brokers, dir, []any{bank.Account, bank.Owners})
+	for _, cmd := range []struct {
+		typ  string
+		data any
+	}{{"Open", bank.Open{Owner: owner}}, {"Deposit", bank.Deposit{Amount: 100}}} {
+		code, body := do(t, tn, "POST", "/v1/aggregates/account/lost-1/commands", map[string]any{"type": cmd.typ, "data": cmd.data})
+		mustStatus(t, 200, code, body, cmd.typ)
+	}
+	ownerRow := func(tn *testNode) (int, map[string]any) {
+		return do(t, tn, "GET", "/v1/projections/owners/"+url.PathEscape(owner), nil)
+	}
+	waitUntil(t, "the owner's row", func() bool {
+		code, body := ownerRow(tn)
+		return code == 200 && body["value"].(map[string]any)["balance"] == float64(100)
+	})
+	tn.stop()
+
+	// Another deposit while the projection does not run, then the key is lost.
+	other := startTypesNode(t, brokers, t.TempDir(), []any{bank.Account})
+	code, body := do(t, other, "POST", "/v1/aggregates/account/lost-1/commands", map[string]any{"type": "Deposit", "data": bank.Deposit{Amount: 50}})
+	mustStatus(t, 200, code, body, "deposit")
+	other.stop()
+	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...), kgo.RecordPartitioner(kgo.ManualPartitioner()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	lost := 0
+	for _, r := range readTopic(t, brokers, "bank-keys") {
+		if strings.HasPrefix(string(r.Key), "account/lost-1#") && r.Value != nil {
+			tomb := &kgo.Record{Topic: r.Topic, Partition: r.Partition, Key: r.Key}
+			if err := cl.ProduceSync(context.Background(), tomb).FirstErr(); err != nil {
+				t.Fatal(err)
+			}
+			lost++
+		}
+	}
+	if lost == 0 {
+		t.Fatal("no data key of lost-1 in bank-keys")
+	}
+
+	// The projection folds the deposit into the row it stored, whose owner
+	// no longer opens.
+	tn = startTypesNode(t, brokers, dir, []any{bank.Account, bank.Owners})
+	waitUntil(t, "the deposit folded into the owner's totals", func() bool {
+		code, body := ownerRow(tn)
+		return code == 200 && body["value"].(map[string]any)["balance"] == float64(150) && body["value"].(map[string]any)["accounts"] == float64(1)
+	})
 }
