@@ -83,6 +83,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/esker-io/esker/aggregate"
+	"github.com/esker-io/esker/internal/backoff"
 )
 
 // Topic names an application's keys topic.
@@ -323,7 +324,7 @@ func (k *Keyring) Run(ctx context.Context) error {
 			return nil
 		}
 		k.log.Warn("keyring: describe the keys topic; retrying", "topic", k.topic, "err", err)
-		if !k.pause(ctx, time.Second) {
+		if !backoff.Sleep(ctx, time.Second, k.closing) {
 			return nil
 		}
 	}
@@ -340,24 +341,10 @@ func (k *Keyring) Run(ctx context.Context) error {
 		})
 		if err := k.applyFetches(fetches); err != nil {
 			k.log.Error("keyring: write to the local key store; reading the batch again", "dir", k.dir, "err", err)
-			if !k.pause(ctx, time.Second) {
+			if !backoff.Sleep(ctx, time.Second, k.closing) {
 				return nil
 			}
 		}
-	}
-}
-
-// pause waits d; it returns false when ctx ends or the keyring closes first.
-func (k *Keyring) pause(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	case <-k.closing:
-		return false
 	}
 }
 
