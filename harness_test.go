@@ -252,6 +252,20 @@ func cmd(typ string, data any) map[string]any {
 	return map[string]any{"type": typ, "data": data}
 }
 
+// recordEvent decodes an esker event read raw from Kafka.
+func recordEvent(t testing.TB, r *kgo.Record) aggregate.Event {
+	t.Helper()
+	hs := make([]aggregate.Header, len(r.Headers))
+	for i, h := range r.Headers {
+		hs[i] = aggregate.Header{Key: h.Key, Value: h.Value}
+	}
+	ev, err := aggregate.EventFromRecord(r.Key, hs, r.Value)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ev
+}
+
 // readTopic reads every committed record of a topic, read_committed, up to
 // its last stable offset.
 func readTopic(t testing.TB, brokers []string, topic string) []*kgo.Record {

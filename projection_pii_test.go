@@ -10,7 +10,6 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/url"
-	"reflect"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -219,63 +218,8 @@ func TestOwnersNoDriftWithForgets(t *testing.T) {
 	nodes.Store(&[]*testNode{a, b})
 	wg.Wait()
 	for _, n := range []*testNode{a, b} {
-		var got, want map[string]bank.OwnerTotals
-		deadline := time.Now().Add(30 * time.Second)
-		for {
-			want = expectedOwners(t, brokers)
-			got, _, _ = listRows[bank.OwnerTotals](t, n, "owners", "", 1000)
-			if reflect.DeepEqual(withoutEmpty(got), want) {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("the owners projection drifted from the fold of the events:\ngot  %v\nwant %v", withoutEmpty(got), want)
-			}
-			time.Sleep(100 * time.Millisecond)
-		}
+		waitOwnersProjection(t, n, brokers)
 	}
-}
-
-// expectedOwners folds the owners projection from the events topic, as
-// expectedProjections does, with forgotten accounts dropped.
-func expectedOwners(t testing.TB, brokers []string) map[string]bank.OwnerTotals {
-	t.Helper()
-	rows := map[string]bank.AccountRow{}
-	open := testOpener(t, brokers)
-	forgotten := 0
-	for _, r := range readTopic(t, brokers, "account-events") {
-		hs := make([]aggregate.Header, len(r.Headers))
-		for i, h := range r.Headers {
-			hs[i] = aggregate.Header{Key: h.Key, Value: h.Value}
-		}
-		ev, err := aggregate.EventFromRecord(r.Key, hs, r.Value)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if aggregate.IsForgotten(ev) {
-			forgotten++
-			delete(rows, ev.EntityID)
-			continue
-		}
-		ev = open(ev)
-		v, err := bank.Account.DecodeEvent(ev)
-		if err != nil {
-			t.Fatal(err)
-		}
-		rows[ev.EntityID] = bank.FoldAccountRow(rows[ev.EntityID], projection.Event{Event: ev, Value: v})
-	}
-	ownerKey := ownerKeys(t, brokers)
-	owners := map[string]bank.OwnerTotals{}
-	t.Logf("%d accounts, %d forgotten", len(rows), forgotten)
-	for _, r := range rows {
-		if r.Open && r.Owner != "" {
-			k := ownerKey(r.Owner)
-			o := owners[k]
-			o.Accounts++
-			o.Balance += r.Balance
-			owners[k] = o
-		}
-	}
-	return owners
 }
 
 // tryDo sends a request and ignores its answer and any failure to get
@@ -320,19 +264,7 @@ func TestOwnersFoldedAfterForgets(t *testing.T) {
 	}
 	a.stop()
 	a = startTypesNode(t, brokers, dir, []any{bank.Account, bank.Owners})
-	var got, want map[string]bank.OwnerTotals
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		want = expectedOwners(t, brokers)
-		got, _, _ = listRows[bank.OwnerTotals](t, a, "owners", "", 1000)
-		if reflect.DeepEqual(withoutEmpty(got), want) {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the owners projection differs from the fold of the events:\ngot  %v\nwant %v", withoutEmpty(got), want)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	waitOwnersProjection(t, a, brokers)
 }
 
 // TestOwnersRowWithLostKey: a group-by row stored while its entity's key

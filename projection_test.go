@@ -24,9 +24,9 @@ import (
 )
 
 // expectedProjections folds the bank projections independently of the
-// engine: straight from the records of "account-events". The owners are
-// keyed by their pseudonyms, as the owners projection (PersonalKeys) lists
-// them.
+// engine: straight from the records of "account-events", a forgotten
+// account dropped. The owners are keyed by their pseudonyms, as the owners
+// projection (PersonalKeys) lists them.
 func expectedProjections(t testing.TB, brokers []string) (owners map[string]bank.OwnerTotals, days map[string]bank.DayTotals, events int) {
 	t.Helper()
 	rows := map[string]bank.AccountRow{}
@@ -34,20 +34,17 @@ func expectedProjections(t testing.TB, brokers []string) (owners map[string]bank
 	open := testOpener(t, brokers)
 	ownerKey := ownerKeys(t, brokers)
 	for _, r := range readTopic(t, brokers, "account-events") {
-		hs := make([]aggregate.Header, len(r.Headers))
-		for i, h := range r.Headers {
-			hs[i] = aggregate.Header{Key: h.Key, Value: h.Value}
-		}
-		ev, err := aggregate.EventFromRecord(r.Key, hs, r.Value)
-		if err != nil {
-			t.Fatal(err)
+		ev := recordEvent(t, r)
+		events++
+		if aggregate.IsForgotten(ev) {
+			delete(rows, ev.EntityID)
+			continue
 		}
 		ev = open(ev) // the owner is sealed
 		v, err := bank.Account.DecodeEvent(ev)
 		if err != nil {
 			t.Fatal(err)
 		}
-		events++
 		rows[ev.EntityID] = bank.FoldAccountRow(rows[ev.EntityID], projection.Event{Event: ev, Value: v})
 		day := ev.Time.UTC().Format("2006-01-02")
 		d := days[day]
@@ -64,7 +61,7 @@ func expectedProjections(t testing.TB, brokers []string) (owners map[string]bank
 	}
 	owners = map[string]bank.OwnerTotals{}
 	for _, r := range rows {
-		if r.Open {
+		if r.Open && r.Owner != "" {
 			k := ownerKey(r.Owner)
 			o := owners[k]
 			o.Accounts++
@@ -145,6 +142,23 @@ func withoutEmpty(m map[string]bank.OwnerTotals) map[string]bank.OwnerTotals {
 		}
 	}
 	return out
+}
+
+// waitOwnersProjection waits until the owners projection, listed over HTTP from tn,
+// equals the fold of the events topic.
+func waitOwnersProjection(t testing.TB, tn *testNode, brokers []string) {
+	t.Helper()
+	var got, want map[string]bank.OwnerTotals
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		want, _, _ = expectedProjections(t, brokers)
+		got, _, _ = listRows[bank.OwnerTotals](t, tn, "owners", "", 1000)
+		if reflect.DeepEqual(withoutEmpty(got), want) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the owners projection differs from the fold of the events:\ngot  %v\nwant %v", withoutEmpty(got), want)
+		}
+	}
 }
 
 // waitProjections waits until both bank projections, listed over HTTP from

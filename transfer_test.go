@@ -132,14 +132,7 @@ func TestTransfersSurviveKill(t *testing.T) {
 	}
 	balances := map[string]int64{}
 	for _, r := range readTopic(t, brokers, "account-events") {
-		hs := make([]aggregate.Header, len(r.Headers))
-		for i, h := range r.Headers {
-			hs[i] = aggregate.Header{Key: h.Key, Value: h.Value}
-		}
-		ev, err := aggregate.EventFromRecord(r.Key, hs, r.Value)
-		if err != nil {
-			t.Fatal(err)
-		}
+		ev := recordEvent(t, r)
 		v, err := bank.Account.DecodeEvent(ev)
 		if err != nil {
 			t.Fatal(err)
