@@ -136,30 +136,65 @@ func TestEveryNodeAnswersEveryKey(t *testing.T) {
 	}
 }
 
-// waitSettled waits until the nodes agree on a cluster map that gives every
-// partition an owner.
+// waitSettled waits until every node holds the map of one generation, the
+// map's members are exactly these nodes, every partition has an owner, and
+// each node processes exactly the partitions the map gives it. A check of
+// one node's map alone could pass before a joining node's rebalance had
+// reached the others.
 func waitSettled(t *testing.T, nodes []*testNode) {
 	t.Helper()
 	deadline := time.Now().Add(15 * time.Second)
 	for {
-		if bad := localTasksMatchMap(t, nodes); bad == "" {
-			if code, body := do(t, nodes[0], "GET", "/v1/cluster", nil); code == 200 {
-				settled := true
-				for _, task := range body["tasks"].([]any) {
-					if task.(map[string]any)["active"] == "" {
-						settled = false
-					}
-				}
-				if settled {
-					return
-				}
-			}
+		bad := localTasksMatchMap(t, nodes)
+		if bad == "" {
+			bad = sameFullMap(t, nodes)
+		}
+		if bad == "" {
+			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatal("the cluster did not settle")
+			t.Fatalf("the cluster did not settle: %s", bad)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// sameFullMap returns "" when every node's /v1/cluster shows one
+// generation, the nodes as its members and an owner for every partition,
+// or else what differs.
+func sameFullMap(t *testing.T, nodes []*testNode) string {
+	t.Helper()
+	want := map[string]bool{}
+	for _, n := range nodes {
+		want[n.srv.URL] = true
+	}
+	gen := -1.0
+	for i, n := range nodes {
+		code, body := do(t, n, "GET", "/v1/cluster", nil)
+		if code != 200 {
+			return fmt.Sprintf("node %d: /v1/cluster answered %d", i, code)
+		}
+		g, _ := body["generation"].(float64)
+		if i > 0 && g != gen {
+			return fmt.Sprintf("node %d holds generation %v, node 0 %v", i, g, gen)
+		}
+		gen = g
+		members := body["members"].([]any)
+		if len(members) != len(nodes) {
+			return fmt.Sprintf("node %d's map has %d members, want %d", i, len(members), len(nodes))
+		}
+		for _, m := range members {
+			if url := m.(map[string]any)["url"].(string); !want[url] {
+				return fmt.Sprintf("node %d's map has member %s, not one of these nodes", i, url)
+			}
+		}
+		for _, task := range body["tasks"].([]any) {
+			if task := task.(map[string]any); task["active"] == "" {
+				return fmt.Sprintf("node %d's map has no owner for partition %v", i, task["partition"])
+			}
+		}
+	}
+	return ""
 }
 
 func forwardOutcome(t *testing.T, n *testNode, outcome string) float64 {
