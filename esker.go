@@ -22,6 +22,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -168,6 +169,12 @@ func NewNode(opts ...Option) (*Node, error) {
 	if cfg.protectMetrics {
 		hopts = append(hopts, interactive.ProtectMetrics())
 	}
+	if cfg.peerTLS != nil {
+		hopts = append(hopts, interactive.PeerTLS(cfg.peerTLS.Clone()))
+	}
+	if cfg.verifiesPeers() {
+		hopts = append(hopts, interactive.RequirePeerCertificate())
+	}
 	if cfg.rateSet {
 		hopts = append(hopts, interactive.RateLimit(cfg.ratePerSecond, cfg.rateBurst))
 	}
@@ -310,8 +317,8 @@ func (n *Node) Run(ctx context.Context) error {
 	if err := c.kafkaPreflight(ctx, clientOpts); err != nil {
 		return err
 	}
-	if c.clusterToken == "" {
-		log.Warn("esker: forwarding between nodes is unauthenticated: any client that reaches a node can pose as another node; set a cluster token (esker.ClusterToken, --cluster-token or ESKER_CLUSTER_TOKEN)")
+	if c.clusterToken == "" && !c.verifiesPeers() {
+		log.Warn("esker: forwarding between nodes is unauthenticated: any client that reaches a node can pose as another node; set a cluster token (esker.ClusterToken, --cluster-token or ESKER_CLUSTER_TOKEN) or mutual TLS (esker.HTTPTLS with ClientCAs, --tls-ca)")
 	}
 	producer, err := kgo.NewClient(append(append([]kgo.Opt{}, clientOpts...),
 		kgo.RecordPartitioner(kgo.ManualPartitioner()))...)
@@ -382,8 +389,15 @@ func (n *Node) Run(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("esker: listen on %s: %w", c.httpListen, err)
 		}
-		srv = &http.Server{Handler: n.handler, ReadHeaderTimeout: 10 * time.Second}
-		go func() { srvErr <- srv.Serve(ln) }()
+		srv = &http.Server{Handler: n.handler, ReadHeaderTimeout: 10 * time.Second,
+			// Failed TLS handshakes and the like: the node's log, not stderr.
+			ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelInfo)}
+		if c.httpTLS != nil {
+			srv.TLSConfig = c.httpTLS.Clone()
+			go func() { srvErr <- srv.ServeTLS(ln, "", "") }()
+		} else {
+			go func() { srvErr <- srv.Serve(ln) }()
+		}
 		log.Info("esker node serving", "http", c.advertisedURL, "app", c.appID,
 			"guarantee", c.guarantee.String(), "types", strings.Join(eng.TypeNames(), ","))
 	}

@@ -74,6 +74,8 @@ type config struct {
 	saslUser       string
 	saslPassword   string
 	kafkaTLS       *tls.Config
+	httpTLS        *tls.Config
+	peerTLS        *tls.Config
 }
 
 func defaultConfig() config {
@@ -113,7 +115,8 @@ func StateDir(dir string) Option { return func(c *config) { c.stateDir = dir } }
 func HTTPListen(addr string) Option { return func(c *config) { c.httpListen = addr } }
 
 // AdvertisedURL is the base URL other nodes and clients use to reach this
-// node's HTTP API. Default: http:// plus the listen address.
+// node's HTTP API. Default: http:// plus the listen address (https:// with
+// HTTPTLS).
 func AdvertisedURL(u string) Option { return func(c *config) { c.advertisedURL = u } }
 
 // ProcessingGuarantee selects ExactlyOnce (default) or AtLeastOnce.
@@ -241,6 +244,9 @@ func (c *config) validate() error {
 	}
 	if c.advertisedURL == "" {
 		c.advertisedURL = "http://" + c.httpListen
+		if c.httpTLS != nil {
+			c.advertisedURL = "https://" + c.httpListen
+		}
 	}
 	if _, err := url.Parse(c.advertisedURL); err != nil {
 		return fmt.Errorf("esker: advertised URL: %w", err)

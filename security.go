@@ -1,9 +1,10 @@
 package esker
 
-// Security options of a Node: the cluster token that authenticates
-// forwarding between nodes, bearer tokens and a rate limit on the HTTP API,
-// and SASL and TLS for every Kafka client the node makes (and for tools
-// that talk to the same cluster: KafkaClientOpts, PingKafka).
+// Security options of a Node: the cluster token and mutual TLS that
+// authenticate forwarding between nodes, TLS, bearer tokens and a rate
+// limit on the HTTP API, and SASL and TLS for every Kafka client the node
+// makes (and for tools that talk to the same cluster: KafkaClientOpts,
+// PingKafka).
 
 import (
 	"context"
@@ -52,6 +53,30 @@ func ProtectMetrics() Option { return func(c *config) { c.protectMetrics = true 
 func RateLimit(perSecond float64, burst int) Option {
 	return func(c *config) { c.ratePerSecond, c.rateBurst, c.rateSet = perSecond, burst, true }
 }
+
+// HTTPTLS makes the node serve its HTTP API (HTTPListen) over TLS with cfg,
+// which must hold the node's certificate (Certificates, GetCertificate or
+// GetConfigForClient); NewNode fails otherwise. The default advertised URL
+// becomes https://. The other nodes then need PeerTLS to verify this node's
+// certificate, unless it chains to the system's roots.
+//
+// Mutual TLS between nodes: with cfg.ClientCAs set (the authority that signs
+// the nodes' certificates) and cfg.ClientAuth tls.VerifyClientCertIfGiven,
+// a request that claims to be forwarded by another node is refused (401)
+// unless it carries a client certificate that verifies against ClientCAs;
+// other clients still connect without one. tls.RequireAndVerifyClientCert
+// asks every client for a certificate, probes included. ClientCAs with a
+// ClientAuth that verifies nothing is refused by NewNode: it would make the
+// node refuse every forward.
+func HTTPTLS(cfg *tls.Config) Option { return func(c *config) { c.httpTLS = cfg } }
+
+// PeerTLS sets the TLS configuration the node uses to forward requests to
+// other nodes (commands, reads, projection rows and watches for partitions
+// it does not own): RootCAs to verify their certificates and Certificates,
+// this node's client certificate, for mutual TLS (see HTTPTLS). The nodes
+// must advertise https URLs. Without it, https peers are verified against
+// the system's roots and no client certificate is sent.
+func PeerTLS(cfg *tls.Config) Option { return func(c *config) { c.peerTLS = cfg } }
 
 // SASL mechanisms for KafkaSASL.
 const (
@@ -105,7 +130,32 @@ func (c *config) validateSecurity() error {
 	if c.rateSet && (c.ratePerSecond <= 0 || c.rateBurst < 1) {
 		return fmt.Errorf("esker: rate limit must be positive with a burst of at least 1, got %v per second, burst %d", c.ratePerSecond, c.rateBurst)
 	}
+	if err := c.validateHTTPTLS(); err != nil {
+		return err
+	}
 	return c.validateKafkaSecurity()
+}
+
+// validateHTTPTLS checks HTTPTLS: a certificate to serve, and client
+// certificates verified if ClientCAs are given.
+func (c *config) validateHTTPTLS() error {
+	t := c.httpTLS
+	if t == nil {
+		return nil
+	}
+	if len(t.Certificates) == 0 && t.GetCertificate == nil && t.GetConfigForClient == nil {
+		return errors.New("esker: HTTPTLS needs the node's certificate (tls.Config.Certificates or GetCertificate)")
+	}
+	if t.ClientCAs != nil && t.ClientAuth != tls.VerifyClientCertIfGiven && t.ClientAuth != tls.RequireAndVerifyClientCert {
+		return fmt.Errorf("esker: HTTPTLS has ClientCAs but ClientAuth %v does not verify client certificates: use tls.VerifyClientCertIfGiven for mutual TLS between nodes", t.ClientAuth)
+	}
+	return nil
+}
+
+// verifiesPeers reports whether the HTTP API verifies client certificates,
+// which then authenticate forwarded requests (HTTPTLS).
+func (c *config) verifiesPeers() bool {
+	return c.httpTLS != nil && (c.httpTLS.ClientAuth == tls.VerifyClientCertIfGiven || c.httpTLS.ClientAuth == tls.RequireAndVerifyClientCert)
 }
 
 // validateKafkaSecurity checks the SASL and TLS options and adds them to

@@ -241,6 +241,9 @@ func TestSecurityOptionsValidated(t *testing.T) {
 		{esker.KafkaSASL("PLAIN", "", "p")},
 		{esker.RateLimit(0, 1)},
 		{esker.RateLimit(1, 0)},
+		{esker.HTTPTLS(&tls.Config{})}, // no certificate to serve
+		{esker.HTTPTLS(&tls.Config{GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return nil, nil },
+			ClientCAs: x509.NewCertPool()})}, // client certificates asked for, never verified
 	} {
 		if _, err := esker.NewNode(append([]esker.Option{esker.Brokers("localhost:9092")}, opts...)...); err == nil {
 			t.Errorf("NewNode accepted %d options", len(opts))

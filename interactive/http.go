@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -56,6 +57,8 @@ type handlerConfig struct {
 	protectMetrics bool
 	ratePerSecond  float64
 	rateBurst      int
+	peerTLS        *tls.Config
+	peerCerts      bool
 }
 
 // MaxBodyBytes limits request bodies to n bytes; a longer body is answered
@@ -150,7 +153,10 @@ func NewHandler(b Backend, opts ...HandlerOption) http.Handler {
 	for _, o := range opts {
 		o(&cfg)
 	}
-	a := &api{b: b, cfg: cfg, log: cfg.logger, rt: cfg.router}
+	a := &api{b: b, cfg: cfg, log: cfg.logger, rt: cfg.router, client: forwardClient}
+	if cfg.peerTLS != nil {
+		a.client = newForwardClient(cfg.peerTLS)
+	}
 
 	r := chi.NewRouter()
 	r.Use(recoverer(a.log), limitBody(cfg.maxBodyBytes))
@@ -207,6 +213,9 @@ type api struct {
 	// Routing (everything is served locally).
 	rt         Router
 	fwdMetrics *routeMetrics
+	// client forwards requests to other nodes: forwardClient, or one of
+	// this handler's own with PeerTLS.
+	client *http.Client
 }
 
 // eventJSON is one event as the API shows it. Data is the payload as JSON,

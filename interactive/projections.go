@@ -258,7 +258,7 @@ func (a *api) fetchRows(r *http.Request, owner string, parts []int32, limit int)
 		return nil, &NotReadyError{Reason: fmt.Sprintf("the node serving partitions %v has an unusable URL %q", parts, owner), RetryAfter: time.Second}
 	}
 	a.markForwarded(r, req, nil)
-	res, err := forwardClient.Do(req)
+	res, err := a.client.Do(req)
 	if err != nil {
 		return nil, &NotReadyError{Reason: fmt.Sprintf("the node serving partitions %v (%s) did not answer: %v", parts, owner, err), RetryAfter: time.Second}
 	}

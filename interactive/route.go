@@ -6,6 +6,7 @@ package interactive
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -170,19 +171,27 @@ func register[C prometheus.Collector](reg prometheus.Registerer, c C) C {
 	return c
 }
 
-// forwardClient is shared by every handler: keep-alive connections to the
-// other nodes, no proxy (the nodes talk directly), no redirects followed and
-// no transparent compression (answers are relayed as the owner sent them).
-// Deadlines are per request (the request's context).
-var forwardClient = &http.Client{
-	Transport: &http.Transport{
-		DialContext:         (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-		MaxIdleConns:        1024,
-		MaxIdleConnsPerHost: 128,
-		IdleConnTimeout:     90 * time.Second,
-		DisableCompression:  true,
-	},
-	CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+// forwardClient is shared by every handler without PeerTLS: keep-alive
+// connections to the other nodes, no proxy (the nodes talk directly), no
+// redirects followed and no transparent compression (answers are relayed as
+// the owner sent them). Deadlines are per request (the request's context).
+var forwardClient = newForwardClient(nil)
+
+// newForwardClient returns a client like forwardClient that speaks TLS
+// with tlsConfig (nil: the transport's defaults, for https URLs).
+func newForwardClient(tlsConfig *tls.Config) *http.Client {
+	return &http.Client{
+		Transport: &http.Transport{
+			DialContext:         (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+			TLSClientConfig:     tlsConfig,
+			TLSHandshakeTimeout: 5 * time.Second,
+			MaxIdleConns:        1024,
+			MaxIdleConnsPerHost: 128,
+			IdleConnTimeout:     90 * time.Second,
+			DisableCompression:  true,
+		},
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+	}
 }
 
 // forwardRequest is a request for an entity, validated, that the router may
@@ -308,7 +317,7 @@ func (a *api) forward(w http.ResponseWriter, r *http.Request, base string, fr fo
 		req.Header.Set("Idempotency-Key", fr.commandID)
 	}
 
-	res, err := forwardClient.Do(req)
+	res, err := a.client.Do(req)
 	if fr.stream != nil {
 		err = fr.stream.answered(err)
 	}

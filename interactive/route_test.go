@@ -175,6 +175,12 @@ type answer struct {
 
 func do(t *testing.T, method, url, body string, header ...string) answer {
 	t.Helper()
+	return doWith(t, http.DefaultClient, method, url, body, header...)
+}
+
+// doWith is do with client.
+func doWith(t *testing.T, client *http.Client, method, url, body string, header ...string) answer {
+	t.Helper()
 	var rd io.Reader
 	if body != "" {
 		rd = strings.NewReader(body)
@@ -189,7 +195,7 @@ func do(t *testing.T, method, url, body string, header ...string) answer {
 	for i := 0; i+1 < len(header); i += 2 {
 		req.Header.Set(header[i], header[i+1])
 	}
-	res, err := http.DefaultClient.Do(req)
+	res, err := client.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}

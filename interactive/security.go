@@ -10,6 +10,7 @@ import (
 	"crypto/hmac"
 	"crypto/sha256"
 	"crypto/subtle"
+	"crypto/tls"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -79,6 +80,31 @@ func APITokens(tokens ...string) HandlerOption {
 	}
 }
 
+// PeerTLS sets the TLS configuration of the client this handler forwards
+// requests with (to the partition owner, for a projection's rows, for a
+// watch): RootCAs verify the other nodes' certificates, and Certificates
+// (or GetClientCertificate) is what this node presents when they ask for
+// one (RequirePeerCertificate). The other nodes must advertise https URLs.
+// Without it the defaults of net/http apply: the system's roots, no client
+// certificate.
+func PeerTLS(cfg *tls.Config) HandlerOption {
+	return func(c *handlerConfig) { c.peerTLS = cfg }
+}
+
+// RequirePeerCertificate makes a request that claims to be forwarded by
+// another node (ForwardedHeader) need a client certificate that the TLS
+// server verified (http.Request.TLS.VerifiedChains): the server's
+// tls.Config must have ClientCAs and a ClientAuth of at least
+// tls.VerifyClientCertIfGiven, so that clients other than the nodes may
+// still connect without one. A forwarded request without a verified
+// certificate is refused with 401 before anything else is done; with a
+// ClusterToken as well, its proof is checked next. The certificate
+// authority should be one that signs only the nodes' certificates: any
+// certificate it verifies is taken for a node.
+func RequirePeerCertificate() HandlerOption {
+	return func(c *handlerConfig) { c.peerCerts = true }
+}
+
 // ProtectMetrics makes GET /metrics require a bearer token too (with
 // APITokens). By default /metrics stays open: Prometheus scrapers are
 // usually configured without credentials, and the metrics hold counts and
@@ -112,6 +138,7 @@ const (
 // guard is the security middleware.
 type guard struct {
 	clusterKey     []byte
+	peerCerts      bool
 	tokens         [][32]byte
 	protectMetrics bool
 	limiter        *rateLimiter
@@ -119,7 +146,7 @@ type guard struct {
 }
 
 func newGuard(cfg handlerConfig) *guard {
-	g := &guard{clusterKey: cfg.clusterKey, tokens: cfg.apiTokens, protectMetrics: cfg.protectMetrics}
+	g := &guard{clusterKey: cfg.clusterKey, peerCerts: cfg.peerCerts, tokens: cfg.apiTokens, protectMetrics: cfg.protectMetrics}
 	if cfg.ratePerSecond > 0 {
 		g.limiter = newRateLimiter(cfg.ratePerSecond, cfg.rateBurst, DefaultRateLimitClients)
 	}
@@ -138,8 +165,11 @@ func newGuard(cfg handlerConfig) *guard {
 
 func (g *guard) middleware(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if isForwarded(r) && g.clusterKey != nil {
-			if !g.checkPeer(w, r) {
+		if isForwarded(r) && (g.clusterKey != nil || g.peerCerts) {
+			if g.peerCerts && !g.checkPeerCertificate(w, r) {
+				return
+			}
+			if g.clusterKey != nil && !g.checkPeer(w, r) {
 				return
 			}
 			next.ServeHTTP(w, r) // an authenticated node: no bearer, no limit
@@ -203,6 +233,17 @@ func (g *guard) checkBearer(w http.ResponseWriter, r *http.Request) (i int, ok b
 		return 0, false
 	}
 	return found, true
+}
+
+// checkPeerCertificate answers 401 and returns false unless r came over TLS
+// with a client certificate the server verified.
+func (g *guard) checkPeerCertificate(w http.ResponseWriter, r *http.Request) bool {
+	if r.TLS != nil && len(r.TLS.VerifiedChains) > 0 {
+		return true
+	}
+	g.refused.WithLabelValues(refusedUnauthenticated).Inc()
+	writeError(w, http.StatusUnauthorized, fmt.Sprintf("the request claims to be forwarded by another node (%s) but came without a verified client certificate: only nodes with a certificate of the cluster's authority may forward requests", ForwardedHeader))
+	return false
 }
 
 // checkPeer verifies the proof of a request that claims to be forwarded by

@@ -2,6 +2,7 @@ package interactive
 
 import (
 	"context"
+	"crypto/tls"
 	"net/http"
 	"net/http/httptest"
 	"strconv"
@@ -10,6 +11,7 @@ import (
 	"time"
 
 	"github.com/esker-io/esker/aggregate"
+	"github.com/esker-io/esker/internal/testcert"
 )
 
 const cmdC1 = "/v1/aggregates/counter/c1/commands"
@@ -130,6 +132,47 @@ func TestUnauthenticatedForwardingUnchanged(t *testing.T) {
 	_, _, b := twoNodes(t)
 	acceptAll(b.be)
 	do(t, "GET", b.url+"/v1/aggregates/counter/c1", "", ForwardedHeader, "http://elsewhere").want(t, 200)
+}
+
+// TestPeerCertificateAndClusterToken: with RequirePeerCertificate and a
+// ClusterToken, a forwarded request needs both a verified client
+// certificate and a valid proof; a client that does not claim to forward
+// needs neither.
+func TestPeerCertificateAndClusterToken(t *testing.T) {
+	ca := testcert.NewAuthority(t, "nodes")
+	nodeCert, _, _ := ca.Issue(t, "node")
+	f := &fakeBackend{def: counterType()}
+	acceptAll(f)
+	srv := httptest.NewUnstartedServer(NewHandler(f, RequirePeerCertificate(), ClusterToken("cluster-secret"), Logger(quietLogger())))
+	srv.TLS = &tls.Config{Certificates: []tls.Certificate{nodeCert}, ClientCAs: ca.Pool, ClientAuth: tls.VerifyClientCertIfGiven}
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+	client := func(certs ...tls.Certificate) *http.Client {
+		return &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: ca.Pool, Certificates: certs}}}
+	}
+	node, anyone := client(nodeCert), client()
+	body := `{"type":"Add","data":{"n":1},"commandId":"c-1"}`
+	proof := func() string {
+		req, _ := http.NewRequest("POST", srv.URL+cmdC1, nil)
+		req.Header.Set(ForwardedHeader, "https://peer")
+		signForward([]byte("cluster-secret"), req, []byte(body), time.Now())
+		return req.Header.Get(ForwardAuthHeader)
+	}
+
+	res := doWith(t, anyone, "POST", srv.URL+cmdC1, body, ForwardedHeader, "https://peer", ForwardAuthHeader, proof())
+	res.want(t, 401)
+	res.errorLike(t, "certificate")
+	res = doWith(t, node, "POST", srv.URL+cmdC1, body, ForwardedHeader, "https://peer")
+	res.want(t, 401)
+	res.errorLike(t, "no "+ForwardAuthHeader)
+	f.mu.Lock()
+	calls := f.calls
+	f.mu.Unlock()
+	if len(calls) != 0 {
+		t.Fatalf("refused requests reached the backend: %v", calls)
+	}
+	doWith(t, node, "POST", srv.URL+cmdC1, body, ForwardedHeader, "https://peer", ForwardAuthHeader, proof()).want(t, 200)
+	doWith(t, anyone, "POST", srv.URL+cmdC1, body).want(t, 200)
 }
 
 func TestBearerAuth(t *testing.T) {

@@ -153,6 +153,7 @@ esker node --brokers 127.0.0.1:9092 --http 127.0.0.1:8081 --data esker-data-2 --
 	postgres := fs.String("postgres", "", "PostgreSQL connection `URL` (e.g. postgres://user@host/db): keep the table accounts(id, owner, balance, version, updated_at) there, exactly once (none when empty)")
 	masterKeyFile := fs.String("master-key-file", "", "`file` of master keys, one \"<id>:<base64 of 32 bytes>\" per line, the current one first (default: the key in $ESKER_MASTER_KEY); they wrap the keys that seal each account's personal data, and every node needs the same ones")
 	httpSec := addHTTPSecurityFlags(fs)
+	httpTLS := addHTTPTLSFlags(fs)
 	kafkaSec := addKafkaSecurityFlags(fs)
 	level := fs.logLevel()
 	if code, ok := fs.parse(e, args); !ok {
@@ -172,6 +173,11 @@ esker node --brokers 127.0.0.1:9092 --http 127.0.0.1:8081 --data esker-data-2 --
 		return fs.fail(e, "%s", msg)
 	}
 	security = append(security, kafkaOpts...)
+	tlsOpts, msg := httpTLS.options()
+	if msg != "" {
+		return fs.fail(e, "%s", msg)
+	}
+	security = append(security, tlsOpts...)
 	if *cleanupDelay == 0 {
 		*cleanupDelay = -1 // 0 would mean "the default" below
 	}
@@ -182,12 +188,19 @@ esker node --brokers 127.0.0.1:9092 --http 127.0.0.1:8081 --data esker-data-2 --
 	if msg := checkCommon(*httpListen, *dataDir, *partitions); msg != "" {
 		return fs.fail(e, "%s", msg)
 	}
+	scheme := "http"
+	if httpTLS.enabled() {
+		scheme = "https"
+	}
 	if *advertise != "" {
 		if msg := checkAdvertise(*advertise); msg != "" {
 			return fs.fail(e, "%s", msg)
 		}
+		if !strings.HasPrefix(*advertise, scheme+"://") {
+			return fs.fail(e, "--advertise %s: the node serves %s (--tls-cert decides), so advertise a %s:// URL", *advertise, scheme, scheme)
+		}
 	} else if listensOnAllInterfaces(*httpListen) {
-		return fs.fail(e, "--http %s listens on all interfaces: set --advertise to a URL other nodes can reach, e.g. http://%s", *httpListen, exampleHost(*httpListen))
+		return fs.fail(e, "--http %s listens on all interfaces: set --advertise to a URL other nodes can reach, e.g. %s://%s", *httpListen, scheme, exampleHost(*httpListen))
 	}
 	masterKeys, err := loadMasterKeys(*masterKeyFile, os.Getenv("ESKER_MASTER_KEY"))
 	if err != nil {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"cmp"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -43,6 +44,7 @@ esker rebuild --type account --node http://bank1:8080,http://bank2:8080 --interv
 	fs.Var(&nodes, "node", "`URL` of a node's HTTP API; repeat or separate with commas (required)")
 	interval := fs.Duration("interval", time.Second, "how often to show progress (`duration`)")
 	timeout := fs.Duration("timeout", 10*time.Second, "how long to wait for a node's answer to one request (`duration`)")
+	ca := fs.String("tls-ca", "", "PEM `file` of the authority that signs the nodes' certificates, for https nodes (default: the system's roots)")
 	apiToken := fs.String("api-token", "", "bearer `token` for nodes that require one (default: the first of $ESKER_API_TOKEN)")
 	if code, ok := fs.parse(e, args); !ok {
 		return code
@@ -63,7 +65,15 @@ esker rebuild --type account --node http://bank1:8080,http://bank2:8080 --interv
 		}
 	}
 	token, _, _ := strings.Cut(cmp.Or(*apiToken, os.Getenv("ESKER_API_TOKEN")), ",")
-	c := &rebuildClient{http: &http.Client{Timeout: *timeout}, typ: *typ, token: strings.TrimSpace(token)}
+	client := &http.Client{Timeout: *timeout}
+	if *ca != "" {
+		pool, msg := readCAFile("--tls-ca", *ca)
+		if msg != "" {
+			return fs.fail(e, "%s", msg)
+		}
+		client.Transport = &http.Transport{TLSClientConfig: &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: pool}}
+	}
+	c := &rebuildClient{http: client, typ: *typ, token: strings.TrimSpace(token)}
 	return c.run(e, nodes, *interval)
 }
 

@@ -3,7 +3,6 @@ package main
 import (
 	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/hex"
 	"fmt"
 	"os"
@@ -114,13 +113,9 @@ func (f *kafkaSecurityFlags) options() ([]esker.Option, string) {
 	if *f.tls || *f.ca != "" {
 		cfg := &tls.Config{MinVersion: tls.VersionTLS12}
 		if *f.ca != "" {
-			pem, err := os.ReadFile(*f.ca)
-			if err != nil {
-				return nil, fmt.Sprintf("--kafka-ca: %v", err)
-			}
-			pool := x509.NewCertPool()
-			if !pool.AppendCertsFromPEM(pem) {
-				return nil, fmt.Sprintf("--kafka-ca %s: no PEM certificate in the file", *f.ca)
+			pool, msg := readCAFile("--kafka-ca", *f.ca)
+			if msg != "" {
+				return nil, msg
 			}
 			cfg.RootCAs = pool
 		}
