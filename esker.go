@@ -470,8 +470,17 @@ func (n *Node) startKeyring(ctx context.Context, producer *kgo.Client, clientOpt
 	if len(c.masterKeys) == 0 {
 		return nil, fmt.Errorf("esker: %s has personal data (fields tagged esker:\"pii\", or personal row keys), which is sealed with keys wrapped by a master key: configure one with esker.MasterKey or esker.MasterKeyFile (esker node --master-key-file)", strings.Join(personal, ", "))
 	}
-	spec := engine.TopicSpec{Name: keyring.Topic(c.appID), Configs: map[string]string{"cleanup.policy": "compact"}}
-	if err := engine.EnsureTopics(ctx, kadm.NewClient(producer), []engine.TopicSpec{spec}, c.partitions, c.replicationFactor); err != nil {
+	// The aggregate types' topics are checked (and created) with the keys
+	// topic: topics shared with other applications may show a wrong
+	// partition count, and a keys topic created before that was found
+	// would keep the wrong one.
+	typeNames := make([]string, len(n.order))
+	for i, def := range n.order {
+		typeNames[i] = def.Name()
+	}
+	specs := append(engine.Topics(c.appID, typeNames, c.commandRetention),
+		engine.TopicSpec{Name: keyring.Topic(c.appID), Configs: map[string]string{"cleanup.policy": "compact"}})
+	if err := engine.EnsureTopics(ctx, kadm.NewClient(producer), specs, c.partitions, c.replicationFactor); err != nil {
 		return nil, fmt.Errorf("esker: %w", err)
 	}
 	// The keys' local store is a directory inside the state directory, so

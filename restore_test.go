@@ -119,6 +119,14 @@ func TestRefusesWrongTopics(t *testing.T) {
 			if err == nil || !strings.Contains(err.Error(), tc.mention) {
 				t.Fatalf("Run = %v, want an error mentioning %q", err, tc.mention)
 			}
+			// Nothing was created that a corrected node would refuse.
+			topics, err := kadm.NewClient(cl).ListTopics(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if names := topics.Names(); len(names) != 1 {
+				t.Errorf("topics after the refused start: %v, want only the one made by the test", names)
+			}
 		})
 	}
 }

@@ -54,6 +54,10 @@ func Topics(appID string, types []string, commandRetention time.Duration) []Topi
 // changelog... compaction on events), and the node refuses to start with a
 // message that says which topic to fix. retention.ms of an events topic must
 // be -1: events are the source of truth.
+//
+// Every existing topic is checked before any is created: a node started
+// with a wrong partition count creates nothing that a corrected one would
+// then refuse.
 func EnsureTopics(ctx context.Context, adm *kadm.Client, specs []TopicSpec, partitions int32, replication int16) error {
 	names := make([]string, len(specs))
 	for i, s := range specs {
@@ -64,18 +68,25 @@ func EnsureTopics(ctx context.Context, adm *kadm.Client, specs []TopicSpec, part
 		return fmt.Errorf("list topics: %w", err)
 	}
 	var existing []string
+	var missing []TopicSpec
 	for _, s := range specs {
 		d, ok := details[s.Name]
-		if ok && d.Err == nil {
+		switch {
+		case ok && d.Err == nil:
 			if got := int32(len(d.Partitions)); got != partitions {
 				return fmt.Errorf("topic %s has %d partitions but this node is configured for %d: every topic of an application must have the same partition count (co-partitioning); fix the Partitions option or recreate the topic", s.Name, got, partitions)
 			}
 			existing = append(existing, s.Name)
-			continue
-		}
-		if ok && d.Err != nil && !errors.Is(d.Err, kerr.UnknownTopicOrPartition) {
+		case ok && !errors.Is(d.Err, kerr.UnknownTopicOrPartition):
 			return fmt.Errorf("describe topic %s: %w", s.Name, d.Err)
+		default:
+			missing = append(missing, s)
 		}
+	}
+	if err := checkTopicConfigs(ctx, adm, specs, existing); err != nil {
+		return err
+	}
+	for _, s := range missing {
 		cfg := map[string]*string{}
 		for k, v := range s.Configs {
 			cfg[k] = kadm.StringPtr(v)
@@ -88,6 +99,12 @@ func EnsureTopics(ctx context.Context, adm *kadm.Client, specs []TopicSpec, part
 			return fmt.Errorf("create topic %s: %w", s.Name, resp.Err)
 		}
 	}
+	return nil
+}
+
+// checkTopicConfigs checks the cleanup policy and retention of the existing
+// topics among specs.
+func checkTopicConfigs(ctx context.Context, adm *kadm.Client, specs []TopicSpec, existing []string) error {
 	if len(existing) == 0 {
 		return nil
 	}
