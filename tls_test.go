@@ -26,7 +26,7 @@ type tlsNode struct {
 
 // startTLSNode runs a bank node that serves HTTPS with a certificate of
 // ca and talks mutual TLS to the other nodes.
-func startTLSNode(t *testing.T, brokers []string, ca *testcert.Authority, name string) *tlsNode {
+func startTLSNode(t testing.TB, brokers []string, ca *testcert.Authority, name string) *tlsNode {
 	t.Helper()
 	cert, _, _ := ca.Issue(t, name)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -71,7 +71,7 @@ func startTLSNode(t *testing.T, brokers []string, ca *testcert.Authority, name s
 }
 
 // tlsDo sends a request with client and decodes its JSON answer.
-func tlsDo(t *testing.T, client *http.Client, method, url string, body any, headers ...string) (int, map[string]any, error) {
+func tlsDo(t testing.TB, client *http.Client, method, url string, body any, headers ...string) (int, map[string]any, error) {
 	t.Helper()
 	var rd *bytes.Reader
 	if body != nil {
