@@ -1,14 +1,12 @@
 package main
 
 import (
-	"bytes"
 	"crypto/tls"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -87,21 +85,7 @@ func TestNodeTLSBinary(t *testing.T) {
 	node := exec.Command(bin, "node", "--brokers", broker.ListenAddrs()[0], "--data", t.TempDir(), "--http", addr, "--partitions", "2",
 		"--tls-cert", certFile, "--tls-key", keyFile, "--tls-ca", caFile)
 	node.Env = append(os.Environ(), "ESKER_MASTER_KEY=k1:"+strings.Repeat("A", 43)+"=")
-	var stderr bytes.Buffer
-	node.Stderr = &stderr
-	if err := node.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- node.Wait() }()
-	defer func() {
-		_ = node.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-exited:
-		case <-time.After(20 * time.Second):
-			_ = node.Process.Kill()
-		}
-	}()
+	exited, stderr := startBinaryNode(t, node)
 
 	// served returns the serial of the certificate a new connection sees.
 	served := func() string {
@@ -122,8 +106,8 @@ func TestNodeTLSBinary(t *testing.T) {
 	var serial string
 	for serial == "" {
 		select {
-		case err := <-exited:
-			t.Fatalf("node exited: %v\n%s", err, stderr.String())
+		case <-exited:
+			t.Fatalf("node exited:\n%s", stderr.String())
 		default:
 		}
 		if time.Now().After(deadline) {
