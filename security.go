@@ -67,7 +67,9 @@ func RateLimit(perSecond float64, burst int) Option {
 // other clients still connect without one. tls.RequireAndVerifyClientCert
 // asks every client for a certificate, probes included. ClientCAs with a
 // ClientAuth that verifies nothing is refused by NewNode: it would make the
-// node refuse every forward.
+// node refuse every forward. With HTTPListen("") serve Node.Handler with
+// the same configuration: the handler still asks forwards for a verified
+// certificate.
 func HTTPTLS(cfg *tls.Config) Option { return func(c *config) { c.httpTLS = cfg } }
 
 // PeerTLS sets the TLS configuration the node uses to forward requests to
