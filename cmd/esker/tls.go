@@ -47,10 +47,46 @@ func (f *httpTLSFlags) options() ([]esker.Option, string) {
 		if msg != "" {
 			return nil, msg
 		}
+		if msg := checkNodeCertificate(pair.cert, pool); msg != "" {
+			return nil, msg
+		}
 		server.ClientCAs, server.ClientAuth = pool, tls.VerifyClientCertIfGiven
 		peer.RootCAs = pool
 	}
 	return []esker.Option{esker.HTTPTLS(server), esker.PeerTLS(peer)}, ""
+}
+
+// checkNodeCertificate returns a message unless cert verifies against the
+// nodes' authority for both uses mutual TLS puts it to: the others verify it
+// as a server and as a client. Caught here, the mistake is a message at
+// start instead of every forward failing its handshake.
+func checkNodeCertificate(cert *tls.Certificate, pool *x509.CertPool) string {
+	leaf := cert.Leaf
+	if leaf == nil {
+		var err error
+		if leaf, err = x509.ParseCertificate(cert.Certificate[0]); err != nil {
+			return fmt.Sprintf("--tls-cert: %v", err)
+		}
+	}
+	inter := x509.NewCertPool()
+	for _, der := range cert.Certificate[1:] {
+		if c, err := x509.ParseCertificate(der); err == nil {
+			inter.AddCert(c)
+		}
+	}
+	for _, usage := range []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth} {
+		if _, err := leaf.Verify(x509.VerifyOptions{Roots: pool, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{usage}}); err != nil {
+			return fmt.Sprintf("--tls-cert does not verify against --tls-ca for %s: %v; with mutual TLS every node's certificate must be signed by that authority and allow serverAuth and clientAuth", usageName(usage), err)
+		}
+	}
+	return ""
+}
+
+func usageName(u x509.ExtKeyUsage) string {
+	if u == x509.ExtKeyUsageClientAuth {
+		return "client authentication"
+	}
+	return "server authentication"
 }
 
 // readCAFile reads a PEM file of certificate authorities given by flag; it

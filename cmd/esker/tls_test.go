@@ -25,10 +25,18 @@ func TestTLSFlagErrors(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	_, otherPEM, otherKeyPEM := testcert.NewAuthority(t, "other").Issue(t, "node")
+	otherCert, otherKey := filepath.Join(dir, "other.pem"), filepath.Join(dir, "other-key.pem")
+	for f, b := range map[string][]byte{otherCert: otherPEM, otherKey: otherKeyPEM} {
+		if err := os.WriteFile(f, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
 	for _, tc := range []struct {
 		args []string
 		want string
 	}{
+		{[]string{"--tls-cert", otherCert, "--tls-key", otherKey, "--tls-ca", caFile}, "--tls-cert does not verify against --tls-ca for server authentication: x509: certificate signed by unknown authority"},
 		{[]string{"--tls-cert", cert}, "--tls-cert and --tls-key go together"},
 		{[]string{"--tls-ca", caFile}, "--tls-cert and --tls-key go together"},
 		{[]string{"--tls-cert", cert, "--tls-key", caFile}, "--tls-cert " + cert + ", --tls-key " + caFile},
