@@ -390,8 +390,9 @@ func (n *Node) Run(ctx context.Context) error {
 			return fmt.Errorf("esker: listen on %s: %w", c.httpListen, err)
 		}
 		srv = &http.Server{Handler: n.handler, ReadHeaderTimeout: 10 * time.Second,
-			// Failed TLS handshakes and the like: the node's log, not stderr.
-			ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelInfo)}
+			// Failed TLS handshakes (probes, scanners) and the like: the
+			// node's debug log, not stderr.
+			ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug)}
 		if c.httpTLS != nil {
 			srv.TLSConfig = c.httpTLS.Clone()
 			go func() { srvErr <- srv.ServeTLS(ln, "", "") }()
@@ -470,15 +471,11 @@ func (n *Node) startKeyring(ctx context.Context, producer *kgo.Client, clientOpt
 	if len(c.masterKeys) == 0 {
 		return nil, fmt.Errorf("esker: %s has personal data (fields tagged esker:\"pii\", or personal row keys), which is sealed with keys wrapped by a master key: configure one with esker.MasterKey or esker.MasterKeyFile (esker node --master-key-file)", strings.Join(personal, ", "))
 	}
-	// The aggregate types' topics are checked (and created) with the keys
+	// Every topic of the node is checked (and created) with the keys
 	// topic: topics shared with other applications may show a wrong
 	// partition count, and a keys topic created before that was found
 	// would keep the wrong one.
-	typeNames := make([]string, len(n.order))
-	for i, def := range n.order {
-		typeNames[i] = def.Name()
-	}
-	specs := append(engine.Topics(c.appID, typeNames, c.commandRetention),
+	specs := append(engine.AppTopics(engine.Config{AppID: c.appID, Types: n.order, Projections: n.projOrder, CommandRetention: c.commandRetention}),
 		engine.TopicSpec{Name: keyring.Topic(c.appID), Configs: map[string]string{"cleanup.policy": "compact"}})
 	if err := engine.EnsureTopics(ctx, kadm.NewClient(producer), specs, c.partitions, c.replicationFactor); err != nil {
 		return nil, fmt.Errorf("esker: %w", err)

@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/url"
 	"strings"
 	"time"
 
@@ -56,20 +57,24 @@ func RateLimit(perSecond float64, burst int) Option {
 
 // HTTPTLS makes the node serve its HTTP API (HTTPListen) over TLS with cfg,
 // which must hold the node's certificate (Certificates, GetCertificate or
-// GetConfigForClient); NewNode fails otherwise. The default advertised URL
-// becomes https://. The other nodes then need PeerTLS to verify this node's
-// certificate, unless it chains to the system's roots.
+// GetConfigForClient). The default advertised URL becomes https://; an
+// explicit AdvertisedURL must be https. The other nodes then need PeerTLS
+// to verify this node's certificate, unless it chains to the system's roots.
 //
-// Mutual TLS between nodes: with cfg.ClientCAs set (the authority that signs
-// the nodes' certificates) and cfg.ClientAuth tls.VerifyClientCertIfGiven,
-// a request that claims to be forwarded by another node is refused (401)
-// unless it carries a client certificate that verifies against ClientCAs;
-// other clients still connect without one. tls.RequireAndVerifyClientCert
-// asks every client for a certificate, probes included. ClientCAs with a
-// ClientAuth that verifies nothing is refused by NewNode: it would make the
-// node refuse every forward. With HTTPListen("") serve Node.Handler with
-// the same configuration: the handler still asks forwards for a verified
-// certificate.
+// Mutual TLS between nodes: with cfg.ClientCAs set (an authority that signs
+// only the nodes' certificates) and cfg.ClientAuth
+// tls.VerifyClientCertIfGiven, a request that claims to be forwarded by
+// another node is refused (401) unless it carries a client certificate that
+// verifies against ClientCAs; other clients still connect without one.
+// tls.RequireAndVerifyClientCert asks every client for a certificate,
+// probes included. The node then needs PeerTLS with its own certificate to
+// present. NewNode refuses ClientCAs with a ClientAuth that verifies
+// nothing (every forward would be refused), a verifying ClientAuth without
+// ClientCAs (any publicly trusted certificate would pass for a node), and
+// mutual TLS without a certificate in PeerTLS. A GetConfigForClient must
+// return configurations with the same ClientCAs. With HTTPListen("") serve
+// Node.Handler with the same configuration: the handler still asks forwards
+// for a verified certificate.
 func HTTPTLS(cfg *tls.Config) Option { return func(c *config) { c.httpTLS = cfg } }
 
 // PeerTLS sets the TLS configuration the node uses to forward requests to
@@ -138,8 +143,10 @@ func (c *config) validateSecurity() error {
 	return c.validateKafkaSecurity()
 }
 
-// validateHTTPTLS checks HTTPTLS: a certificate to serve, and client
-// certificates verified if ClientCAs are given.
+// validateHTTPTLS checks HTTPTLS: a certificate to serve; client
+// certificates verified against ClientCAs, or not at all; for mutual TLS a
+// certificate to present to the other nodes (PeerTLS); and an https
+// advertised URL.
 func (c *config) validateHTTPTLS() error {
 	t := c.httpTLS
 	if t == nil {
@@ -148,16 +155,31 @@ func (c *config) validateHTTPTLS() error {
 	if len(t.Certificates) == 0 && t.GetCertificate == nil && t.GetConfigForClient == nil {
 		return errors.New("esker: HTTPTLS needs the node's certificate (tls.Config.Certificates or GetCertificate)")
 	}
-	if t.ClientCAs != nil && t.ClientAuth != tls.VerifyClientCertIfGiven && t.ClientAuth != tls.RequireAndVerifyClientCert {
+	verifies := t.ClientAuth == tls.VerifyClientCertIfGiven || t.ClientAuth == tls.RequireAndVerifyClientCert
+	switch {
+	case t.ClientCAs != nil && !verifies:
 		return fmt.Errorf("esker: HTTPTLS has ClientCAs but ClientAuth %v does not verify client certificates: use tls.VerifyClientCertIfGiven for mutual TLS between nodes", t.ClientAuth)
+	case t.ClientCAs == nil && verifies:
+		// Go would verify against the system's roots: any publicly
+		// trusted certificate would then pass for a node.
+		return fmt.Errorf("esker: HTTPTLS verifies client certificates (ClientAuth %v) but has no ClientCAs: set ClientCAs to the authority that signs only the nodes' certificates", t.ClientAuth)
+	case verifies && (c.peerTLS == nil || len(c.peerTLS.Certificates) == 0 && c.peerTLS.GetClientCertificate == nil):
+		return errors.New("esker: HTTPTLS asks forwards for a client certificate, but PeerTLS gives this node none to present: every node it forwards to would refuse it")
+	}
+	if c.advertisedURL != "" {
+		if u, err := url.Parse(c.advertisedURL); err == nil && u.Scheme != "https" {
+			return fmt.Errorf("esker: the node serves HTTPS (HTTPTLS) but advertises %s: the other nodes would send it plain HTTP", c.advertisedURL)
+		}
 	}
 	return nil
 }
 
-// verifiesPeers reports whether the HTTP API verifies client certificates,
-// which then authenticate forwarded requests (HTTPTLS).
+// verifiesPeers reports whether the HTTP API verifies client certificates
+// against the nodes' authority, which then authenticate forwarded requests
+// (HTTPTLS; validateHTTPTLS has checked that ClientCAs come with it).
 func (c *config) verifiesPeers() bool {
-	return c.httpTLS != nil && (c.httpTLS.ClientAuth == tls.VerifyClientCertIfGiven || c.httpTLS.ClientAuth == tls.RequireAndVerifyClientCert)
+	return c.httpTLS != nil && c.httpTLS.ClientCAs != nil &&
+		(c.httpTLS.ClientAuth == tls.VerifyClientCertIfGiven || c.httpTLS.ClientAuth == tls.RequireAndVerifyClientCert)
 }
 
 // validateKafkaSecurity checks the SASL and TLS options and adds them to

@@ -236,17 +236,40 @@ func TestSecurityKafkaSCRAMWrong(t *testing.T) {
 }
 
 func TestSecurityOptionsValidated(t *testing.T) {
-	for _, opts := range [][]esker.Option{
-		{esker.KafkaSASL("GSSAPI", "u", "p")},
-		{esker.KafkaSASL("PLAIN", "", "p")},
-		{esker.RateLimit(0, 1)},
-		{esker.RateLimit(1, 0)},
-		{esker.HTTPTLS(&tls.Config{})}, // no certificate to serve
-		{esker.HTTPTLS(&tls.Config{GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return nil, nil },
-			ClientCAs: x509.NewCertPool()})}, // client certificates asked for, never verified
+	getCert := func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return nil, nil }
+	getClientCert := func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return nil, nil }
+	for _, tc := range []struct {
+		opts []esker.Option
+		want string
+	}{
+		{[]esker.Option{esker.KafkaSASL("GSSAPI", "u", "p")}, "unknown Kafka SASL mechanism"},
+		{[]esker.Option{esker.KafkaSASL("PLAIN", "", "p")}, "needs a user"},
+		{[]esker.Option{esker.RateLimit(0, 1)}, "rate limit must be positive"},
+		{[]esker.Option{esker.RateLimit(1, 0)}, "rate limit must be positive"},
+		{[]esker.Option{esker.HTTPTLS(&tls.Config{})}, "needs the node's certificate"},
+		{[]esker.Option{esker.HTTPTLS(&tls.Config{GetCertificate: getCert, ClientCAs: x509.NewCertPool()})},
+			"does not verify client certificates"},
+		{[]esker.Option{esker.HTTPTLS(&tls.Config{GetCertificate: getCert, ClientAuth: tls.VerifyClientCertIfGiven}),
+			esker.PeerTLS(&tls.Config{GetClientCertificate: getClientCert})}, "has no ClientCAs"},
+		{[]esker.Option{esker.HTTPTLS(&tls.Config{GetCertificate: getCert, ClientCAs: x509.NewCertPool(), ClientAuth: tls.VerifyClientCertIfGiven})},
+			"PeerTLS gives this node none"},
+		{[]esker.Option{esker.HTTPTLS(&tls.Config{GetCertificate: getCert}), esker.AdvertisedURL("http://127.0.0.1:8443")},
+			"serves HTTPS (HTTPTLS) but advertises http://"},
 	} {
-		if _, err := esker.NewNode(append([]esker.Option{esker.Brokers("localhost:9092")}, opts...)...); err == nil {
-			t.Errorf("NewNode accepted %d options", len(opts))
+		_, err := esker.NewNode(append([]esker.Option{esker.Brokers("localhost:9092")}, tc.opts...)...)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("NewNode = %v, want an error with %q", err, tc.want)
+		}
+	}
+	// Mutual TLS done right, and a node advertised as HTTPS behind a proxy
+	// that terminates TLS, are accepted.
+	for _, opts := range [][]esker.Option{
+		{esker.HTTPTLS(&tls.Config{GetCertificate: getCert, ClientCAs: x509.NewCertPool(), ClientAuth: tls.VerifyClientCertIfGiven}),
+			esker.PeerTLS(&tls.Config{GetClientCertificate: getClientCert}), esker.AdvertisedURL("HTTPS://bank1:8443")},
+		{esker.AdvertisedURL("https://bank1.example.com")},
+	} {
+		if _, err := esker.NewNode(append([]esker.Option{esker.Brokers("localhost:9092")}, opts...)...); err != nil {
+			t.Errorf("NewNode refused a valid configuration: %v", err)
 		}
 	}
 }

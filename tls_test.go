@@ -100,6 +100,17 @@ func tlsDo(t testing.TB, client *http.Client, method, url string, body any, head
 	return res.StatusCode, out, nil
 }
 
+// tlsDoSettled is tlsDo retried while the answer is 503, as a client does
+// while a rebalance settles.
+func tlsDoSettled(t testing.TB, client *http.Client, method, url string, body any) (code int, out map[string]any, err error) {
+	t.Helper()
+	waitUntil(t, method+" "+url, func() bool {
+		code, out, err = tlsDo(t, client, method, url, body)
+		return err != nil || code != http.StatusServiceUnavailable
+	})
+	return code, out, err
+}
+
 func tlsClient(cfg *tls.Config) *http.Client {
 	return &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: cfg}}
 }
@@ -143,13 +154,16 @@ func TestMutualTLSBetweenNodes(t *testing.T) {
 		}
 	}
 	for _, id := range ids {
-		for _, c := range []map[string]any{cmd("Open", map[string]any{"owner": "Ada " + id}), cmd("Deposit", map[string]any{"amount": 250})} {
-			code, body, err := tlsDo(t, client, "POST", a.url+"/v1/aggregates/account/"+id+"/commands", c)
+		for i, c := range []map[string]any{cmd("Open", map[string]any{"owner": "Ada " + id}), cmd("Deposit", map[string]any{"amount": 250})} {
+			// A client retries a 503 (a rebalance may still be settling);
+			// the command id makes the retry safe.
+			c["commandId"] = fmt.Sprintf("%s-%d", id, i)
+			code, body, err := tlsDoSettled(t, client, "POST", a.url+"/v1/aggregates/account/"+id+"/commands", c)
 			if err != nil || code != 200 {
 				t.Fatalf("%s via a: %d %v %v", id, code, body, err)
 			}
 		}
-		code, body, err := tlsDo(t, client, "GET", b.url+"/v1/aggregates/account/"+id, nil)
+		code, body, err := tlsDoSettled(t, client, "GET", b.url+"/v1/aggregates/account/"+id, nil)
 		if err != nil || code != 200 || body["state"].(map[string]any)["balance"] != 250.0 {
 			t.Fatalf("read %s via b: %d %v %v", id, code, body, err)
 		}
@@ -179,7 +193,7 @@ func TestMutualTLSBetweenNodes(t *testing.T) {
 		t.Error("a client with another authority's certificate was served")
 	}
 	for _, id := range ids {
-		code, body, err := tlsDo(t, client, "GET", a.url+"/v1/aggregates/account/"+id, nil)
+		code, body, err := tlsDoSettled(t, client, "GET", a.url+"/v1/aggregates/account/"+id, nil)
 		if err != nil || code != 200 || body["state"].(map[string]any)["balance"] != 250.0 || body["version"] != 2.0 {
 			t.Errorf("%s after the refused forwards: %d %v %v, want balance 250 at version 2", id, code, body, err)
 		}

@@ -173,11 +173,6 @@ esker node --brokers 127.0.0.1:9092 --http 127.0.0.1:8081 --data esker-data-2 --
 		return fs.fail(e, "%s", msg)
 	}
 	security = append(security, kafkaOpts...)
-	tlsOpts, msg := httpTLS.options()
-	if msg != "" {
-		return fs.fail(e, "%s", msg)
-	}
-	security = append(security, tlsOpts...)
 	if *cleanupDelay == 0 {
 		*cleanupDelay = -1 // 0 would mean "the default" below
 	}
@@ -196,8 +191,9 @@ esker node --brokers 127.0.0.1:9092 --http 127.0.0.1:8081 --data esker-data-2 --
 		if msg := checkAdvertise(*advertise); msg != "" {
 			return fs.fail(e, "%s", msg)
 		}
-		if !strings.HasPrefix(*advertise, scheme+"://") {
-			return fs.fail(e, "--advertise %s: the node serves %s (--tls-cert decides), so advertise a %s:// URL", *advertise, scheme, scheme)
+		// https on a plain node is fine: a proxy may terminate TLS for it.
+		if u, _ := url.Parse(*advertise); scheme == "https" && u.Scheme != "https" {
+			return fs.fail(e, "--advertise %s: the node serves https (--tls-cert), so advertise an https:// URL", *advertise)
 		}
 	} else if listensOnAllInterfaces(*httpListen) {
 		return fs.fail(e, "--http %s listens on all interfaces: set --advertise to a URL other nodes can reach, e.g. %s://%s", *httpListen, scheme, exampleHost(*httpListen))
@@ -208,6 +204,16 @@ esker node --brokers 127.0.0.1:9092 --http 127.0.0.1:8081 --data esker-data-2 --
 	}
 
 	logger := newLogger(e.stderr, *level)
+	host, _, _ := net.SplitHostPort(*httpListen)
+	if *advertise != "" {
+		u, _ := url.Parse(*advertise)
+		host = u.Hostname()
+	}
+	tlsOpts, msg := httpTLS.options(host, logger)
+	if msg != "" {
+		return fs.fail(e, "%s", msg)
+	}
+	security = append(security, tlsOpts...)
 	node, err := newBankNode(nodeConfig{
 		brokers:           seeds,
 		app:               *app,

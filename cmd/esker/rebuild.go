@@ -71,7 +71,9 @@ esker rebuild --type account --node http://bank1:8080,http://bank2:8080 --interv
 		if msg != "" {
 			return fs.fail(e, "%s", msg)
 		}
-		client.Transport = &http.Transport{TLSClientConfig: &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: pool}}
+		tr := http.DefaultTransport.(*http.Transport).Clone()
+		tr.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: pool}
+		client.Transport = tr
 	}
 	c := &rebuildClient{http: client, typ: *typ, token: strings.TrimSpace(token)}
 	return c.run(e, nodes, *interval)

@@ -3,7 +3,9 @@ package main
 import (
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"sync"
 	"time"
@@ -28,28 +30,37 @@ func addHTTPTLSFlags(fs *flagSet) *httpTLSFlags {
 // enabled reports whether the node serves HTTPS.
 func (f *httpTLSFlags) enabled() bool { return *f.cert != "" || *f.key != "" }
 
-// options returns the node options of the flags, or a message for the user.
-func (f *httpTLSFlags) options() ([]esker.Option, string) {
+// options returns the node options of the flags, or a message for the
+// user. host is the name or address the other nodes reach this node at: the
+// certificate must be valid for it. log receives the certificate's reloads.
+func (f *httpTLSFlags) options(host string, log *slog.Logger) ([]esker.Option, string) {
 	switch {
 	case *f.cert == "" && *f.key == "" && *f.ca == "":
 		return nil, ""
+	case *f.cert == "" && *f.key == "":
+		return nil, "--tls-ca needs --tls-cert and --tls-key: mutual TLS between nodes needs each node's certificate"
 	case *f.cert == "" || *f.key == "":
 		return nil, "--tls-cert and --tls-key go together: the node's certificate and its private key"
 	}
-	pair, err := newKeyPair(*f.cert, *f.key)
+	var pool *x509.CertPool
+	if *f.ca != "" {
+		var msg string
+		if pool, msg = readCAFile("--tls-ca", *f.ca); msg != "" {
+			return nil, msg
+		}
+	}
+	pair, err := newKeyPair(*f.cert, *f.key, pool, log)
 	if err != nil {
 		return nil, err.Error()
 	}
+	if host != "" {
+		if err := pair.cert.Leaf.VerifyHostname(host); err != nil {
+			return nil, fmt.Sprintf("--tls-cert is not valid for %s, where the other nodes reach this node (--advertise, else --http): %v", host, err)
+		}
+	}
 	server := &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: pair.serverCertificate}
 	peer := &tls.Config{MinVersion: tls.VersionTLS12, GetClientCertificate: pair.clientCertificate}
-	if *f.ca != "" {
-		pool, msg := readCAFile("--tls-ca", *f.ca)
-		if msg != "" {
-			return nil, msg
-		}
-		if msg := checkNodeCertificate(pair.cert, pool); msg != "" {
-			return nil, msg
-		}
+	if pool != nil {
 		server.ClientCAs, server.ClientAuth = pool, tls.VerifyClientCertIfGiven
 		peer.RootCAs = pool
 	}
@@ -104,43 +115,60 @@ func readCAFile(flag, file string) (*x509.CertPool, string) {
 }
 
 // keyPair is a certificate and key read from files, read again when either
-// file's modification time changes (checked at most once a second), so that
-// a rotated certificate is served without a restart. A pair that fails to
-// load (say, the certificate written but not yet its key) leaves the
-// previous one in use.
+// file changes (modification time or size, checked at most once a second),
+// so that a rotated certificate is served without a restart. A pair that
+// fails to load or to verify against the nodes' authority (say, the
+// certificate written but not yet its key) leaves the previous one in use,
+// and is logged.
 type keyPair struct {
 	certFile, keyFile string
+	roots             *x509.CertPool // nil: no authority to check against
+	log               *slog.Logger
 
-	mu              sync.Mutex
-	cert            *tls.Certificate
-	certMod, keyMod time.Time
-	checked         time.Time
+	mu          sync.Mutex
+	cert        *tls.Certificate
+	stamp       string // the files' modification times and sizes when read
+	checked     time.Time
+	failedStamp string // the stamp whose load failed, logged once
 }
 
-func newKeyPair(certFile, keyFile string) (*keyPair, error) {
-	p := &keyPair{certFile: certFile, keyFile: keyFile}
-	if err := p.load(); err != nil {
+func newKeyPair(certFile, keyFile string, roots *x509.CertPool, log *slog.Logger) (*keyPair, error) {
+	p := &keyPair{certFile: certFile, keyFile: keyFile, roots: roots, log: log, checked: time.Now()}
+	stamp, err := p.fileStamp()
+	if err != nil {
 		return nil, err
 	}
-	p.checked = time.Now()
+	if err := p.load(stamp); err != nil {
+		return nil, err
+	}
 	return p, nil
 }
 
-// load reads both files; p.mu is held or p is not shared yet.
-func (p *keyPair) load() error {
-	certInfo, err := os.Stat(p.certFile)
+// fileStamp identifies the files' current versions.
+func (p *keyPair) fileStamp() (string, error) {
+	c, err := os.Stat(p.certFile)
 	if err != nil {
-		return fmt.Errorf("--tls-cert: %v", err)
+		return "", fmt.Errorf("--tls-cert: %v", err)
 	}
-	keyInfo, err := os.Stat(p.keyFile)
+	k, err := os.Stat(p.keyFile)
 	if err != nil {
-		return fmt.Errorf("--tls-key: %v", err)
+		return "", fmt.Errorf("--tls-key: %v", err)
 	}
+	return fmt.Sprint(c.ModTime().UnixNano(), c.Size(), k.ModTime().UnixNano(), k.Size()), nil
+}
+
+// load reads and checks both files; p.mu is held or p is not shared yet.
+func (p *keyPair) load(stamp string) error {
 	cert, err := tls.LoadX509KeyPair(p.certFile, p.keyFile)
 	if err != nil {
 		return fmt.Errorf("--tls-cert %s, --tls-key %s: %v", p.certFile, p.keyFile, err)
 	}
-	p.cert, p.certMod, p.keyMod = &cert, certInfo.ModTime(), keyInfo.ModTime()
+	if p.roots != nil {
+		if msg := checkNodeCertificate(&cert, p.roots); msg != "" {
+			return errors.New(msg)
+		}
+	}
+	p.cert, p.stamp = &cert, stamp
 	return nil
 }
 
@@ -150,10 +178,13 @@ func (p *keyPair) current() *tls.Certificate {
 	defer p.mu.Unlock()
 	if now := time.Now(); now.Sub(p.checked) >= time.Second {
 		p.checked = now
-		c, errC := os.Stat(p.certFile)
-		k, errK := os.Stat(p.keyFile)
-		if errC == nil && errK == nil && (!c.ModTime().Equal(p.certMod) || !k.ModTime().Equal(p.keyMod)) {
-			_ = p.load() // on failure the previous pair stays
+		if stamp, err := p.fileStamp(); err == nil && stamp != p.stamp && stamp != p.failedStamp {
+			if err := p.load(stamp); err != nil {
+				p.failedStamp = stamp
+				p.log.Warn("the rotated TLS certificate was not loaded; serving the previous one until the files change again", "err", err)
+			} else {
+				p.log.Info("TLS certificate reloaded", "file", p.certFile, "subject", p.cert.Leaf.Subject.String(), "expires", p.cert.Leaf.NotAfter)
+			}
 		}
 	}
 	return p.cert

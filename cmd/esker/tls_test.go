@@ -2,6 +2,7 @@ package main
 
 import (
 	"crypto/tls"
+	"log/slog"
 	"net/http"
 	"os"
 	"os/exec"
@@ -38,12 +39,12 @@ func TestTLSFlagErrors(t *testing.T) {
 	}{
 		{[]string{"--tls-cert", otherCert, "--tls-key", otherKey, "--tls-ca", caFile}, "--tls-cert does not verify against --tls-ca for server authentication: x509: certificate signed by unknown authority"},
 		{[]string{"--tls-cert", cert}, "--tls-cert and --tls-key go together"},
-		{[]string{"--tls-ca", caFile}, "--tls-cert and --tls-key go together"},
+		{[]string{"--tls-ca", caFile}, "--tls-ca needs --tls-cert and --tls-key"},
 		{[]string{"--tls-cert", cert, "--tls-key", caFile}, "--tls-cert " + cert + ", --tls-key " + caFile},
 		{[]string{"--tls-cert", "/nonexistent.pem", "--tls-key", key}, "--tls-cert: stat /nonexistent.pem"},
 		{[]string{"--tls-cert", cert, "--tls-key", key, "--tls-ca", key}, "--tls-ca " + key + ": no PEM certificate"},
-		{[]string{"--tls-cert", cert, "--tls-key", key, "--advertise", "http://127.0.0.1:8080"}, "advertise a https:// URL"},
-		{[]string{"--advertise", "https://127.0.0.1:8080"}, "advertise a http:// URL"},
+		{[]string{"--tls-cert", cert, "--tls-key", key, "--advertise", "http://127.0.0.1:8080"}, "advertise an https:// URL"},
+		{[]string{"--tls-cert", cert, "--tls-key", key, "--advertise", "https://bank1:8443"}, "--tls-cert is not valid for bank1"},
 	} {
 		args := append([]string{"node", "--brokers", "b:9092"}, tc.args...)
 		code, _, stderr := runCLI(t, args...)
@@ -142,5 +143,65 @@ func TestNodeTLSBinary(t *testing.T) {
 			t.Fatalf("the rotated certificate was not served\n%s", stderr.String())
 		}
 		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// TestKeyPairRotation: the certificate a node presents, as a server and as
+// a client, follows the files; a rotated pair that does not verify against
+// the nodes' authority, or does not load, keeps the previous one.
+func TestKeyPairRotation(t *testing.T) {
+	dir := t.TempDir()
+	ca := testcert.NewAuthority(t, "nodes")
+	certFile, keyFile := filepath.Join(dir, "node.pem"), filepath.Join(dir, "node-key.pem")
+	write := func(certPEM, keyPEM []byte) {
+		if err := os.WriteFile(keyFile, keyPEM, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(certFile, certPEM, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	first, certPEM, keyPEM := ca.Issue(t, "first")
+	write(certPEM, keyPEM)
+	var logs syncBuffer
+	p, err := newKeyPair(certFile, keyFile, ca.Pool, slog.New(slog.NewTextHandler(&logs, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	serial := func() string {
+		p.mu.Lock()
+		p.checked = time.Time{} // as if a second had passed
+		p.mu.Unlock()
+		c, _ := p.clientCertificate(nil)
+		s, _ := p.serverCertificate(nil)
+		if c != s {
+			t.Fatal("the server and client certificates differ")
+		}
+		return c.Leaf.SerialNumber.String()
+	}
+	if got := serial(); got != first.Leaf.SerialNumber.String() {
+		t.Fatalf("serial %s, want the first certificate's", got)
+	}
+
+	_, rogueCert, rogueKey := testcert.NewAuthority(t, "rogue").Issue(t, "rogue")
+	write(rogueCert, rogueKey)
+	if got := serial(); got != first.Leaf.SerialNumber.String() {
+		t.Fatal("a certificate of another authority replaced the node's")
+	}
+	if !strings.Contains(logs.String(), "was not loaded") {
+		t.Errorf("the refused rotation was not logged: %q", logs.String())
+	}
+	write([]byte("not PEM"), keyPEM)
+	if got := serial(); got != first.Leaf.SerialNumber.String() {
+		t.Fatal("an unreadable certificate replaced the node's")
+	}
+
+	second, certPEM, keyPEM := ca.Issue(t, "second")
+	write(certPEM, keyPEM)
+	if got := serial(); got != second.Leaf.SerialNumber.String() {
+		t.Fatalf("serial %s after the rotation, want the second certificate's", got)
+	}
+	if !strings.Contains(logs.String(), "TLS certificate reloaded") {
+		t.Errorf("the rotation was not logged: %q", logs.String())
 	}
 }

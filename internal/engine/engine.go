@@ -279,7 +279,7 @@ func (e *Engine) Run(ctx context.Context) error {
 		return err
 	}
 	adm := kadm.NewClient(admCl)
-	specs := append(Topics(e.cfg.AppID, e.TypeNames(), e.cfg.CommandRetention), e.projectionTopics()...)
+	specs := AppTopics(e.cfg)
 	err = EnsureTopics(ctx, adm, specs, e.cfg.Partitions, e.cfg.ReplicationFactor)
 	adm.Close()
 	if err != nil {

@@ -64,16 +64,16 @@ func (e *Engine) taskTypesOf(topic string) []string {
 
 // projectionTopics returns the topics the projections write: their
 // changelogs and repartition topics.
-func (e *Engine) projectionTopics() []TopicSpec {
+func projectionTopics(cfg Config) []TopicSpec {
 	var specs []TopicSpec
-	for _, p := range e.cfg.Projections {
-		specs = append(specs, TopicSpec{changelog.Topic(e.cfg.AppID, p.Name()), map[string]string{"cleanup.policy": "compact"}})
+	for _, p := range cfg.Projections {
+		specs = append(specs, TopicSpec{changelog.Topic(cfg.AppID, p.Name()), map[string]string{"cleanup.policy": "compact"}})
 		if p.Rekeys() {
 			// A change is needed only until the owner of its row has
 			// folded it, which is at once unless the group is down.
-			specs = append(specs, TopicSpec{RepartitionTopic(e.cfg.AppID, p.Name()), map[string]string{
+			specs = append(specs, TopicSpec{RepartitionTopic(cfg.AppID, p.Name()), map[string]string{
 				"cleanup.policy": "delete",
-				"retention.ms":   strconv.FormatInt(e.cfg.CommandRetention.Milliseconds(), 10),
+				"retention.ms":   strconv.FormatInt(cfg.CommandRetention.Milliseconds(), 10),
 			}})
 		}
 	}

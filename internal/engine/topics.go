@@ -48,6 +48,17 @@ func Topics(appID string, types []string, commandRetention time.Duration) []Topi
 	return specs
 }
 
+// AppTopics returns every topic the engine of cfg needs: its aggregate
+// types' (Topics) and its projections' (changelogs, repartition topics).
+// Only AppID, Types, Projections and CommandRetention are read.
+func AppTopics(cfg Config) []TopicSpec {
+	names := make([]string, len(cfg.Types))
+	for i, d := range cfg.Types {
+		names[i] = d.Name()
+	}
+	return append(Topics(cfg.AppID, names, cfg.CommandRetention), projectionTopics(cfg)...)
+}
+
 // EnsureTopics creates missing topics with the given partition count and
 // configs, and checks existing ones: a wrong partition count breaks
 // co-partitioning, a wrong cleanup policy loses events (delete on a
