@@ -78,6 +78,10 @@ type Node struct {
 	consumerErrs sync.Map
 	running      bool
 	handler      http.Handler
+	// forwardClient is the handler's client to the other nodes with
+	// PeerTLS (nil: the handler's shared default); Run closes its idle
+	// connections when it returns.
+	forwardClient *http.Client
 
 	// Set once Run has started; nil before.
 	engine   *engine.Engine
@@ -170,7 +174,8 @@ func NewNode(opts ...Option) (*Node, error) {
 		hopts = append(hopts, interactive.ProtectMetrics())
 	}
 	if cfg.peerTLS != nil {
-		hopts = append(hopts, interactive.PeerTLS(cfg.peerTLS.Clone()))
+		n.forwardClient = interactive.NewForwardClient(cfg.peerTLS.Clone())
+		hopts = append(hopts, interactive.ForwardClient(n.forwardClient))
 	}
 	if cfg.verifiesPeers() {
 		hopts = append(hopts, interactive.RequirePeerCertificate())
@@ -430,6 +435,9 @@ func (n *Node) Run(ctx context.Context) error {
 			_ = srv.Close() // no handler may outlive the store
 		}
 		cancel()
+	}
+	if n.forwardClient != nil {
+		n.forwardClient.CloseIdleConnections()
 	}
 	stopConsumers()
 	stopEngine()

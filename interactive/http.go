@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
-	"crypto/tls"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -57,7 +56,7 @@ type handlerConfig struct {
 	protectMetrics bool
 	ratePerSecond  float64
 	rateBurst      int
-	peerTLS        *tls.Config
+	client         *http.Client
 	peerCerts      bool
 }
 
@@ -154,8 +153,8 @@ func NewHandler(b Backend, opts ...HandlerOption) http.Handler {
 		o(&cfg)
 	}
 	a := &api{b: b, cfg: cfg, log: cfg.logger, rt: cfg.router, client: forwardClient}
-	if cfg.peerTLS != nil {
-		a.client = newForwardClient(cfg.peerTLS)
+	if cfg.client != nil {
+		a.client = cfg.client
 	}
 
 	r := chi.NewRouter()
@@ -213,8 +212,8 @@ type api struct {
 	// Routing (everything is served locally).
 	rt         Router
 	fwdMetrics *routeMetrics
-	// client forwards requests to other nodes: forwardClient, or one of
-	// this handler's own with PeerTLS.
+	// client forwards requests to other nodes: forwardClient, or the
+	// ForwardClient option's.
 	client *http.Client
 }
 

@@ -171,15 +171,19 @@ func register[C prometheus.Collector](reg prometheus.Registerer, c C) C {
 	return c
 }
 
-// forwardClient is shared by every handler without PeerTLS: keep-alive
-// connections to the other nodes, no proxy (the nodes talk directly), no
-// redirects followed and no transparent compression (answers are relayed as
-// the owner sent them). Deadlines are per request (the request's context).
-var forwardClient = newForwardClient(nil)
+// forwardClient is shared by every handler without ForwardClient:
+// keep-alive connections to the other nodes, no proxy (the nodes talk
+// directly), no redirects followed and no transparent compression (answers
+// are relayed as the owner sent them). Deadlines are per request (the
+// request's context).
+var forwardClient = NewForwardClient(nil)
 
-// newForwardClient returns a client like forwardClient that speaks TLS
-// with tlsConfig (nil: the transport's defaults, for https URLs).
-func newForwardClient(tlsConfig *tls.Config) *http.Client {
+// NewForwardClient returns a client like the one handlers forward with by
+// default, speaking TLS with tlsConfig (nil: the transport's defaults, for
+// https URLs): RootCAs verify the other nodes' certificates, and
+// Certificates (or GetClientCertificate) is what this node presents when
+// they ask for one (RequirePeerCertificate). Give it to ForwardClient.
+func NewForwardClient(tlsConfig *tls.Config) *http.Client {
 	return &http.Client{
 		Transport: &http.Transport{
 			DialContext:         (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,

@@ -10,7 +10,6 @@ import (
 	"crypto/hmac"
 	"crypto/sha256"
 	"crypto/subtle"
-	"crypto/tls"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -80,15 +79,15 @@ func APITokens(tokens ...string) HandlerOption {
 	}
 }
 
-// PeerTLS sets the TLS configuration of the client this handler forwards
-// requests with (to the partition owner, for a projection's rows, for a
-// watch): RootCAs verify the other nodes' certificates, and Certificates
-// (or GetClientCertificate) is what this node presents when they ask for
-// one (RequirePeerCertificate). The other nodes must advertise https URLs.
-// Without it the defaults of net/http apply: the system's roots, no client
-// certificate.
-func PeerTLS(cfg *tls.Config) HandlerOption {
-	return func(c *handlerConfig) { c.peerTLS = cfg }
+// ForwardClient sets the client this handler forwards requests with (to
+// the partition owner, for a projection's rows, for a watch), typically
+// NewForwardClient with the TLS configuration of mutual TLS between nodes.
+// The caller owns it: close its idle connections when the node stops. A
+// redirect must not be followed (the owner's answer is relayed as it is).
+// Without it the handler shares a default client for plain HTTP and the
+// system's roots.
+func ForwardClient(c *http.Client) HandlerOption {
+	return func(cfg *handlerConfig) { cfg.client = c }
 }
 
 // RequirePeerCertificate makes a request that claims to be forwarded by
