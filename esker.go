@@ -301,6 +301,9 @@ func (n *Node) Run(ctx context.Context) error {
 
 	c := n.cfg
 	log := c.logger
+	if c.httpListener != nil {
+		defer func() { _ = c.httpListener.Close() }() // also when Run fails before it serves
+	}
 	if err := os.MkdirAll(c.stateDir, 0o755); err != nil {
 		return fmt.Errorf("esker: state directory: %w", err)
 	}
@@ -390,9 +393,11 @@ func (n *Node) Run(ctx context.Context) error {
 	var srv *http.Server
 	srvErr := make(chan error, 1)
 	if c.httpListen != "" {
-		ln, err := net.Listen("tcp", c.httpListen)
-		if err != nil {
-			return fmt.Errorf("esker: listen on %s: %w", c.httpListen, err)
+		ln := c.httpListener
+		if ln == nil {
+			if ln, err = net.Listen("tcp", c.httpListen); err != nil {
+				return fmt.Errorf("esker: listen on %s: %w", c.httpListen, err)
+			}
 		}
 		srv = &http.Server{Handler: n.handler, ReadHeaderTimeout: 10 * time.Second,
 			// Failed TLS handshakes (probes, scanners) and the like: the

@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -45,6 +46,7 @@ type config struct {
 	appID             string
 	stateDir          string
 	httpListen        string
+	httpListener      net.Listener
 	advertisedURL     string
 	guarantee         Guarantee
 	commitInterval    time.Duration
@@ -113,6 +115,15 @@ func StateDir(dir string) Option { return func(c *config) { c.stateDir = dir } }
 // HTTPListen is the address the HTTP API listens on; "" disables the
 // listener (Node.Handler still serves). Default "127.0.0.1:8080".
 func HTTPListen(addr string) Option { return func(c *config) { c.httpListen = addr } }
+
+// HTTPListener makes the HTTP API serve on ln, a listener the caller opened
+// (port 0, socket activation), instead of listening on HTTPListen. Run
+// closes it when it returns, also when it fails to start (but not when it
+// refuses to: called twice, or with nothing registered). The default
+// advertised URL is then http:// (or https://) plus ln's address.
+func HTTPListener(ln net.Listener) Option {
+	return func(c *config) { c.httpListener, c.httpListen = ln, ln.Addr().String() }
+}
 
 // AdvertisedURL is the base URL other nodes and clients use to reach this
 // node's HTTP API. Default: http:// plus the listen address (https:// with

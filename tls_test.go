@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -34,12 +36,11 @@ func startTLSNode(t testing.TB, brokers []string, ca *testcert.Authority, name s
 		t.Fatal(err)
 	}
 	addr := ln.Addr().String()
-	ln.Close()
 	n, err := esker.NewNode(
 		esker.Brokers(brokers...),
 		esker.ApplicationID("bank"),
 		esker.StateDir(t.TempDir()),
-		esker.HTTPListen(addr), // advertised as https://addr by default
+		esker.HTTPListener(ln), // advertised as https://addr by default
 		esker.Partitions(2),
 		esker.SessionTimeout(3*time.Second),
 		esker.Logger(testLogger()),
@@ -197,5 +198,31 @@ func TestMutualTLSBetweenNodes(t *testing.T) {
 		if err != nil || code != 200 || body["state"].(map[string]any)["balance"] != 250.0 || body["version"] != 2.0 {
 			t.Errorf("%s after the refused forwards: %d %v %v, want balance 250 at version 2", id, code, body, err)
 		}
+	}
+}
+
+// TestHTTPListenerClosedOnFailure: a node given a listener closes it when
+// Run fails to start, so the caller's port is not left open.
+func TestHTTPListenerClosedOnFailure(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	notADir := filepath.Join(t.TempDir(), "file")
+	if err := os.WriteFile(notADir, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	n, err := esker.NewNode(esker.Brokers("127.0.0.1:1"), esker.StateDir(notADir), esker.HTTPListener(ln))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := n.Register(bankAccount()); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.Run(context.Background()); err == nil {
+		t.Fatal("Run started with a file for its state directory")
+	}
+	if _, err := net.Dial("tcp", ln.Addr().String()); err == nil {
+		t.Error("the listener is still open after Run failed")
 	}
 }
