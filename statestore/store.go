@@ -58,20 +58,31 @@ type Store struct {
 // whatever the size of its partition.
 func (s *Store) JournalsRead() int64 { return s.journalsRead.Load() }
 
+// Pebble's memory budget. Pebble reserves the memory of its memtables (the
+// mutable one and any being flushed) out of the block cache, so a cache no
+// larger than the memtables caches nothing: every bloom filter and index
+// block would be read from the file system and checksummed again on every
+// lookup. The cache is sized so that blockCacheSize is left for blocks while
+// two memtables are reserved; it allocates only what it caches.
+const (
+	memTableSize   = 64 << 20
+	blockCacheSize = 64 << 20
+)
+
 // Open opens (creating if needed) the store in dir.
 func Open(dir string) (*Store, error) {
 	opts := &pebble.Options{
 		Logger: quietLogger{},
 		// Every command looks up its id (idempotency), and most ids are new:
 		// bloom filters answer those misses without reading data blocks.
-		Cache: pebble.NewCache(64 << 20),
+		Cache: pebble.NewCache(blockCacheSize + 2*memTableSize),
 		// No write-ahead log: the changelog is the store's log. Data and
 		// checkpoint share every batch, so a crash loses whole recent
 		// batches together with their checkpoint, and the restore that
 		// follows reads them back from the changelog (Kafka Streams runs
 		// RocksDB the same way). Close flushes, so a clean stop loses nothing.
 		DisableWAL:   true,
-		MemTableSize: 64 << 20,
+		MemTableSize: memTableSize,
 	}
 	opts.EnsureDefaults()
 	for i := range opts.Levels {
