@@ -118,7 +118,14 @@ func (t Task) String() string { return fmt.Sprintf("%s/%d", t.Type, t.Partition)
 
 // Prefix returns the task's key prefix.
 func (t Task) Prefix() []byte {
-	b := make([]byte, 0, len(t.Type)+8)
+	return t.appendPrefix(make([]byte, 0, t.prefixLen()))
+}
+
+// prefixLen is the length of the task's key prefix.
+func (t Task) prefixLen() int { return len(t.Type) + 8 }
+
+// appendPrefix appends the task's key prefix to b.
+func (t Task) appendPrefix(b []byte) []byte {
 	b = append(b, 't', 0)
 	b = append(b, t.Type...)
 	b = append(b, 0)
@@ -408,14 +415,23 @@ type Batch struct {
 // NewBatch starts a batch.
 func (s *Store) NewBatch() *Batch { return &Batch{b: s.db.NewBatch()} }
 
-// Set stages a write of a task-relative key.
+// Set stages a write of a task-relative key. The full key is written
+// straight into the batch: the write path stages several keys per command,
+// so no temporary key is built.
 func (b *Batch) Set(t Task, key, value []byte) error {
-	return b.b.Set(join(t.Prefix(), key), value, nil)
+	op := b.b.SetDeferred(t.prefixLen()+len(key), len(value))
+	t.appendPrefix(op.Key[:0:t.prefixLen()]) // in place: the capacity is exact
+	copy(op.Key[t.prefixLen():], key)
+	copy(op.Value, value)
+	return op.Finish()
 }
 
 // Delete stages a deletion of a task-relative key.
 func (b *Batch) Delete(t Task, key []byte) error {
-	return b.b.Delete(join(t.Prefix(), key), nil)
+	op := b.b.DeleteDeferred(t.prefixLen() + len(key))
+	t.appendPrefix(op.Key[:0:t.prefixLen()])
+	copy(op.Key[t.prefixLen():], key)
+	return op.Finish()
 }
 
 // DeleteStates stages the deletion of every state record of a task (its
@@ -472,7 +488,10 @@ func (s *Store) Commands(t Task, ids []string) (map[string][]byte, error) {
 	keys := make([][]byte, len(ids))
 	prefix := t.Prefix()
 	for i, id := range ids {
-		keys[i] = join(prefix, CommandKey(id))
+		k := make([]byte, 0, len(prefix)+2+len(id)) // join(prefix, CommandKey(id))
+		k = append(k, prefix...)
+		k = append(k, KindCommand, 0)
+		keys[i] = append(k, id...)
 	}
 	slices.SortFunc(keys, bytes.Compare)
 	lower := join(prefix, []byte{KindCommand, 0})
