@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
-	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -626,8 +625,9 @@ func (tc *taskCycle) eventRecord(ev *aggregate.Event) *kgo.Record {
 	buf := make([]byte, 0, 2*len(ev.EntityID)+len(ev.EventID)+len(ev.Type)+len(ev.CommandID)+
 		len(ev.CorrelationID)+len(ev.CausationID)+24)
 	slice := func(start int) []byte { return buf[start:len(buf):len(buf)] }
-	var hs [10]kgo.RecordHeader
-	headers := hs[:0]
+	// The record and its headers share one allocation too.
+	a := new(eventRecordAlloc)
+	headers := a.headers[:0]
 	add := func(key string, value string) {
 		if value == "" {
 			return
@@ -654,14 +654,22 @@ func (tc *taskCycle) eventRecord(ev *aggregate.Event) *kgo.Record {
 	add(aggregate.HeaderCommandID, ev.CommandID)
 	add(aggregate.HeaderCorrelationID, ev.CorrelationID)
 	add(aggregate.HeaderCausationID, ev.CausationID)
-	return &kgo.Record{
+	a.rec = kgo.Record{
 		Topic:     tc.eventsTopic,
 		Partition: tc.task.Partition,
 		Key:       key,
 		Value:     ev.Data,
-		Headers:   slices.Clone(headers),
+		Headers:   headers,
 		Timestamp: ev.Time,
 	}
+	return &a.rec
+}
+
+// eventRecordAlloc is an event record with room for its headers (at most
+// ten, see eventRecord), allocated as one object.
+type eventRecordAlloc struct {
+	rec     kgo.Record
+	headers [10]kgo.RecordHeader
 }
 
 // entity returns the cycle's view of an entity, loading it on first touch.
@@ -987,18 +995,29 @@ func (c *cycle) commit() error {
 		}
 		return err
 	}
-	for _, tc := range c.bases {
+	// The tasks' batches are independent (each carries its own
+	// checkpoint), so they are applied in parallel.
+	var applyMu sync.Mutex
+	var applyErr error
+	parallel(c.bases, func(tc *taskBase) {
 		if off := tc.changelogTo.Load(); off >= 0 {
 			if err := tc.batch.SetCheckpoint(tc.task, off+1); err != nil {
 				e.log.Error("stage checkpoint", "task", tc.task, "err", err)
 			}
 		}
 		if err := tc.batch.Commit(); err != nil {
-			// Kafka holds the committed truth, but the store now lacks it:
-			// processing on would decide on stale state. Stop; a restart
-			// restores the changelog tail.
-			return storeError{fmt.Errorf("applying a committed transaction to the store of %s: %w", tc.task, err)}
+			applyMu.Lock()
+			defer applyMu.Unlock()
+			if applyErr == nil {
+				// Kafka holds the committed truth, but the store now lacks
+				// it: processing on would decide on stale state. Stop; a
+				// restart restores the changelog tail.
+				applyErr = storeError{fmt.Errorf("applying a committed transaction to the store of %s: %w", tc.task, err)}
+			}
 		}
+	})
+	if applyErr != nil {
+		return applyErr
 	}
 	if m != nil {
 		m.Transactions.WithLabelValues("committed").Inc()
