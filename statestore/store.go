@@ -420,8 +420,7 @@ func (s *Store) NewBatch() *Batch { return &Batch{b: s.db.NewBatch()} }
 // so no temporary key is built.
 func (b *Batch) Set(t Task, key, value []byte) error {
 	op := b.b.SetDeferred(t.prefixLen()+len(key), len(value))
-	t.appendPrefix(op.Key[:0:t.prefixLen()]) // in place: the capacity is exact
-	copy(op.Key[t.prefixLen():], key)
+	putKey(op.Key, t, key)
 	copy(op.Value, value)
 	return op.Finish()
 }
@@ -429,9 +428,20 @@ func (b *Batch) Set(t Task, key, value []byte) error {
 // Delete stages a deletion of a task-relative key.
 func (b *Batch) Delete(t Task, key []byte) error {
 	op := b.b.DeleteDeferred(t.prefixLen() + len(key))
-	t.appendPrefix(op.Key[:0:t.prefixLen()])
-	copy(op.Key[t.prefixLen():], key)
+	putKey(op.Key, t, key)
 	return op.Finish()
+}
+
+// putKey writes t's prefix and key into dst, which is exactly as long as
+// both. The prefix is appended in place; should appendPrefix and prefixLen
+// ever disagree, the append would move to a new array and leave dst
+// unwritten, so that is checked.
+func putKey(dst []byte, t Task, key []byte) {
+	n := t.prefixLen()
+	if p := t.appendPrefix(dst[:0:n]); len(p) != n {
+		panic(fmt.Sprintf("statestore: prefix of %s is %d bytes, prefixLen says %d", t, len(p), n))
+	}
+	copy(dst[n:], key)
 }
 
 // DeleteStates stages the deletion of every state record of a task (its
