@@ -405,15 +405,7 @@ func TestOpenEventFailureRetried(t *testing.T) {
 			ev.Data = json.RawMessage(`{"opened":true}`)
 			return ev, nil
 		}}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- c.Run(ctx, rt) }()
-	defer func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	}()
+	startConsumerWith(t, c, rt)
 	select {
 	case ev := <-got:
 		if ev.EntityID != "alice" || ev.Version != 1 || string(ev.Data) != `{"opened":true}` {
@@ -459,15 +451,7 @@ func TestOpenEventUnknownKeyHandledSealed(t *testing.T) {
 			ev.Data = json.RawMessage(`{"opened":true}`)
 			return ev, nil
 		}}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- c.Run(ctx, rt) }()
-	defer func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	}()
+	startConsumerWith(t, c, rt)
 	waitFor(t, 20*time.Second, "the three events finished", func() bool {
 		s := c.Status()
 		return s.Handled+s.DeadLettered == 3

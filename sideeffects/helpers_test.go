@@ -121,11 +121,15 @@ type running struct {
 // ready.
 func startConsumer(t testing.TB, c *sideeffects.Consumer, brokers []string, reg prometheus.Registerer) *running {
 	t.Helper()
+	return startConsumerWith(t, c, sideeffects.Runtime{AppID: testApp, ClientOpts: clientOpts(brokers), Logger: testLogger(t), Registerer: reg})
+}
+
+// startConsumerWith is startConsumer with the whole runtime given.
+func startConsumerWith(t testing.TB, c *sideeffects.Consumer, rt sideeffects.Runtime) *running {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &running{Consumer: c, cancel: cancel, done: make(chan error, 1)}
-	go func() {
-		r.done <- c.Run(ctx, sideeffects.Runtime{AppID: testApp, ClientOpts: clientOpts(brokers), Logger: testLogger(t), Registerer: reg})
-	}()
+	go func() { r.done <- c.Run(ctx, rt) }()
 	t.Cleanup(func() {
 		if err := r.stop(); err != nil {
 			t.Errorf("Run: %v", err)
