@@ -446,9 +446,16 @@ func startSink(t testing.TB, s *pgsink.Sink, brokers []string, extra ...kgo.Opt)
 // "<app>-<sink name>".
 func startSinkApp(t testing.TB, s *pgsink.Sink, brokers []string, app string, extra ...kgo.Opt) *runningSink {
 	t.Helper()
+	return startSinkWith(t, s, pgsink.Runtime{AppID: app, ClientOpts: append(clientOpts(brokers), extra...), Logger: testLogger(t)})
+}
+
+// startSinkWith runs a sink with rt, whose Registerer is set to a fresh
+// registry (runningSink.reg).
+func startSinkWith(t testing.TB, s *pgsink.Sink, rt pgsink.Runtime) *runningSink {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	rs := &runningSink{Sink: s, cancel: cancel, done: make(chan error, 1), reg: prometheus.NewRegistry()}
-	rt := pgsink.Runtime{AppID: app, ClientOpts: append(clientOpts(brokers), extra...), Logger: testLogger(t), Registerer: rs.reg}
+	rt.Registerer = rs.reg
 	go func() { rs.done <- s.Run(ctx, rt) }()
 	t.Cleanup(func() {
 		if err := rs.stop(); err != nil {

@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/esker-io/esker/aggregate"
 	"github.com/esker-io/esker/examples/bank"
@@ -24,16 +23,7 @@ type openFunc = func(ctx context.Context, topic string, ev aggregate.Event) (agg
 // its Runtime.OpenEvent, as a node that holds the keyring would.
 func startSinkOpening(t testing.TB, s *pgsink.Sink, brokers []string, open openFunc) *runningSink {
 	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	rs := &runningSink{Sink: s, cancel: cancel, done: make(chan error, 1), reg: prometheus.NewRegistry()}
-	rt := pgsink.Runtime{AppID: "bank", ClientOpts: clientOpts(brokers), Logger: testLogger(t), Registerer: rs.reg, OpenEvent: open}
-	go func() { rs.done <- s.Run(ctx, rt) }()
-	t.Cleanup(func() {
-		if err := rs.stop(); err != nil {
-			t.Errorf("sink %s: Run: %v", s.Name(), err)
-		}
-	})
-	return rs
+	return startSinkWith(t, s, pgsink.Runtime{AppID: "bank", ClientOpts: clientOpts(brokers), Logger: testLogger(t), OpenEvent: open})
 }
 
 // TestOpenEventTransient: the keyring cannot be read for a while
