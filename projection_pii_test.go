@@ -21,6 +21,7 @@ import (
 	"github.com/esker-io/esker"
 	"github.com/esker-io/esker/aggregate"
 	"github.com/esker-io/esker/examples/bank"
+	"github.com/esker-io/esker/internal/testlog"
 	"github.com/esker-io/esker/projection"
 )
 
@@ -114,31 +115,13 @@ func TestKeyByPersonalEventsNoPlaintext(t *testing.T) {
 		"bank-by-owner-repartition", "bank-by-owner-changelog")
 }
 
-// syncBuffer is a log destination safe for concurrent writes.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 // TestPersonalKeyNotLogged: reading a projection row by a personal key
 // (PersonalKeys) logs nothing of the key at Warn level when forwarding the
 // read to the row's owner fails.
 func TestPersonalKeyNotLogged(t *testing.T) {
 	c := newCluster(t)
 	brokers := c.ListenAddrs()
-	logs := &syncBuffer{}
+	logs := &testlog.Buffer{}
 	logger := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	a := startTypesNode(t, brokers, t.TempDir(), []any{bank.Account, bank.Owners}, esker.Logger(logger))
 	b := startTypesNode(t, brokers, t.TempDir(), []any{bank.Account, bank.Owners})

@@ -1,34 +1,15 @@
 package sideeffects_test
 
 import (
-	"bytes"
 	"context"
 	"log/slog"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
+	"github.com/esker-io/esker/internal/testlog"
 	"github.com/esker-io/esker/sideeffects"
 )
-
-// lockedBuffer is a bytes.Buffer that goroutines may write concurrently.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 // TestCatchUpProgressLogged: a consumer that starts far behind logs that it
 // is catching up — with the share caught up and the rate every 5 s — and
@@ -40,7 +21,7 @@ func TestCatchUpProgressLogged(t *testing.T) {
 	const topic = "account-events"
 	brokers := newCluster(t, 2, topic)
 	produceEvents(t, brokers, topic, entities(100), 1, 30) // 3000 events
-	var logs lockedBuffer
+	var logs testlog.Buffer
 	logger := slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	// One worker at 5 ms or more per event (at most 200 events/s) keeps
 	// the lag far above 1000 until the periodic progress line is out;

@@ -17,30 +17,13 @@ import (
 	"time"
 
 	"github.com/esker-io/esker/internal/benchmark"
+	"github.com/esker-io/esker/internal/testlog"
 )
-
-// syncBuffer is a bytes.Buffer that goroutines may write concurrently.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // runCLI runs the CLI in-process with a context that is never cancelled.
 func runCLI(t *testing.T, args ...string) (code int, stdout, stderr string) {
 	t.Helper()
-	var out, errOut syncBuffer
+	var out, errOut testlog.Buffer
 	code = run(&env{ctx: context.Background(), stdout: &out, stderr: &errOut}, args)
 	return code, out.String(), errOut.String()
 }

@@ -26,6 +26,7 @@ import (
 	"github.com/esker-io/esker"
 	"github.com/esker-io/esker/aggregate"
 	"github.com/esker-io/esker/internal/testcert"
+	"github.com/esker-io/esker/internal/testlog"
 	"github.com/esker-io/esker/sideeffects"
 )
 
@@ -43,9 +44,9 @@ func buildCLI(t *testing.T) string {
 // startBinaryNode starts node, a command of the built binary, and stops it
 // when the test ends: SIGTERM, then SIGKILL after 20 s. exited is closed
 // when the process has ended; stderr collects what it wrote there.
-func startBinaryNode(t *testing.T, node *exec.Cmd) (exited <-chan struct{}, stderr *syncBuffer) {
+func startBinaryNode(t *testing.T, node *exec.Cmd) (exited <-chan struct{}, stderr *testlog.Buffer) {
 	t.Helper()
-	stderr = &syncBuffer{}
+	stderr = &testlog.Buffer{}
 	node.Stderr = stderr
 	if err := node.Start(); err != nil {
 		t.Fatal(err)

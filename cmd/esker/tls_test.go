@@ -14,6 +14,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kfake"
 
 	"github.com/esker-io/esker/internal/testcert"
+	"github.com/esker-io/esker/internal/testlog"
 )
 
 func TestTLSFlagErrors(t *testing.T) {
@@ -163,7 +164,7 @@ func TestKeyPairRotation(t *testing.T) {
 	}
 	first, certPEM, keyPEM := ca.Issue(t, "first")
 	write(certPEM, keyPEM)
-	var logs syncBuffer
+	var logs testlog.Buffer
 	p, err := newKeyPair(certFile, keyFile, ca.Pool, slog.New(slog.NewTextHandler(&logs, nil)))
 	if err != nil {
 		t.Fatal(err)

@@ -1,39 +1,21 @@
 package engine
 
 import (
-	"bytes"
 	"log/slog"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
+	"github.com/esker-io/esker/internal/testlog"
 	"github.com/esker-io/esker/projection"
 	"github.com/esker-io/esker/statestore"
 )
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 // TestProgressLogsCatchUp: a projection far behind its inputs is logged as
 // catching up, every progressLogInterval with its share done and its rate,
 // and once more when it follows live; the lag counts only owned tasks.
 func TestProgressLogsCatchUp(t *testing.T) {
-	var logs lockedBuffer
+	var logs testlog.Buffer
 	p := projection.New("counts", func(n int, _ projection.Event) int { return n + 1 },
 		projection.From(projection.Topic("in", func(_, v []byte) (any, error) { return v, nil })))
 	e := &Engine{

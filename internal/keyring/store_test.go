@@ -20,6 +20,7 @@ import (
 
 	"github.com/esker-io/esker/aggregate"
 	"github.com/esker-io/esker/internal/keyring"
+	"github.com/esker-io/esker/internal/testlog"
 )
 
 // keysCluster is a kfake cluster with an "app-keys" topic.
@@ -332,7 +333,7 @@ func TestRecreatedTopicWipesStore(t *testing.T) {
 				}
 			}
 
-			logs := &logBuffer{}
+			logs := &testlog.Buffer{}
 			cfg := kc.config(dir)
 			cfg.Logger = slog.New(slog.NewTextHandler(logs, nil))
 			k := kc.start(cfg)
@@ -360,7 +361,7 @@ func TestUnusableDirKeepsKeysInMemory(t *testing.T) {
 	if err := os.WriteFile(file, []byte("not a directory"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	logs := &logBuffer{}
+	logs := &testlog.Buffer{}
 	cfg := kc.config(file)
 	cfg.Logger = slog.New(slog.NewTextHandler(logs, nil))
 	k := kc.start(cfg)
@@ -374,22 +375,4 @@ func TestUnusableDirKeepsKeysInMemory(t *testing.T) {
 	defer cancel()
 	sealed := sealAll(t, k, ids(0, 3))
 	checkOpens(ctx, t, k, sealed, nil)
-}
-
-// logBuffer is a log destination safe for concurrent use.
-type logBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }

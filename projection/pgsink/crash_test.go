@@ -1,7 +1,6 @@
 package pgsink_test
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
@@ -19,6 +18,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/esker-io/esker/examples/bank"
+	"github.com/esker-io/esker/internal/testlog"
 	"github.com/esker-io/esker/projection/pgsink"
 )
 
@@ -74,25 +74,8 @@ func TestHelperProcess(t *testing.T) {
 type helper struct {
 	t    testing.TB
 	cmd  *exec.Cmd
-	out  *lockedBuffer
+	out  *testlog.Buffer
 	done chan error
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 func startHelper(t testing.TB, brokers []string, dbURL string, env ...string) *helper {
@@ -103,7 +86,7 @@ func startHelper(t testing.TB, brokers []string, dbURL string, env ...string) *h
 		"PGSINK_BROKERS="+strings.Join(brokers, ","),
 		"PGSINK_DB="+dbURL)
 	cmd.Env = append(cmd.Env, env...)
-	h := &helper{t: t, cmd: cmd, out: &lockedBuffer{}, done: make(chan error, 1)}
+	h := &helper{t: t, cmd: cmd, out: &testlog.Buffer{}, done: make(chan error, 1)}
 	cmd.Stdout, cmd.Stderr = h.out, h.out
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
