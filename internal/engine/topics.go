@@ -27,8 +27,8 @@ type TopicSpec struct {
 	Configs map[string]string
 }
 
-// Topics returns the topics of the given aggregate types.
-func Topics(appID string, types []string, commandRetention time.Duration) []TopicSpec {
+// typeTopics returns the topics of the given aggregate types.
+func typeTopics(appID string, types []string, commandRetention time.Duration) []TopicSpec {
 	var specs []TopicSpec
 	for _, t := range types {
 		specs = append(specs,
@@ -49,14 +49,15 @@ func Topics(appID string, types []string, commandRetention time.Duration) []Topi
 }
 
 // AppTopics returns every topic the engine of cfg needs: its aggregate
-// types' (Topics) and its projections' (changelogs, repartition topics).
-// Only AppID, Types, Projections and CommandRetention are read.
+// types' (commands, events, changelogs) and its projections' (changelogs,
+// repartition topics). Only AppID, Types, Projections and CommandRetention
+// are read.
 func AppTopics(cfg Config) []TopicSpec {
 	names := make([]string, len(cfg.Types))
 	for i, d := range cfg.Types {
 		names[i] = d.Name()
 	}
-	return append(Topics(cfg.AppID, names, cfg.CommandRetention), projectionTopics(cfg)...)
+	return append(typeTopics(cfg.AppID, names, cfg.CommandRetention), projectionTopics(cfg)...)
 }
 
 // EnsureTopics creates missing topics with the given partition count and
