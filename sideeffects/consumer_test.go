@@ -376,6 +376,23 @@ func TestPermanent(t *testing.T) {
 	}
 }
 
+// startOpening runs a consumer of topic, named name, whose handler passes
+// every event it gets to the returned channel, with open as its
+// Runtime.OpenEvent and quick retries.
+func startOpening(t *testing.T, name, topic string, brokers []string,
+	open func(context.Context, string, aggregate.Event) (aggregate.Event, error)) (*running, <-chan sideeffects.Event) {
+	t.Helper()
+	got := make(chan sideeffects.Event, 10)
+	c, err := sideeffects.New(name, []string{topic}, func(ctx context.Context, ev sideeffects.Event) error {
+		got <- ev
+		return nil
+	}, sideeffects.Retries(5, 10*time.Millisecond, 50*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return startConsumerWith(t, c, sideeffects.Runtime{AppID: testApp, ClientOpts: clientOpts(brokers), Logger: testLogger(t), OpenEvent: open}), got
+}
+
 // TestOpenEventFailureRetried: Runtime.OpenEvent failing (the keys topic
 // briefly unreadable, say) is retried like a handler error, as Runtime
 // documents: the handler then gets the opened event, and nothing is
@@ -384,28 +401,19 @@ func TestOpenEventFailureRetried(t *testing.T) {
 	const topic = "account-events"
 	brokers := newCluster(t, 1, topic)
 	produceEvents(t, brokers, topic, []string{"alice"}, 1, 1)
-	got := make(chan sideeffects.Event, 10)
-	c, err := sideeffects.New("opener", []string{topic}, func(ctx context.Context, ev sideeffects.Event) error {
-		got <- ev
-		return nil
-	}, sideeffects.Retries(5, 10*time.Millisecond, 50*time.Millisecond))
-	if err != nil {
-		t.Fatal(err)
-	}
 	var mu sync.Mutex
 	opens := 0
-	rt := sideeffects.Runtime{AppID: testApp, ClientOpts: clientOpts(brokers), Logger: testLogger(t),
-		OpenEvent: func(_ context.Context, tp string, ev aggregate.Event) (aggregate.Event, error) {
-			mu.Lock()
-			defer mu.Unlock()
-			opens++
-			if opens <= 2 {
-				return aggregate.Event{}, errors.New("keys topic unreachable")
-			}
-			ev.Data = json.RawMessage(`{"opened":true}`)
-			return ev, nil
-		}}
-	startConsumerWith(t, c, rt)
+	open := func(_ context.Context, tp string, ev aggregate.Event) (aggregate.Event, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		opens++
+		if opens <= 2 {
+			return aggregate.Event{}, errors.New("keys topic unreachable")
+		}
+		ev.Data = json.RawMessage(`{"opened":true}`)
+		return ev, nil
+	}
+	c, got := startOpening(t, "opener", topic, brokers, open)
 	select {
 	case ev := <-got:
 		if ev.EntityID != "alice" || ev.Version != 1 || string(ev.Data) != `{"opened":true}` {
@@ -430,28 +438,19 @@ func TestOpenEventUnknownKeyHandledSealed(t *testing.T) {
 	const topic = "account-events"
 	brokers := newCluster(t, 1, topic)
 	produceEvents(t, brokers, topic, []string{"alice"}, 1, 3)
-	got := make(chan sideeffects.Event, 10)
-	c, err := sideeffects.New("sealed", []string{topic}, func(ctx context.Context, ev sideeffects.Event) error {
-		got <- ev
-		return nil
-	}, sideeffects.Retries(5, 10*time.Millisecond, 50*time.Millisecond))
-	if err != nil {
-		t.Fatal(err)
-	}
 	var mu sync.Mutex
 	opens := map[int64]int{}
-	rt := sideeffects.Runtime{AppID: testApp, ClientOpts: clientOpts(brokers), Logger: testLogger(t),
-		OpenEvent: func(_ context.Context, tp string, ev aggregate.Event) (aggregate.Event, error) {
-			mu.Lock()
-			defer mu.Unlock()
-			opens[ev.Version]++
-			if ev.Version == 2 {
-				return aggregate.Event{}, fmt.Errorf("keyring: %w: the data key k1 of account %q is not in shop-keys", aggregate.ErrUnknownKey, ev.EntityID)
-			}
-			ev.Data = json.RawMessage(`{"opened":true}`)
-			return ev, nil
-		}}
-	startConsumerWith(t, c, rt)
+	open := func(_ context.Context, tp string, ev aggregate.Event) (aggregate.Event, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		opens[ev.Version]++
+		if ev.Version == 2 {
+			return aggregate.Event{}, fmt.Errorf("keyring: %w: the data key k1 of account %q is not in shop-keys", aggregate.ErrUnknownKey, ev.EntityID)
+		}
+		ev.Data = json.RawMessage(`{"opened":true}`)
+		return ev, nil
+	}
+	c, got := startOpening(t, "sealed", topic, brokers, open)
 	waitFor(t, 20*time.Second, "the three events finished", func() bool {
 		s := c.Status()
 		return s.Handled+s.DeadLettered == 3
